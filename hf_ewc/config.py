@@ -1,0 +1,154 @@
+"""EWCConfig: `transformers.TrainingArguments` plus the knobs of stabilized EWC and importance collection."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from transformers import TrainingArguments
+
+
+EWC_MODES = ("stabilized", "vanilla", "proximal", "off")
+IMPORTANCE_METHODS = ("fisher", "mas", "si", "signal", "uniform")
+FISHER_ESTIMATORS = ("empirical", "sampled", "exact", "batched")
+CONSOLIDATIONS = ("sum", "online")
+STATE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EWCConfig(TrainingArguments):
+    r"""Training arguments for [`EWCTrainer`]: every `TrainingArguments` field plus the EWC fields below.
+
+    The penalty on parameter θ with anchor θ* and importance Ω is ``c·(θ − θ*)²`` with
+
+    - `ewc_mode="stabilized"` (default): ``c = ½·λ·Ω / (1 + η·λ·Ω)`` — never overshoots the anchor, at any λ;
+    - `ewc_mode="vanilla"`: ``c = ½·λ·Ω`` (Kirkpatrick et al.);
+    - `ewc_mode="proximal"`: no loss term; after every optimizer step ``θ ← θ* + (θ − θ*)/(1 + η·λ·Ω)``;
+    - `ewc_mode="off"`: plain fine-tuning (importances are still collected on `consolidate()`, so the sequence can be
+      continued with EWC later).
+
+    λ is `ewc_lambda` and η is `ewc_lr` (defaults to `learning_rate`). λ is not portable between importance methods
+    or Fisher estimators: their scales differ by orders of magnitude (the `batched` Fisher is roughly `1/batch_size`
+    of the per-sample ones).
+
+    Args:
+        ewc_lambda (`float`, *optional*, defaults to `100.0`):
+            Penalty strength λ ≥ 0.
+        ewc_mode (`str`, *optional*, defaults to `"stabilized"`):
+            One of `"stabilized"`, `"vanilla"`, `"proximal"`, `"off"`.
+        ewc_lr (`float`, *optional*):
+            The step size η of the stabilized coefficient and of the proximal step. Defaults to `learning_rate` (the
+            peak of the schedule; the coefficients are fixed for a whole domain).
+        importance_method (`str`, *optional*, defaults to `"fisher"`):
+            One of `"fisher"`, `"mas"`, `"si"`, `"signal"`, `"uniform"` (Ω = 1, i.e. an L2 pull towards the anchors).
+            `"si"` is accumulated online during `train()`.
+        fisher_estimator (`str`, *optional*, defaults to `"empirical"`):
+            One of `"empirical"`, `"sampled"`, `"exact"`, `"batched"` (see [`collect_importance`]).
+        importance_max_samples (`int`, *optional*, defaults to `512`):
+            Samples drawn (seeded, without replacement) from the data for `consolidate()`; `None` uses all of it.
+        importance_batch_size (`int`, *optional*, defaults to `8`):
+            Batch size of importance collection.
+        mas_output (`str`, *optional*, defaults to `"probs"`):
+            MAS differentiates ``‖f(x)‖²`` of `"probs"` (softmax output, as Kutalev's code) or `"logits"`.
+        si_damping (`float`, *optional*, defaults to `0.1`):
+            ξ in SI's ``Ω = max(0, ω / (Δ² + ξ))``.
+        si_gradient (`str`, *optional*, defaults to `"task"`):
+            The gradient in SI's path integral ``ω = −Σ g·Δθ``: `"task"` (the task loss only, Zenke et al.) or
+            `"regularized"` (task loss + EWC penalty, as the optimizer saw it).
+        consolidation (`str`, *optional*, defaults to `"sum"`):
+            `"sum"` (``Ω ← Ω + Ω_t``) or `"online"` (``Ω ← γ·Ω + Ω_t``).
+        ewc_decay (`float`, *optional*, defaults to `1.0`):
+            γ ∈ (0, 1] for `consolidation="online"`.
+        ewc_state_dtype (`str`, *optional*, defaults to `"float32"`):
+            Storage dtype of the EWC state (importances and anchors): `"float32"`, `"bfloat16"` or `"float16"`.
+    """
+
+    ewc_lambda: float = field(
+        default=100.0,
+        metadata={"help": "Penalty strength λ >= 0 (penalty c·(θ−θ*)² with c = ½·λ·Ω, stabilized or not)."},
+    )
+    ewc_mode: Literal["stabilized", "vanilla", "proximal", "off"] = field(
+        default="stabilized",
+        metadata={
+            "help": "stabilized: c = ½λΩ/(1+ηλΩ) (never overshoots); vanilla: c = ½λΩ; proximal: implicit step "
+            "θ ← θ* + (θ−θ*)/(1+ηλΩ) after each optimizer step; off: plain fine-tuning."
+        },
+    )
+    ewc_lr: float | None = field(
+        default=None,
+        metadata={"help": "η of the stabilized coefficient and of the proximal step (default: learning_rate)."},
+    )
+    importance_method: Literal["fisher", "mas", "si", "signal", "uniform"] = field(
+        default="fisher",
+        metadata={"help": "How importances Ω are obtained: fisher, mas, si (online), signal, uniform (L2)."},
+    )
+    fisher_estimator: Literal["empirical", "sampled", "exact", "batched"] = field(
+        default="empirical",
+        metadata={
+            "help": "empirical (true labels), sampled (labels drawn from the model), exact (expectation over "
+            "labels), batched (squared minibatch gradient; different scale)."
+        },
+    )
+    importance_max_samples: int | None = field(
+        default=512, metadata={"help": "Samples used by consolidate() (seeded random subset); None: all."}
+    )
+    importance_batch_size: int = field(default=8, metadata={"help": "Batch size of importance collection."})
+    mas_output: Literal["probs", "logits"] = field(
+        default="probs", metadata={"help": "MAS differentiates the squared L2 norm of probs or logits."}
+    )
+    si_damping: float = field(default=0.1, metadata={"help": "SI damping ξ in Ω = max(0, ω/(Δ²+ξ))."})
+    si_gradient: Literal["task", "regularized"] = field(
+        default="task",
+        metadata={"help": "Gradient in SI's path integral: task loss only, or task loss + EWC penalty."},
+    )
+    consolidation: Literal["sum", "online"] = field(
+        default="sum", metadata={"help": "sum: Ω ← Ω + Ω_t; online: Ω ← γ·Ω + Ω_t (γ = ewc_decay)."}
+    )
+    ewc_decay: float = field(default=1.0, metadata={"help": "γ ∈ (0, 1] for consolidation=online."})
+    ewc_state_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Storage dtype of importances and anchors."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, choices in (
+            ("ewc_mode", EWC_MODES),
+            ("importance_method", IMPORTANCE_METHODS),
+            ("fisher_estimator", FISHER_ESTIMATORS),
+            ("mas_output", get_args(self.__dataclass_fields__["mas_output"].type)),
+            ("si_gradient", get_args(self.__dataclass_fields__["si_gradient"].type)),
+            ("consolidation", CONSOLIDATIONS),
+            ("ewc_state_dtype", STATE_DTYPES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"Unknown {name} {value!r}; choose one of: {', '.join(choices)}.")
+        if not (isinstance(self.ewc_lambda, (int, float)) and math.isfinite(self.ewc_lambda) and self.ewc_lambda >= 0):
+            raise ValueError(f"ewc_lambda must be a finite number >= 0, got {self.ewc_lambda!r}.")
+        if self.ewc_lr is not None and not (math.isfinite(self.ewc_lr) and self.ewc_lr > 0):
+            raise ValueError(
+                f"ewc_lr must be a finite number > 0 (or unset to use learning_rate), got {self.ewc_lr!r}."
+            )
+        if self.ewc_mode in ("stabilized", "proximal") and self.ewc_lr is None and not self.learning_rate > 0:
+            raise ValueError(
+                f"ewc_mode={self.ewc_mode!r} needs a step size η > 0: set learning_rate > 0 or ewc_lr explicitly."
+            )
+        if self.importance_max_samples is not None and self.importance_max_samples < 1:
+            raise ValueError(
+                f"importance_max_samples must be >= 1 (or None for all samples), got {self.importance_max_samples}."
+            )
+        if self.importance_batch_size < 1:
+            raise ValueError(f"importance_batch_size must be >= 1, got {self.importance_batch_size}.")
+        if not (math.isfinite(self.si_damping) and self.si_damping > 0):
+            raise ValueError(f"si_damping (ξ) must be a finite number > 0, got {self.si_damping!r}.")
+        if not (0 < self.ewc_decay <= 1):
+            raise ValueError(f"ewc_decay must be in (0, 1], got {self.ewc_decay!r}.")
+        if self.consolidation == "sum" and self.ewc_decay != 1.0:
+            raise ValueError(
+                f"ewc_decay={self.ewc_decay} only applies to consolidation='online'; set consolidation='online' or "
+                "ewc_decay=1.0."
+            )
+
+    @property
+    def ewc_step_size(self) -> float:
+        """η used by the stabilized coefficient and the proximal step."""
+        return float(self.ewc_lr) if self.ewc_lr is not None else float(self.learning_rate)

@@ -1,0 +1,189 @@
+r"""Total absolute signal (Kutalev 2020, arXiv 2005.07107): how much signal flows through each connection.
+
+Gradient-free and label-free: one forward pass per batch, no backward. For a linear map ``z = W·a + b`` and samples
+n = 1..N, with ``⟨·⟩_n`` the mean over the sample's attended positions (the attention mask; a classifier's pooled
+input has one position):
+
+- weight ``W_ij``:  ``Ω_ij = |W_ij| · (1/N) Σ_n ⟨|a_j|⟩_n``  — the mean absolute signal through connection j → i;
+- bias ``b_i``:     ``Ω_i = |b_i|`` with ``bias="abs"`` (the same rule with a constant input of 1, our default), or the
+  mean absolute output ``(1/N) Σ_n ⟨|z_i|⟩_n`` with ``bias="output"`` (closest to Kutalev's code, which used the
+  layer's post-activation output; a generic Linear does not know its activation).
+
+The rule extends to the other parameter-holding layers of a transformer:
+
+- ``nn.Embedding`` (a linear map of a one-hot input): ``Ω_vd = |E_vd| · (1/N) Σ_n (share of sample n's tokens that
+  are v)``;
+- normalisation layers ``y = γ ⊙ x̂ + β`` (``nn.LayerNorm``, RMSNorm-style modules with a 1-D ``weight``):
+  ``Ω_γ = (1/N) Σ_n ⟨|y − β|⟩_n`` (= ``|γ|·⟨|x̂|⟩``) and ``Ω_β = |β|``.
+
+A parameter used in several places (a tied embedding / LM head) sums the signal of every use. Trainable parameters of
+any other module get Ω = 0 and are named in a warning. GPT-2's ``Conv1D`` (``z = a·W + b``, W stored [in, out]) is
+handled as a Linear.
+"""
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..utils import HfEwcError, logger
+from ._collect import batch_size_of, prepare_inputs
+
+
+BIAS_RULES = ("abs", "output")
+OPTIONS = ("bias",)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.LayerNorm):
+        return True
+    own = dict(module.named_parameters(recurse=False))
+    return (
+        "norm" in type(module).__name__.lower()
+        and "weight" in own
+        and own["weight"].ndim == 1
+        and set(own) <= {"weight", "bias"}
+        and not any(True for _ in module.children())
+    )
+
+
+def _per_sample_mean_abs(x: Tensor, batch: int, mask: Tensor | None) -> Tensor:
+    """``[B, ..., F]`` → ``[B, F]``: mean of |x| over the middle positions, attended positions only."""
+    if x.ndim > 0 and x.shape[0] == 1 and batch > 1:  # shared across the batch (e.g. position embeddings)
+        x = x.expand(batch, *x.shape[1:])
+    if x.shape[0] != batch:
+        raise HfEwcError(
+            f"signal importance: an activation of shape {tuple(x.shape)} has no leading batch dimension {batch}."
+        )
+    x = x.detach().float().abs()
+    if x.ndim == 2:
+        return x
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        m = mask.to(x.dtype).unsqueeze(-1)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1)
+    return x.reshape(batch, -1, x.shape[-1]).mean(1)
+
+
+def accumulate(
+    model: nn.Module, batches, params: dict[str, nn.Parameter], *, bias: str = "abs"
+) -> tuple[dict[str, Tensor], int, list[tuple[str, str, str]]]:
+    """Per-feature sums of mean absolute signals; returns ``(sums, samples, plan)`` where ``plan`` lists
+    ``(rule, parameter name, sums key)`` for [`finalize`]."""
+    if bias not in BIAS_RULES:
+        raise HfEwcError(f"Unknown signal bias rule {bias!r}; choose one of: {', '.join(BIAS_RULES)}.")
+    from ._collect import _conv1d_type
+
+    name_of = {id(p): n for n, p in params.items()}
+    device = next(iter(params.values())).device
+    plan: list[tuple[str, str, str]] = []
+    sums: dict[str, Tensor] = {}
+    hooks = []
+    covered: set[str] = set()
+    context: dict[str, Any] = {}
+
+    def add(key: str, value: Tensor) -> None:
+        sums[key] += value
+
+    def zeros(size: int) -> Tensor:
+        return torch.zeros(size, dtype=torch.float32, device=device)
+
+    for index, module in enumerate(model.modules()):
+        own = {attr: name_of[id(p)] for attr, p in module.named_parameters(recurse=False) if id(p) in name_of}
+        if not own:
+            continue
+        key = f"{index}"
+        if isinstance(module, (nn.Linear, *_conv1d_type())):
+            kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
+            fan_in, fan_out = (module.weight.shape[1], module.weight.shape[0])
+            if kind == "conv1d":
+                fan_in, fan_out = fan_out, fan_in
+            sums[key + ".in"], sums[key + ".out"] = zeros(fan_in), zeros(fan_out)
+            if "weight" in own:
+                plan.append((kind, own["weight"], key + ".in"))
+            if "bias" in own:
+                plan.append(("bias_" + bias, own["bias"], key + ".out"))
+
+            def hook(mod, args, output, key=key):
+                batch = context["batch"]
+                add(key + ".in", _per_sample_mean_abs(args[0], batch, context["mask"]).sum(0))
+                if bias == "output" and "bias" in dict(mod.named_parameters(recurse=False)):
+                    add(key + ".out", _per_sample_mean_abs(output, batch, context["mask"]).sum(0))
+
+        elif isinstance(module, nn.Embedding):
+            plan.append(("embedding", own["weight"], key + ".rows"))
+            sums[key + ".rows"] = zeros(module.num_embeddings)
+
+            def hook(mod, args, output, key=key):
+                batch = context["batch"]
+                ids = args[0]
+                if ids.shape[0] == 1 and batch > 1:  # position ids shared across the batch
+                    ids = ids.expand(batch, *ids.shape[1:])
+                ids = ids.reshape(batch, -1)
+                mask = context["mask"]
+                weight = (
+                    mask.float()
+                    if mask is not None and tuple(mask.shape) == tuple(ids.shape)
+                    else torch.ones_like(ids, dtype=torch.float32)
+                )
+                weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
+                rows = torch.zeros(mod.num_embeddings, dtype=torch.float32, device=ids.device)
+                rows.index_add_(0, ids.reshape(-1), weight.reshape(-1))
+                add(key + ".rows", rows)
+
+        elif _is_norm(module):
+            sums[key + ".out"] = zeros(module.weight.shape[0])
+            if "weight" in own:
+                plan.append(("norm_weight", own["weight"], key + ".out"))
+            if "bias" in own:
+                plan.append(("bias_abs", own["bias"], key + ".out"))
+
+            def hook(mod, args, output, key=key):
+                y = output.detach().float()
+                b = getattr(mod, "bias", None)
+                if b is not None:
+                    y = y - b.detach().float()
+                add(key + ".out", _per_sample_mean_abs(y, context["batch"], context["mask"]).sum(0))
+
+        else:
+            continue
+        covered.update(own.values())
+        hooks.append(module.register_forward_hook(hook))
+
+    uncovered = [n for n in params if n not in covered]
+    if uncovered:
+        logger.warning(
+            f"signal importance has no rule for {len(uncovered)} trainable parameter(s) (e.g. {uncovered[0]!r}); they "
+            "get importance 0 and are not protected. Freeze them or use another method to protect them."
+        )
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = prepare_inputs(batch, model, device)
+                context["batch"] = batch_size_of(inputs)
+                mask = inputs.get("attention_mask")
+                context["mask"] = mask if torch.is_tensor(mask) and mask.ndim == 2 else None
+                model(**inputs)
+                count += context["batch"]
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums, count, plan
+
+
+def finalize(
+    sums: dict[str, Tensor], count: int, plan: list[tuple[str, str, str]], params: dict[str, nn.Parameter]
+) -> dict[str, Tensor]:
+    out = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    for rule, name, key in plan:
+        weight = params[name].detach().float()
+        mean = sums[key] / max(count, 1)
+        if rule == "linear":
+            out[name] += weight.abs() * mean.unsqueeze(0)
+        elif rule in ("conv1d", "embedding"):
+            out[name] += weight.abs() * mean.unsqueeze(1)
+        elif rule in ("norm_weight", "bias_output"):
+            out[name] += mean
+        elif rule == "bias_abs":
+            out[name] += weight.abs()
+    return out

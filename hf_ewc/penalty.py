@@ -1,0 +1,179 @@
+"""Penalty maths of (stabilized) Elastic Weight Consolidation as pure tensor functions.
+
+Every function works on aligned lists of tensors (one entry per parameter tensor) and uses the fused
+``torch._foreach_*`` kernels, so the per-step cost is a handful of kernel launches whatever the number of parameter
+tensors.
+
+Conventions (one λ for every mode, see ``../shared/research/methods.md`` §3.4):
+
+- penalty  ``P(θ) = Σ_i c_i · (θ_i − θ*_i)²``, gradient ``2·c_i·(θ_i − θ*_i)``;
+- vanilla    ``c = ½·λ·Ω``                                 (Kirkpatrick et al. 2017, ``(λ/2)·F`` convention);
+- stabilized ``c = ½·λ·Ω / (1 + η·λ·Ω)``                   (Kutalev & Lapina 2021); ``η·2c < 1`` for every Ω ≥ 0,
+  so one SGD step of size η on the penalty alone moves a weight towards its anchor by a fraction ``η·2c`` of the
+  distance and never past it;
+- proximal   no loss term; after each optimizer step ``θ ← θ* + (θ − θ*) / (1 + η·λ·Ω)``, the exact implicit (backward
+  Euler) step of the vanilla quadratic ``½·λ·Ω·(θ − θ*)²`` with step η.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+__all__ = [
+    "ewc_penalty",
+    "penalty_coefficients",
+    "proximal_step_",
+    "proximal_weights",
+    "stabilized_coefficients",
+    "vanilla_coefficients",
+]
+
+
+def _check_lambda_lr(ewc_lambda: float, lr: float | None) -> None:
+    if not ewc_lambda >= 0 or ewc_lambda == float("inf"):
+        raise ValueError(f"ewc_lambda must be a finite number >= 0, got {ewc_lambda}.")
+    if lr is not None and not (lr > 0 and lr != float("inf")):
+        raise ValueError(f"The step size η (ewc_lr) must be a finite number > 0, got {lr}.")
+
+
+def vanilla_coefficients(importances: Sequence[Tensor], ewc_lambda: float) -> list[Tensor]:
+    r"""Vanilla EWC coefficients ``c = ½·λ·Ω``.
+
+    Args:
+        importances (`Sequence[torch.Tensor]`):
+            Per-parameter importances Ω (≥ 0), one tensor per parameter tensor.
+        ewc_lambda (`float`):
+            Strength λ ≥ 0.
+
+    Returns:
+        `list[torch.Tensor]`: ``c_i = 0.5 * λ * Ω_i`` with the dtype and device of each importance.
+    """
+    _check_lambda_lr(ewc_lambda, None)
+    return list(torch._foreach_mul(list(importances), 0.5 * ewc_lambda))
+
+
+def stabilized_coefficients(importances: Sequence[Tensor], ewc_lambda: float, lr: float) -> list[Tensor]:
+    r"""Stabilized EWC coefficients ``c = ½·λ·Ω / (1 + η·λ·Ω)`` (Kutalev & Lapina 2021).
+
+    The penalty gradient ``2c·(θ − θ*) = λΩ/(1 + ηλΩ)·(θ − θ*)`` satisfies ``η·2c < 1`` for every Ω ≥ 0: an SGD step of
+    size η on the penalty contracts ``θ − θ*`` by the factor ``1/(1 + ηλΩ)`` and can never overshoot the anchor,
+    whereas vanilla EWC overshoots when ``ηλΩ > 1`` and diverges when ``ηλΩ > 2``.
+
+    Args:
+        importances (`Sequence[torch.Tensor]`):
+            Per-parameter importances Ω (≥ 0).
+        ewc_lambda (`float`):
+            Strength λ ≥ 0.
+        lr (`float`):
+            The step size η > 0 the stabilizer assumes (the optimizer's learning rate by default).
+
+    Returns:
+        `list[torch.Tensor]`: the coefficients, same dtype and device as the importances.
+    """
+    _check_lambda_lr(ewc_lambda, lr)
+    importances = list(importances)
+    scaled = torch._foreach_mul(importances, ewc_lambda)  # λΩ
+    denominator = torch._foreach_mul(scaled, lr)  # ηλΩ
+    torch._foreach_add_(denominator, 1.0)  # 1 + ηλΩ
+    torch._foreach_div_(scaled, denominator)  # λΩ / (1 + ηλΩ)
+    torch._foreach_mul_(scaled, 0.5)
+    return list(scaled)
+
+
+def penalty_coefficients(
+    importances: Sequence[Tensor], ewc_lambda: float, *, mode: str = "stabilized", lr: float | None = None
+) -> list[Tensor]:
+    """Coefficients for ``mode`` ∈ {``"stabilized"``, ``"vanilla"``}; ``lr`` (η) is required for ``"stabilized"``."""
+    if mode == "vanilla":
+        return vanilla_coefficients(importances, ewc_lambda)
+    if mode == "stabilized":
+        if lr is None:
+            raise ValueError("Stabilized coefficients need the step size η: pass lr=<learning rate>.")
+        return stabilized_coefficients(importances, ewc_lambda, lr)
+    raise ValueError(f"Unknown penalty mode {mode!r}; choose one of: stabilized, vanilla.")
+
+
+class _QuadraticPenalty(torch.autograd.Function):
+    """``Σ_i ‖√c_i ⊙ (θ_i − θ*_i)‖²`` with a hand-written backward ``2·√c_i ⊙ (√c_i ⊙ (θ_i − θ*_i))``.
+
+    Writing the backward by hand keeps the step at five fused foreach kernels and one temporary of the parameters' size
+    (autograd through the same ops would save several), and avoids the undefined derivative of a norm at 0, which is
+    exactly where every parameter sits right after consolidation.
+    """
+
+    @staticmethod
+    def forward(ctx, sqrt_coefficients: list[Tensor], anchors: list[Tensor], *params: Tensor) -> Tensor:
+        scaled_diff = torch._foreach_sub(list(params), anchors)
+        torch._foreach_mul_(scaled_diff, sqrt_coefficients)
+        norms = torch._foreach_norm(scaled_diff)
+        ctx.scaled_diff = scaled_diff
+        ctx.sqrt_coefficients = sqrt_coefficients
+        return torch.stack(norms).float().square().sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grads = torch._foreach_mul(ctx.scaled_diff, ctx.sqrt_coefficients)
+        torch._foreach_mul_(grads, grad_output * 2)
+        del ctx.scaled_diff
+        return (None, None, *grads)
+
+
+def ewc_penalty(
+    params: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    coefficients: Sequence[Tensor] | None = None,
+    *,
+    sqrt_coefficients: Sequence[Tensor] | None = None,
+) -> Tensor:
+    r"""The EWC penalty ``P = Σ_i Σ_j c_ij · (θ_ij − θ*_ij)²``, differentiable with respect to ``params``.
+
+    Args:
+        params (`Sequence[torch.Tensor]`):
+            Current parameters θ.
+        anchors (`Sequence[torch.Tensor]`):
+            Anchors θ* (same shapes, devices and dtypes as ``params``).
+        coefficients (`Sequence[torch.Tensor]`, *optional*):
+            Coefficients c ≥ 0 (see [`vanilla_coefficients`], [`stabilized_coefficients`]).
+        sqrt_coefficients (`Sequence[torch.Tensor]`, *optional*):
+            ``√c`` precomputed, for callers that evaluate the penalty every step (saves one kernel per call).
+
+    Returns:
+        `torch.Tensor`: a 0-d float32 tensor; its gradient is ``2·c·(θ − θ*)``.
+    """
+    if (coefficients is None) == (sqrt_coefficients is None):
+        raise ValueError("Pass exactly one of coefficients= or sqrt_coefficients=.")
+    params, anchors = list(params), list(anchors)
+    if sqrt_coefficients is None:
+        sqrt_coefficients = torch._foreach_sqrt(list(coefficients))
+    sqrt_coefficients = list(sqrt_coefficients)
+    if not (len(params) == len(anchors) == len(sqrt_coefficients)):
+        raise ValueError(
+            f"params, anchors and coefficients must have one entry per parameter tensor; got {len(params)}, "
+            f"{len(anchors)} and {len(sqrt_coefficients)}."
+        )
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
+    return _QuadraticPenalty.apply(sqrt_coefficients, anchors, *params)
+
+
+def proximal_weights(importances: Sequence[Tensor], ewc_lambda: float, lr: float) -> list[Tensor]:
+    r"""Interpolation weights ``w = η·λ·Ω / (1 + η·λ·Ω)`` of the proximal step (see [`proximal_step_`])."""
+    _check_lambda_lr(ewc_lambda, lr)
+    scaled = torch._foreach_mul(list(importances), ewc_lambda * lr)  # ηλΩ
+    denominator = torch._foreach_add(scaled, 1.0)
+    torch._foreach_div_(scaled, denominator)
+    return list(scaled)
+
+
+@torch.no_grad()
+def proximal_step_(params: Sequence[Tensor], anchors: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
+    r"""In place: ``θ ← θ* + (θ − θ*) / (1 + η·λ·Ω)``, written as ``θ ← θ + w·(θ* − θ)`` with ``w`` from
+    [`proximal_weights`].
+
+    This is the exact minimiser of ``‖θ − θ̃‖²/(2η) + ½·λ·Ω·(θ − θ*)²`` around the optimizer's result θ̃: the implicit
+    step of the quadratic penalty. It runs after the optimizer, so gradient clipping and Adam's normalisation never
+    touch it, and it contracts towards the anchor at any λ.
+    """
+    torch._foreach_lerp_(list(params), list(anchors), list(weights))

@@ -1,0 +1,418 @@
+"""EWCState: what a model must remember of the domains it has learned — importances Ω, anchors θ*, and metadata.
+
+One anchor (the weights after the latest consolidated domain) and one importance tensor per parameter, so the state
+costs ``2·P`` numbers whatever the number of domains (Huszár 2018; the structure every seed implementation uses).
+
+On disk (``EWCState.save(directory)``), next to a model or inside a Trainer checkpoint:
+
+- ``ewc_state.safetensors`` — tensors ``importance.<param name>`` and ``anchor.<param name>``; its header metadata
+  carries the JSON metadata too, so the file alone is a complete, self-consistent state;
+- ``ewc_state.json`` — the same metadata, indented with sorted keys, for people and tools.
+
+Both are written atomically (temporary file + ``os.replace``): an interrupted save leaves the previous state intact.
+"""
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
+
+
+STATE_WEIGHTS_NAME = "ewc_state.safetensors"
+STATE_CONFIG_NAME = "ewc_state.json"
+FORMAT_VERSION = 1
+LAMBDA_CONVENTION = (
+    "penalty = sum(c * (theta - theta_star)**2); vanilla c = lambda*Omega/2; "
+    "stabilized c = lambda*Omega/(2*(1 + eta*lambda*Omega)); proximal theta <- theta_star + (theta - theta_star)/"
+    "(1 + eta*lambda*Omega)"
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KNOWN_METADATA = {
+    "anchors_from",
+    "consolidation",
+    "decay",
+    "domains",
+    "dtype",
+    "format_version",
+    "lambda_convention",
+    "num_parameters",
+    "num_tensors",
+    "state_id",
+    "versions",
+}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` for the parameters with ``requires_grad``, named as ``model.named_parameters()`` names
+    them (tied parameters appear once, under their first name)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise HfEwcError(f"Unsupported EWC state dtype {dtype}; choose one of: {', '.join(_DTYPES)}.")
+        return dtype
+    if dtype not in _DTYPES:
+        raise HfEwcError(f"Unknown EWC state dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in _DTYPES.items() if d == dtype)
+
+
+def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "importance") -> None:
+    """Refuse non-finite or negative importances, naming the first bad parameter."""
+    for name, value in importances.items():
+        if not torch.is_tensor(value):
+            raise HfEwcError(f"The {what} of {name!r} is a {type(value).__name__}, not a tensor.")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise HfEwcError(
+                f"The {what} of parameter {name!r} has {bad} non-finite value(s) (NaN/Inf); recollect it in float32 "
+                "(check the model's loss on that data) before consolidating."
+            )
+        if bool((value < 0).any()):
+            raise HfEwcError(
+                f"The {what} of parameter {name!r} has negative values (min {float(value.min()):.3g}); importances "
+                "must be >= 0 for the penalty to pull towards the anchors."
+            )
+
+
+class EWCState:
+    r"""Importances Ω, anchors θ* and metadata of a model that has been consolidated on one or more domains.
+
+    Args:
+        importances (`dict[str, torch.Tensor]`, *optional*):
+            Ω per parameter name. Usually built through [`EWCState.consolidate`].
+        anchors (`dict[str, torch.Tensor]`, *optional*):
+            θ* per parameter name (the weights after the latest consolidated domain).
+        metadata (`dict`, *optional*):
+            Metadata as written by [`EWCState.save`].
+        dtype (`str` or `torch.dtype`, *optional*, defaults to `"float32"`):
+            Storage dtype of Ω and θ*: `"float32"`, `"bfloat16"` or `"float16"`. Half-precision storage halves the
+            memory and the file; the anchors are then rounded, so ``θ − θ*`` is not exactly 0 right after
+            consolidation (about 3 significant digits for bfloat16).
+
+    Example:
+
+    ```python
+    >>> from hf_ewc import EWCState, collect_importance
+    >>> state = EWCState()
+    >>> state.consolidate(model, collect_importance(model, dataset), domain="wiki")  # doctest: +SKIP
+    >>> state.save("out/ewc_state")  # doctest: +SKIP
+    >>> EWCState.load("out/ewc_state").validate(model)  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        importances: Mapping[str, torch.Tensor] | None = None,
+        anchors: Mapping[str, torch.Tensor] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        dtype: str | torch.dtype = "float32",
+    ):
+        importances = dict(importances or {})
+        anchors = dict(anchors or {})
+        if set(importances) != set(anchors):
+            only_imp = sorted(set(importances) - set(anchors))
+            only_anc = sorted(set(anchors) - set(importances))
+            raise HfEwcError(
+                "importances and anchors must cover the same parameters; "
+                f"only in importances: {only_imp[:3]}, only in anchors: {only_anc[:3]}."
+            )
+        for name in importances:
+            if importances[name].shape != anchors[name].shape:
+                raise HfEwcError(
+                    f"Parameter {name!r}: importance shape {tuple(importances[name].shape)} differs from anchor shape "
+                    f"{tuple(anchors[name].shape)}."
+                )
+        check_importances(importances)
+        self.dtype = _dtype(dtype)
+        self.importances: dict[str, torch.Tensor] = {
+            k: v.detach().to("cpu", self.dtype).contiguous() for k, v in importances.items()
+        }
+        self.anchors: dict[str, torch.Tensor] = {
+            k: v.detach().to("cpu", self.dtype).contiguous() for k, v in anchors.items()
+        }
+        meta = dict(metadata or {})
+        self.domains: list[dict[str, Any]] = list(meta.get("domains", []))
+        self.consolidation: str | None = meta.get("consolidation")
+        self.decay: float | None = meta.get("decay")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_empty(self) -> bool:
+        """``True`` until a domain has been consolidated."""
+        return not self.importances
+
+    @property
+    def num_consolidations(self) -> int:
+        return len(self.domains)
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of protected scalar parameters P (the state holds 2·P numbers)."""
+        return sum(t.numel() for t in self.importances.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by importances and anchors."""
+        return sum(t.numel() * t.element_size() for t in (*self.importances.values(), *self.anchors.values()))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "anchors_from": self.domains[-1]["name"] if self.domains else None,
+            "consolidation": self.consolidation,
+            "decay": self.decay,
+            "domains": self.domains,
+            "dtype": _dtype_name(self.dtype),
+            "format_version": FORMAT_VERSION,
+            "lambda_convention": LAMBDA_CONVENTION,
+            "num_parameters": self.num_parameters,
+            "num_tensors": len(self.importances),
+            "versions": versions(),
+        }
+
+    def __repr__(self) -> str:
+        names = [d.get("name") for d in self.domains]
+        return (
+            f"EWCState(domains={names}, tensors={len(self.importances)}, parameters={self.num_parameters}, "
+            f"dtype={_dtype_name(self.dtype)})"
+        )
+
+    # ------------------------------------------------------------------ consolidation
+    @torch.no_grad()
+    def consolidate(
+        self,
+        model: nn.Module,
+        importances: Mapping[str, torch.Tensor],
+        mode: str = "sum",
+        decay: float = 1.0,
+        *,
+        domain: str | None = None,
+        method: str | None = None,
+        estimator: str | None = None,
+        num_samples: int | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> "EWCState":
+        r"""Fold the importances of a newly learned domain into the state and move the anchors to the current weights.
+
+        - ``mode="sum"``:    ``Ω ← Ω + Ω_t`` (the seed papers' choice; Huszár's corrected recursion);
+        - ``mode="online"``: ``Ω ← γ·Ω + Ω_t`` with ``γ = decay`` ∈ (0, 1] (Schwarz et al. 2018);
+        - in both modes ``θ* ← θ`` (the model's current trainable parameters).
+
+        Args:
+            model (`torch.nn.Module`):
+                The model after training on the domain; its trainable parameters become the anchors.
+            importances (`dict[str, torch.Tensor]`):
+                Ω_t for exactly the model's trainable parameters (as returned by [`collect_importance`]).
+            mode (`str`, *optional*, defaults to `"sum"`):
+                `"sum"` or `"online"`.
+            decay (`float`, *optional*, defaults to `1.0`):
+                γ for `mode="online"`; must be 1.0 for `mode="sum"`.
+            domain (`str`, *optional*):
+                Name of the domain, recorded in the metadata (defaults to ``"domain_<k>"``).
+            method, estimator, num_samples, options:
+                How Ω_t was obtained, recorded in the metadata.
+
+        Returns:
+            `EWCState`: ``self``.
+        """
+        if mode not in ("sum", "online"):
+            raise HfEwcError(f"Unknown consolidation mode {mode!r}; choose one of: sum, online.")
+        if not (isinstance(decay, (int, float)) and 0 < decay <= 1):
+            raise HfEwcError(f"decay must be in (0, 1], got {decay!r}.")
+        if mode == "sum" and decay != 1.0:
+            raise HfEwcError(f"decay={decay} only applies to mode='online'; use mode='online' or decay=1.0.")
+        params = trainable_parameters(model)
+        if not params:
+            raise HfEwcError("The model has no trainable parameters (requires_grad=True) to protect.")
+        missing = [n for n in params if n not in importances]
+        extra = [n for n in importances if n not in params]
+        if missing:
+            raise HfEwcError(
+                f"No importance given for trainable parameter {missing[0]!r} ({len(missing)} missing); collect the "
+                "importances on this model with collect_importance(model, ...)."
+            )
+        if extra:
+            raise HfEwcError(
+                f"Importance given for {extra[0]!r}, which is not a trainable parameter of the model ({len(extra)} "
+                "such); were the importances collected on another model or with other parameters frozen?"
+            )
+        for name, p in params.items():
+            if tuple(importances[name].shape) != tuple(p.shape):
+                raise HfEwcError(
+                    f"Importance of {name!r} has shape {tuple(importances[name].shape)}, the parameter has "
+                    f"{tuple(p.shape)}."
+                )
+        check_importances(importances)
+        if self.domains:
+            previous = self.domains[-1]
+            if (previous.get("method"), previous.get("estimator")) != (method, estimator):
+                logger.warning(
+                    f"Consolidating {method}/{estimator} importances onto a state built from "
+                    f"{previous.get('method')}/{previous.get('estimator')}: their scales differ, so one λ does not "
+                    "weigh the domains equally. Use one importance method per sequence unless this is intended."
+                )
+            if self.consolidation is not None and self.consolidation != mode:
+                logger.warning(f"Consolidation mode changes from {self.consolidation!r} to {mode!r}.")
+        gamma = float(decay) if mode == "online" else 1.0
+        for name, p in params.items():
+            new = importances[name].detach().to("cpu", torch.float32)
+            old = self.importances.get(name)
+            if old is not None:
+                new = new + gamma * old.float()
+            self.importances[name] = new.to(self.dtype).contiguous()
+            self.anchors[name] = p.detach().to("cpu", self.dtype, copy=True).contiguous()
+        kept = [n for n in self.importances if n not in params]
+        if kept:
+            # Parameters protected by earlier domains that are frozen now keep their anchors; their importance decays.
+            for name in kept:
+                self.importances[name] = (self.importances[name].float() * gamma).to(self.dtype)
+            logger.info(f"{len(kept)} protected parameter(s) are not trainable now and keep their old anchors.")
+        self.consolidation = mode
+        self.decay = gamma
+        self.domains.append(
+            {
+                "name": domain if domain is not None else f"domain_{len(self.domains)}",
+                "method": method,
+                "estimator": estimator,
+                "num_samples": num_samples,
+                "options": dict(options or {}),
+            }
+        )
+        return self
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, model: nn.Module, *, strict: bool = True) -> list[str]:
+        """Check that the state fits ``model``.
+
+        Raises `HfEwcError` naming the first parameter that is protected by the state but missing from the model or
+        differently shaped. Trainable parameters of the model that the state does not cover (e.g. a new head) raise
+        too when ``strict``; otherwise they are returned (they train unprotected).
+
+        Returns:
+            `list[str]`: names of the model's trainable parameters the state does not cover.
+        """
+        model_params = dict(model.named_parameters())
+        missing = [n for n in self.anchors if n not in model_params]
+        if missing:
+            hint = ""
+            if any(n.startswith("base_model.model.") for n in model_params) != any(
+                n.startswith("base_model.model.") for n in self.anchors
+            ):
+                hint = " (one of the two is a PEFT-wrapped model and the other is not)"
+            raise HfEwcError(
+                f"The EWC state protects {missing[0]!r}, which the model does not have ({len(missing)} such "
+                f"parameter(s)){hint}; load the state that was saved with this model."
+            )
+        for name, anchor in self.anchors.items():
+            if tuple(anchor.shape) != tuple(model_params[name].shape):
+                raise HfEwcError(
+                    f"The EWC state's {name!r} has shape {tuple(anchor.shape)} but the model's has "
+                    f"{tuple(model_params[name].shape)}; the state belongs to another model."
+                )
+        uncovered = [n for n, p in model_params.items() if p.requires_grad and n not in self.anchors]
+        if uncovered and strict and not self.is_empty:
+            raise HfEwcError(
+                f"The model's trainable parameter {uncovered[0]!r} is not in the EWC state ({len(uncovered)} such); "
+                "freeze it, or validate with strict=False to train it unprotected."
+            )
+        return uncovered
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, save_directory: str | os.PathLike) -> None:
+        """Write ``ewc_state.safetensors`` and ``ewc_state.json`` into ``save_directory`` (created if needed),
+        each atomically."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = self.metadata
+        meta["state_id"] = uuid.uuid4().hex
+        tensors = {f"importance.{k}": v.contiguous() for k, v in self.importances.items()}
+        tensors.update({f"anchor.{k}": v.contiguous() for k, v in self.anchors.items()})
+        with atomic_path(directory / STATE_WEIGHTS_NAME) as tmp:
+            save_file(tensors, tmp, metadata={"hf_ewc": json.dumps(meta, sort_keys=True)})
+        write_json_atomic(directory / STATE_CONFIG_NAME, meta)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "EWCState":
+        """Load a state written by [`EWCState.save`] (tensors through safetensors, never pickle)."""
+        directory = Path(directory)
+        path = directory / STATE_WEIGHTS_NAME if directory.is_dir() or not directory.suffix else directory
+        if not path.is_file():
+            raise HfEwcError(
+                f"No EWC state at {str(directory)!r}: expected {STATE_WEIGHTS_NAME} (written by EWCState.save or by "
+                "EWCTrainer checkpoints)."
+            )
+        importances, anchors = {}, {}
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                header = f.metadata() or {}
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    kind, _, name = key.partition(".")
+                    if kind == "importance":
+                        importances[name] = f.get_tensor(key)
+                    elif kind == "anchor":
+                        anchors[name] = f.get_tensor(key)
+                    else:
+                        logger.warning(f"Ignoring unknown tensor {key!r} in {path}.")
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise HfEwcError(f"Cannot read the EWC state {str(path)!r}: {err}.") from err
+        if "hf_ewc" not in header:
+            raise HfEwcError(f"{str(path)!r} is a safetensors file without hf_ewc metadata; it is not an EWC state.")
+        meta = json.loads(header["hf_ewc"])
+        version = meta.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise HfEwcError(
+                f"{str(path)!r} was written with EWC state format {version}; this hf_ewc reads up to "
+                f"{FORMAT_VERSION}. Upgrade hf_ewc."
+            )
+        unknown = sorted(set(meta) - _KNOWN_METADATA)
+        if unknown:
+            logger.warning(f"Ignoring unknown EWC state metadata keys {unknown} (written by a newer hf_ewc?).")
+        side = directory / STATE_CONFIG_NAME if path.parent == directory else path.with_suffix(".json")
+        if side.is_file():
+            try:
+                side_id = json.loads(side.read_text(encoding="utf-8")).get("state_id")
+            except (OSError, json.JSONDecodeError):
+                side_id = None
+            if side_id != meta.get("state_id"):
+                logger.warning(
+                    f"{side} does not match {path.name} (an interrupted save?); using the metadata inside {path.name}."
+                )
+        dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
+        state = cls(importances, anchors, meta, dtype=dtype)
+        if len(state.importances) != meta.get("num_tensors", len(state.importances)):
+            raise HfEwcError(f"{str(path)!r} is incomplete: metadata lists {meta['num_tensors']} tensors.")
+        return state
+
+    # ------------------------------------------------------------------ helpers
+    def max_importance(self) -> float:
+        """max Ω over all parameters (0.0 for an empty state)."""
+        if self.is_empty:
+            return 0.0
+        return max(float(t.max()) if t.numel() else 0.0 for t in self.importances.values())
+
+    def summary(self) -> dict[str, float]:
+        """A few numbers about Ω, for logs: mean, max and the share of exact zeros."""
+        if self.is_empty:
+            return {}
+        total = self.num_parameters
+        mean = sum(float(t.float().sum()) for t in self.importances.values()) / max(total, 1)
+        zeros = sum(int((t == 0).sum()) for t in self.importances.values()) / max(total, 1)
+        out = {"importance/mean": mean, "importance/max": self.max_importance(), "importance/zero_share": zeros}
+        return {k: v for k, v in out.items() if math.isfinite(v)}

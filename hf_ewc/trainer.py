@@ -1,0 +1,422 @@
+"""EWCTrainer: a `transformers.Trainer` that keeps what earlier domains taught the model.
+
+The penalty enters in `compute_loss`; everything that must happen around the optimizer step (the proximal pull, SI's
+path integral) runs in a callback on `on_pre_optimizer_step` / `on_optimizer_step`, the only events at which the
+Trainer still holds the step's gradients.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import EWCConfig
+from .importance import SIAccumulator, collect
+from .importance.si import SI_STATE_NAME
+from .penalty import ewc_penalty, penalty_coefficients, proximal_step_, proximal_weights
+from .state import STATE_WEIGHTS_NAME, EWCState, trainable_parameters
+from .utils import HfEwcError, logger
+
+
+@dataclass
+class _Regularizer:
+    """Device-side tensors of the active penalty, aligned with ``params`` (built once per `train()` call)."""
+
+    names: list[str]
+    params: list[nn.Parameter]
+    anchors: list[Tensor]
+    sqrt_coefficients: list[Tensor] | None  # stabilized / vanilla
+    proximal_weights: list[Tensor] | None  # proximal
+    coef_max: float  # max η·2c (the share of the distance to the anchor one SGD step on the penalty removes)
+    two_coefficients: list[Tensor] | None = None  # 2c, kept only for SI's task-only gradient
+
+    @property
+    def penalized(self) -> bool:
+        return self.sqrt_coefficients is not None
+
+
+class _EWCCallback(TrainerCallback):
+    """Hooks `EWCTrainer` into the optimizer step (see the module docstring)."""
+
+    def __init__(self, trainer: "EWCTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._setup_ewc()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._before_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._after_optimizer_step()
+
+
+class EWCTrainer(Trainer):
+    r"""`transformers.Trainer` with (stabilized) Elastic Weight Consolidation.
+
+    Train on a domain, call [`EWCTrainer.consolidate`] to measure importances and move the anchors, then train the same
+    model on the next domain with the returned [`EWCState`]: the loss gains ``Σ c·(θ − θ*)²`` (see [`EWCConfig`]).
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, model_init, compute_loss_func,
+        compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
+            As for `transformers.Trainer`. A plain `TrainingArguments` is upgraded to [`EWCConfig`] with default EWC
+            settings.
+        ewc_state ([`EWCState`] or `str`, *optional*):
+            What earlier domains left behind (or a directory holding ``ewc_state.safetensors``). Without it, or before
+            the first consolidation, the penalty is 0.
+
+    Guarantees:
+        - the penalty's gradient per optimizer step does not depend on `gradient_accumulation_steps`,
+          `num_items_in_batch` or the number of processes (it is never multiplied by the world size);
+        - `ewc_mode="proximal"` adds no loss term and pulls every weight towards its anchor after each real optimizer
+          step, untouched by clipping and Adam;
+        - `importance_method="si"` accumulates the path integral on real optimizer steps only;
+        - `save_model` (and so every ``checkpoint-*``) writes the EWC state next to the weights, and
+          `train(resume_from_checkpoint=...)` restores it (with SI's running sums).
+
+    Logged with the loss: ``ewc/penalty``, ``ewc/task_loss``, ``ewc/penalty_ratio`` (penalty / task loss) and
+    ``ewc/coef_max`` (``max η·2c``: < 1 for stabilized, > 1 means vanilla EWC overshoots the anchor under SGD).
+
+    Example:
+
+    ```python
+    >>> trainer = EWCTrainer(model=model, args=EWCConfig("out", ewc_lambda=50), train_dataset=wiki)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    >>> state = trainer.consolidate(domain="wiki")  # doctest: +SKIP
+    >>> trainer = EWCTrainer(model=model, args=..., train_dataset=code, ewc_state=state)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        ewc_state: EWCState | str | os.PathLike | None = None,
+    ):
+        if args is None:
+            args = EWCConfig(output_dir="trainer_output")
+        elif not isinstance(args, EWCConfig):
+            fields = {k: v for k, v in args.to_dict().items() if k in EWCConfig.__dataclass_fields__}
+            fields["hub_token"] = args.hub_token
+            args = EWCConfig(**fields)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        if isinstance(ewc_state, (str, os.PathLike)):
+            ewc_state = EWCState.load(ewc_state)
+        self.ewc_state: EWCState | None = ewc_state
+        if ewc_state is not None and self.model is not None:
+            uncovered = ewc_state.validate(self._plain_model(), strict=False)
+            if uncovered and not ewc_state.is_empty:
+                logger.info(f"{len(uncovered)} trainable parameter(s) are not in the EWC state and train unprotected.")
+        self._regularizer: _Regularizer | None = None
+        self._si: SIAccumulator | None = None
+        self._pending_penalties: list[Tensor] = []
+        self._last_penalty: Tensor | None = None
+        self._clip_coef = 1.0
+        self._told_no_state = False
+        self._warned_overshoot = False
+        self.add_callback(_EWCCallback(self))
+
+    # ------------------------------------------------------------------ setup
+    def _plain_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _setup_ewc(self) -> None:
+        """Build the device-side penalty tensors and start SI (called on `on_train_begin`, after any resume)."""
+        args: EWCConfig = self.args
+        self._pending_penalties = []
+        self._regularizer = None
+        model = self._plain_model()
+        params = trainable_parameters(model)
+        if args.importance_method == "si" and self._si is None:
+            self._si = SIAccumulator(params, damping=args.si_damping)
+        state = self.ewc_state
+        if args.ewc_mode == "off":
+            return
+        if state is None or state.is_empty:
+            if not self._told_no_state:
+                logger.info(
+                    "EWC penalty is 0: no domain has been consolidated yet. Call trainer.consolidate() after training "
+                    "on a domain and pass the returned state to the next trainer."
+                )
+                self._told_no_state = True
+            return
+        self._refuse_sharded_parameters()
+        state.validate(model, strict=False)
+        names = [n for n in state.anchors if n in params]
+        if not names:
+            logger.warning("None of the parameters protected by the EWC state is trainable now: penalty is 0.")
+            return
+        plist = [params[n] for n in names]
+        anchors = [state.anchors[n].to(p.device, p.dtype) for n, p in zip(names, plist)]
+        importances = [state.importances[n].to(p.device, torch.float32) for n, p in zip(names, plist)]
+        eta, lam = args.ewc_step_size, args.ewc_lambda
+        omega_max = max(float(t.max()) for t in importances if t.numel())
+        sqrt_c = prox = None
+        if args.ewc_mode == "proximal":
+            weights = proximal_weights(importances, lam, eta)
+            coef_max = max(float(w.max()) for w in weights if w.numel())
+            prox = [w.to(p.dtype) for w, p in zip(weights, plist)]
+        else:
+            coefficients = penalty_coefficients(importances, lam, mode=args.ewc_mode, lr=eta)
+            coef_max = 2 * eta * max(float(c.max()) for c in coefficients if c.numel())
+            sqrt_c = [c.sqrt_().to(p.dtype) for c, p in zip(coefficients, plist)]
+            if args.ewc_mode == "vanilla" and eta * lam * omega_max > 1 and not self._warned_overshoot:
+                logger.warning(
+                    f"Vanilla EWC with η·λ·Ω_max = {eta * lam * omega_max:.3g} > 1: an SGD step on the penalty "
+                    "overshoots the anchor (and diverges above 2). Use ewc_mode='stabilized' (same λ) to keep every "
+                    "step bounded."
+                )
+                self._warned_overshoot = True
+        del importances
+        two_c = None
+        if self._si is not None and args.si_gradient == "task" and sqrt_c is not None:
+            two_c = torch._foreach_mul(sqrt_c, sqrt_c)
+            torch._foreach_mul_(two_c, 2.0)
+        self._regularizer = _Regularizer(names, plist, anchors, sqrt_c, prox, coef_max, two_c)
+
+    def _refuse_sharded_parameters(self) -> None:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise HfEwcError(
+                "EWC penalties over sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported yet; use DDP or "
+                "DeepSpeed ZeRO-1/2, or ewc_mode='off'."
+            )
+
+    # ------------------------------------------------------------------ the loss
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of `Trainer.training_step`: is the loss used as is (True) or divided by the accumulation steps?"""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ):
+        """Task loss (as `Trainer` computes it) plus the EWC penalty while training.
+
+        The penalty is added once per optimizer step in effect: divided by the number of accumulation steps exactly
+        when `training_step` will not divide the loss itself, and added after the Trainer's own multiplication by the
+        world size (`average_tokens_across_devices`), so that its gradient is ``2c·(θ − θ*)`` per step in every
+        setting.
+        """
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        reg = self._regularizer
+        if reg is not None and reg.penalized and model.training:
+            penalty = ewc_penalty(reg.params, reg.anchors, sqrt_coefficients=reg.sqrt_coefficients)
+            self._last_penalty = penalty.detach()
+            if self._loss_scaled_for_ga(num_items_in_batch):
+                penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = loss + penalty.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ around the optimizer step
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        if self._si is not None and norm is not None:
+            value = float(norm)
+            self._clip_coef = min(1.0, self.args.max_grad_norm / (value + 1e-6)) if math.isfinite(value) else 1.0
+        return norm
+
+    def _before_optimizer_step(self) -> None:
+        if self._si is not None:
+            self._si.before_step()
+
+    def _after_optimizer_step(self) -> None:
+        reg = self._regularizer
+        skipped = bool(getattr(self.accelerator, "optimizer_step_was_skipped", False))
+        if not skipped:
+            if reg is not None and reg.proximal_weights is not None:
+                proximal_step_(reg.params, reg.anchors, reg.proximal_weights)
+            if self._si is not None:
+                task_only = reg is not None and reg.two_coefficients is not None
+                self._si.after_step(
+                    grad_scale=1.0 / self._clip_coef,
+                    penalty_anchors=reg.anchors if task_only else None,
+                    penalty_two_c=reg.two_coefficients if task_only else None,
+                )
+        if reg is not None and reg.penalized and self._last_penalty is not None:
+            self._pending_penalties.append(self._last_penalty)
+        self._clip_coef = 1.0
+
+    # ------------------------------------------------------------------ logging
+    @torch.no_grad()
+    def _proximal_penalty_value(self) -> float:
+        """``Σ ½·λ·Ω·(θ − θ*)²``: the quadratic the proximal step minimises, for monitoring only."""
+        reg, state = self._regularizer, self.ewc_state
+        total = 0.0
+        for name, p, anchor in zip(reg.names, reg.params, reg.anchors):
+            diff = (p.detach() - anchor).float().cpu()
+            total += float((state.importances[name].float() * diff.square()).sum())
+        return 0.5 * self.args.ewc_lambda * total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        reg = self._regularizer
+        if reg is not None and "loss" in logs:
+            if reg.penalized and self._pending_penalties:
+                penalty = float(torch.stack(self._pending_penalties).float().mean())
+                task = logs["loss"] - penalty
+            elif reg.proximal_weights is not None:
+                penalty, task = self._proximal_penalty_value(), logs["loss"]
+            else:
+                penalty = task = None
+            if penalty is not None:
+                logs["ewc/penalty"] = penalty
+                logs["ewc/task_loss"] = task
+                logs["ewc/penalty_ratio"] = penalty / task if task else float("inf")
+                logs["ewc/coef_max"] = reg.coef_max
+            self._pending_penalties = []
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ consolidation
+    def _importance_data(self, dataset):
+        n = self.args.importance_max_samples
+        if isinstance(dataset, DataLoader) or n is None or not hasattr(dataset, "__len__") or len(dataset) <= n:
+            return dataset
+        generator = torch.Generator().manual_seed(self.args.seed)
+        indices = torch.randperm(len(dataset), generator=generator)[:n].sort().values.tolist()
+        return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
+
+    def consolidate(self, dataset=None, *, domain: str | None = None) -> EWCState:
+        """Measure importances on the domain just learned, fold them into the EWC state and move the anchors.
+
+        Args:
+            dataset (`Dataset`, `datasets.Dataset` or `DataLoader`, *optional*):
+                Data of the domain just trained on. Defaults to the trainer's `train_dataset`; at most
+                `importance_max_samples` samples are used (a random subset seeded with `args.seed`). Ignored by SI,
+                which uses the training trajectory.
+            domain (`str`, *optional*):
+                Name recorded in the state's metadata.
+
+        Returns:
+            [`EWCState`]: the updated state, also stored on ``trainer.ewc_state``. Under several processes every
+            process must call this (the collection is reduced across them).
+        """
+        args: EWCConfig = self.args
+        model = self._plain_model()
+        if args.importance_method == "si":
+            if self._si is None or self._si.steps == 0:
+                raise HfEwcError("SI importances come from training steps: call trainer.train() before consolidate().")
+            importances, num_samples, estimator = self._si.importances(), self._si.steps, None
+            options = {"damping": args.si_damping, "gradient": args.si_gradient, "count_unit": "optimizer_steps"}
+        else:
+            data = dataset if dataset is not None else self.train_dataset
+            if data is None:
+                raise HfEwcError(
+                    "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
+                    "train_dataset."
+                )
+            options = {}
+            if args.importance_method == "mas":
+                options["output"] = args.mas_output
+            result = collect(
+                model,
+                self._importance_data(data),
+                args.importance_method,
+                estimator=args.fisher_estimator,
+                max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,
+                batch_size=args.importance_batch_size,
+                data_collator=self.data_collator,
+                seed=args.seed,
+                show_progress=not args.disable_tqdm,
+                **options,
+            )
+            importances, num_samples, estimator, options = (
+                result.importances,
+                result.num_samples,
+                result.estimator,
+                result.options,
+            )
+        state = self.ewc_state if self.ewc_state is not None else EWCState(dtype=args.ewc_state_dtype)
+        state.consolidate(
+            model,
+            importances,
+            mode=args.consolidation,
+            decay=args.ewc_decay,
+            domain=domain,
+            method=args.importance_method,
+            estimator=estimator,
+            num_samples=num_samples,
+            options=options,
+        )
+        self.ewc_state = state
+        self._regularizer = None
+        self._si = None
+        return state
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus the EWC state (and SI's running sums while a domain is in progress)."""
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            if self.ewc_state is not None and not self.ewc_state.is_empty:
+                self.ewc_state.save(output_dir)
+            if self._si is not None and self._si.steps > 0:
+                self._si.save(output_dir)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; when resuming, the EWC state (and SI's running sums) come back from the checkpoint."""
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool) and checkpoint:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise HfEwcError(f"No checkpoint to resume from in {self.args.output_dir!r}.")
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._load_ewc_checkpoint(str(checkpoint))
+        return super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
+    def _load_ewc_checkpoint(self, checkpoint: str) -> None:
+        model = self._plain_model()
+        if os.path.isfile(os.path.join(checkpoint, STATE_WEIGHTS_NAME)):
+            state = EWCState.load(checkpoint)
+            state.validate(model, strict=False)
+            self.ewc_state = state
+        elif self.ewc_state is not None and not self.ewc_state.is_empty:
+            logger.warning(f"{checkpoint} holds no EWC state; keeping the state given to the trainer.")
+        self._si = None
+        if self.args.importance_method == "si" and os.path.isfile(os.path.join(checkpoint, SI_STATE_NAME)):
+            si = SIAccumulator(trainable_parameters(model), damping=self.args.si_damping)
+            si.load(checkpoint)
+            self._si = si

@@ -1,0 +1,83 @@
+"""Small shared helpers: version stamps, atomic file writes, the library logger."""
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+
+logger = logging.get_logger("hf_ewc")
+
+
+class HfEwcError(ValueError):
+    """A user-facing error: the message names what is wrong and how to fix it (the CLI prints it on one line)."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of hf_ewc and the libraries whose behaviour the saved artefacts depend on."""
+    import accelerate
+    import safetensors
+    import torch
+    import transformers
+
+    from . import __version__
+
+    stamp = {
+        "hf_ewc": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    commit = _git_commit()
+    if commit is not None:
+        stamp["hf_ewc_git_commit"] = commit
+    return stamp
+
+
+def _git_commit() -> str | None:
+    """The commit of a source checkout (dev installs), as PEFT stamps its configs; ``None`` for a wheel install."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically (``os.replace``).
+
+    On failure the temporary file is removed and ``path`` is left exactly as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with sorted keys, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
