@@ -73,13 +73,13 @@ def stabilized_coefficients(importances: Sequence[Tensor], ewc_lambda: float, lr
         `list[torch.Tensor]`: the coefficients, same dtype and device as the importances.
     """
     _check_lambda_lr(ewc_lambda, lr)
-    importances = list(importances)
-    scaled = torch._foreach_mul(importances, ewc_lambda)  # λΩ
-    denominator = torch._foreach_mul(scaled, lr)  # ηλΩ
-    torch._foreach_add_(denominator, 1.0)  # 1 + ηλΩ
-    torch._foreach_div_(scaled, denominator)  # λΩ / (1 + ηλΩ)
-    torch._foreach_mul_(scaled, 0.5)
-    return list(scaled)
+    # Written as ½ / (η + 1/(λΩ)): no overflow for huge λΩ (→ ½/η), and Ω = 0 gives 1/0 = inf → c = 0.
+    coefficients = torch._foreach_mul(list(importances), ewc_lambda)
+    torch._foreach_reciprocal_(coefficients)
+    torch._foreach_add_(coefficients, lr)
+    torch._foreach_reciprocal_(coefficients)
+    torch._foreach_mul_(coefficients, 0.5)
+    return list(coefficients)
 
 
 def penalty_coefficients(
@@ -110,13 +110,13 @@ class _QuadraticPenalty(torch.autograd.Function):
         norms = torch._foreach_norm(scaled_diff)
         ctx.scaled_diff = scaled_diff
         ctx.sqrt_coefficients = sqrt_coefficients
-        return torch.stack(norms).float().square().sum()
+        stacked = torch.stack(norms)
+        return stacked.to(torch.promote_types(stacked.dtype, torch.float32)).square().sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grads = torch._foreach_mul(ctx.scaled_diff, ctx.sqrt_coefficients)
         torch._foreach_mul_(grads, grad_output * 2)
-        del ctx.scaled_diff
         return (None, None, *grads)
 
 
@@ -140,7 +140,7 @@ def ewc_penalty(
             ``√c`` precomputed, for callers that evaluate the penalty every step (saves one kernel per call).
 
     Returns:
-        `torch.Tensor`: a 0-d float32 tensor; its gradient is ``2·c·(θ − θ*)``.
+        `torch.Tensor`: a 0-d tensor, float32 (float64 for float64 parameters); its gradient is ``2·c·(θ − θ*)``.
     """
     if (coefficients is None) == (sqrt_coefficients is None):
         raise ValueError("Pass exactly one of coefficients= or sqrt_coefficients=.")
@@ -161,10 +161,12 @@ def ewc_penalty(
 def proximal_weights(importances: Sequence[Tensor], ewc_lambda: float, lr: float) -> list[Tensor]:
     r"""Interpolation weights ``w = η·λ·Ω / (1 + η·λ·Ω)`` of the proximal step (see [`proximal_step_`])."""
     _check_lambda_lr(ewc_lambda, lr)
-    scaled = torch._foreach_mul(list(importances), ewc_lambda * lr)  # ηλΩ
-    denominator = torch._foreach_add(scaled, 1.0)
-    torch._foreach_div_(scaled, denominator)
-    return list(scaled)
+    # 1 / (1 + 1/(ηλΩ)): overflow-safe like the stabilized coefficient (ηλΩ → inf gives w = 1, Ω = 0 gives w = 0).
+    weights = torch._foreach_mul(list(importances), ewc_lambda * lr)
+    torch._foreach_reciprocal_(weights)
+    torch._foreach_add_(weights, 1.0)
+    torch._foreach_reciprocal_(weights)
+    return list(weights)
 
 
 @torch.no_grad()

@@ -34,7 +34,6 @@ class _Regularizer:
     sqrt_coefficients: list[Tensor] | None  # stabilized / vanilla
     proximal_weights: list[Tensor] | None  # proximal
     coef_max: float  # max η·2c (the share of the distance to the anchor one SGD step on the penalty removes)
-    two_coefficients: list[Tensor] | None = None  # 2c, kept only for SI's task-only gradient
 
     @property
     def penalized(self) -> bool:
@@ -142,6 +141,7 @@ class EWCTrainer(Trainer):
                 logger.info(f"{len(uncovered)} trainable parameter(s) are not in the EWC state and train unprotected.")
         self._regularizer: _Regularizer | None = None
         self._si: SIAccumulator | None = None
+        self._si_penalty: tuple[list[Tensor], list[Tensor]] | None = None
         self._pending_penalties: list[Tensor] = []
         self._last_penalty: Tensor | None = None
         self._clip_coef = 1.0
@@ -158,6 +158,7 @@ class EWCTrainer(Trainer):
         args: EWCConfig = self.args
         self._pending_penalties = []
         self._regularizer = None
+        self._si_penalty = None
         model = self._plain_model()
         params = trainable_parameters(model)
         if args.importance_method == "si" and self._si is None:
@@ -175,7 +176,7 @@ class EWCTrainer(Trainer):
             return
         self._refuse_sharded_parameters()
         state.validate(model, strict=False)
-        names = [n for n in state.anchors if n in params]
+        names = [n for n in params if n in state.anchors]  # the model's order, as SI's buffers
         if not names:
             logger.warning("None of the parameters protected by the EWC state is trainable now: penalty is 0.")
             return
@@ -201,11 +202,20 @@ class EWCTrainer(Trainer):
                 )
                 self._warned_overshoot = True
         del importances
-        two_c = None
+        self._regularizer = _Regularizer(names, plist, anchors, sqrt_c, prox, coef_max)
         if self._si is not None and args.si_gradient == "task" and sqrt_c is not None:
-            two_c = torch._foreach_mul(sqrt_c, sqrt_c)
-            torch._foreach_mul_(two_c, 2.0)
-        self._regularizer = _Regularizer(names, plist, anchors, sqrt_c, prox, coef_max, two_c)
+            # SI's task-only gradient subtracts 2c·(θ − θ*); aligned with SI's parameters (0 for unprotected ones).
+            index = {n: i for i, n in enumerate(names)}
+            self._si_penalty = (
+                [
+                    anchors[index[n]] if n in index else torch.zeros_like(p)
+                    for n, p in zip(self._si.names, self._si.params)
+                ],
+                [
+                    2 * sqrt_c[index[n]].square() if n in index else torch.zeros_like(p)
+                    for n, p in zip(self._si.names, self._si.params)
+                ],
+            )
 
     def _refuse_sharded_parameters(self) -> None:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -268,12 +278,8 @@ class EWCTrainer(Trainer):
             if reg is not None and reg.proximal_weights is not None:
                 proximal_step_(reg.params, reg.anchors, reg.proximal_weights)
             if self._si is not None:
-                task_only = reg is not None and reg.two_coefficients is not None
-                self._si.after_step(
-                    grad_scale=1.0 / self._clip_coef,
-                    penalty_anchors=reg.anchors if task_only else None,
-                    penalty_two_c=reg.two_coefficients if task_only else None,
-                )
+                anchors, two_c = self._si_penalty if self._si_penalty is not None else (None, None)
+                self._si.after_step(grad_scale=1.0 / self._clip_coef, penalty_anchors=anchors, penalty_two_c=two_c)
         if reg is not None and reg.penalized and self._last_penalty is not None:
             self._pending_penalties.append(self._last_penalty)
         self._clip_coef = 1.0
@@ -381,6 +387,7 @@ class EWCTrainer(Trainer):
         self.ewc_state = state
         self._regularizer = None
         self._si = None
+        self._si_penalty = None
         return state
 
     # ------------------------------------------------------------------ checkpoints

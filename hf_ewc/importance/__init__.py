@@ -153,7 +153,7 @@ def collect(
     plan = None
     with collection_mode(model, seed):
         if method == "fisher":
-            sums, count = fisher.accumulate(model, batches, params, estimator=estimator, **options)
+            sums, count = fisher.accumulate(model, batches, params, estimator=estimator, seed=seed, **options)
         elif method == "mas":
             sums, count = mas.accumulate(model, batches, params, **options)
         else:

@@ -22,6 +22,7 @@
 """
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -140,7 +141,13 @@ def iterate_batches(
     indices = list(range(rank, total, world))
     subset = data.select(indices) if hasattr(data, "select") else Subset(data, indices)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
-    return iter(loader), len(loader)
+
+    # Lazy, so that the DataLoader iterator (which draws a base seed from the global RNG) is created inside the
+    # collection's forked RNG, not here.
+    def lazy() -> Iterator[dict[str, Any]]:
+        yield from loader
+
+    return lazy(), len(loader)
 
 
 def _iterate_loader(loader: DataLoader, max_samples: int | None, world: int, rank: int) -> Iterator[dict[str, Any]]:
@@ -162,12 +169,20 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def prepare_inputs(batch: Mapping[str, Any], model: nn.Module, device: torch.device) -> dict[str, Any]:
+def prepare_inputs(
+    batch: Mapping[str, Any], model: nn.Module, device: torch.device, *, categorical: bool = False
+) -> dict[str, Any]:
     inputs = send_to_device(dict(batch), device)
     if "label" in inputs and "labels" not in inputs:
         inputs["labels"] = inputs.pop("label")
     if "label_ids" in inputs and "labels" not in inputs:
         inputs["labels"] = inputs.pop("label_ids")
+    labels = inputs.get("labels")
+    if categorical and torch.is_tensor(labels) and labels.is_floating_point():
+        raise HfEwcError(
+            "The labels are floating point (a regression or multi-label head); Fisher and MAS here need a "
+            "categorical output (cross-entropy over the logits)."
+        )
     accepted = _forward_arg_names(model)
     if accepted is not None and "use_cache" in accepted:
         inputs.setdefault("use_cache", False)
@@ -347,6 +362,8 @@ def check_loss_convention(outputs: Any, inputs: Mapping[str, Any], *, shift_labe
         return
     logits = outputs_logits(outputs, True).detach()
     theirs = float(model_loss.detach().float())
+    if not math.isfinite(theirs):
+        return  # a broken model: the importances will be non-finite and refused with the parameter's name
 
     def nll(shift: bool) -> float | None:
         if logits.ndim == 2:
@@ -643,6 +660,8 @@ class PerSampleGradients:
         # Absolute tolerance from the largest gradient anywhere: some gradients are exactly 0 in exact arithmetic
         # (attention key biases) and both sides then hold rounding noise.
         scale = max((float(g.abs().max()) for g in reference.values() if g.numel()), default=0.0)
+        if not math.isfinite(scale):
+            return True  # non-finite gradients: nothing to compare; the final check names the parameter
         for name in names:
             ref = reference[name]
             got = totals.get(name, torch.zeros_like(ref))

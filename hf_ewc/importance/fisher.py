@@ -41,10 +41,10 @@ def _sample_log_likelihood(targets: Targets, labels: Tensor) -> Tensor:
     return targets.per_sample_mean(logp)
 
 
-def _draw_labels(targets: Targets) -> Tensor:
+def _draw_labels(targets: Targets, generator: torch.Generator) -> Tensor:
     probs = torch.softmax(targets.logits.detach().float(), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1).reshape(probs.shape[:-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
 def _exact_objectives(targets: Targets):
@@ -67,12 +67,19 @@ def accumulate(
     shift_labels: bool,
     per_sample: str = "auto",
     max_backward_per_batch: int = 256,
+    seed: int | None = 0,
 ) -> tuple[dict[str, Tensor], int]:
     """Sums of squared gradients and the count to divide them by (samples; minibatches for ``batched``)."""
     if estimator not in ESTIMATORS:
         raise HfEwcError(f"Unknown fisher estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
     device = next(iter(params.values())).device
     method = f"fisher_estimator={estimator!r}"
+    # Label draws get their own generator: reproducible from `seed` alone, whatever else consumes the global RNG.
+    generator = torch.Generator(device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
     first = True
 
     if estimator == "batched":
@@ -80,7 +87,7 @@ def accumulate(
         sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         count = 0
         for batch in batches:
-            inputs = prepare_inputs(batch, model, device)
+            inputs = prepare_inputs(batch, model, device, categorical=True)
             outputs = model(**inputs)
             if first:
                 check_loss_convention(outputs, inputs, shift_labels=shift_labels)
@@ -109,7 +116,7 @@ def accumulate(
         if estimator == "empirical":
             return targets.num_valid, [_sample_log_likelihood(targets, targets.labels)]
         if estimator == "sampled":
-            return targets.num_valid, [_sample_log_likelihood(targets, _draw_labels(targets))]
+            return targets.num_valid, [_sample_log_likelihood(targets, _draw_labels(targets, generator))]
         # exact
         positions = int(targets.mask.any(0).sum())
         needed = positions * targets.logits.shape[-1]
@@ -123,5 +130,5 @@ def accumulate(
 
     count = 0
     for batch in batches:
-        count += engine.run(prepare_inputs(batch, model, device), make_objectives)
+        count += engine.run(prepare_inputs(batch, model, device, categorical=True), make_objectives)
     return engine.sums, count

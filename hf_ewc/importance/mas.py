@@ -44,5 +44,5 @@ def accumulate(
 
     count = 0
     for batch in batches:
-        count += engine.run(prepare_inputs(batch, model, device), make_objectives)
+        count += engine.run(prepare_inputs(batch, model, device, categorical=True), make_objectives)
     return engine.sums, count

@@ -1,0 +1,176 @@
+import json
+import os
+
+import pytest
+import torch
+from testing_utils import MLP, tiny_bert_classifier, tiny_gpt2
+
+from hf_ewc import EWCState, HfEwcError, collect_importance
+from hf_ewc.state import STATE_CONFIG_NAME, STATE_WEIGHTS_NAME
+
+
+def _ones_like(model, value=1.0):
+    return {n: torch.full_like(p, value) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _perturb(model, scale=0.1):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def test_consolidate_sum_adds_importances_and_moves_anchors():
+    model = MLP()
+    state = EWCState()
+    assert state.is_empty and state.max_importance() == 0.0
+    state.consolidate(model, _ones_like(model, 2.0), domain="a", method="fisher", estimator="empirical", num_samples=5)
+    first_anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(state.anchors[n], first_anchor[n]) for n in first_anchor)
+    _perturb(model)
+    state.consolidate(model, _ones_like(model, 3.0), domain="b", method="fisher", estimator="empirical", num_samples=5)
+    assert all(bool((v == 5.0).all()) for v in state.importances.values())
+    assert all(torch.equal(state.anchors[n], p.detach()) for n, p in model.named_parameters())
+    assert [d["name"] for d in state.domains] == ["a", "b"] and state.num_consolidations == 2
+
+
+def test_consolidate_online_decays():
+    model = MLP()
+    state = EWCState()
+    state.consolidate(model, _ones_like(model, 2.0), mode="online", decay=0.5)
+    state.consolidate(model, _ones_like(model, 3.0), mode="online", decay=0.5)
+    assert all(torch.allclose(v, torch.full_like(v, 0.5 * 2.0 + 3.0)) for v in state.importances.values())
+    assert state.consolidation == "online" and state.decay == 0.5
+
+
+def test_memory_stays_two_p_whatever_the_number_of_domains():
+    model = MLP()
+    p = sum(t.numel() for t in model.parameters())
+    state = EWCState()
+    sizes = []
+    for _ in range(5):
+        state.consolidate(model, _ones_like(model))
+        sizes.append(state.nbytes)
+        _perturb(model)
+    assert sizes == [2 * p * 4] * 5
+    half = EWCState(dtype="bfloat16").consolidate(model, _ones_like(model))
+    assert half.nbytes == 2 * p * 2
+
+
+def test_save_load_validate_round_trip(tmp_path):
+    model = tiny_gpt2()
+    importances = collect_importance(model, _lm(), show_progress=False)
+    state = EWCState().consolidate(model, importances, domain="prose", method="fisher", estimator="empirical")
+    state.save(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [STATE_CONFIG_NAME, STATE_WEIGHTS_NAME]  # no temporary files left
+    loaded = EWCState.load(tmp_path)
+    assert loaded.validate(model) == []
+    assert set(loaded.importances) == set(importances)
+    for name in importances:
+        assert torch.equal(loaded.importances[name], state.importances[name])
+        assert torch.equal(loaded.anchors[name], state.anchors[name])
+    assert loaded.domains == state.domains and loaded.consolidation == "sum"
+    meta = json.loads((tmp_path / STATE_CONFIG_NAME).read_text())
+    assert list(meta) == sorted(meta)
+    assert meta["domains"][0]["method"] == "fisher" and meta["domains"][0]["estimator"] == "empirical"
+    assert "lambda" in meta["lambda_convention"] and meta["versions"]["hf_ewc"]
+    assert meta["num_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def _lm():
+    from testing_utils import lm_samples
+
+    return lm_samples(4)
+
+
+def test_storage_dtype_round_trip(tmp_path):
+    model = MLP()
+    state = EWCState(dtype="bfloat16").consolidate(model, _ones_like(model, 0.25))
+    state.save(tmp_path)
+    loaded = EWCState.load(tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    assert all(v.dtype == torch.bfloat16 for v in loaded.anchors.values())
+
+
+def test_validate_names_missing_extra_and_mismatched_parameters():
+    model = MLP()
+    state = EWCState().consolidate(model, _ones_like(model))
+    other = MLP(sizes=(6, 12, 10, 4))
+    with pytest.raises(HfEwcError, match=r"'net\.0\.weight' has shape \(10, 6\) but the model's has \(12, 6\)"):
+        state.validate(other)
+    bert = tiny_bert_classifier()
+    with pytest.raises(HfEwcError, match=r"protects 'net\.0\.weight', which the model does not have"):
+        state.validate(bert)
+    partial = EWCState(
+        {"net.0.weight": state.importances["net.0.weight"]}, {"net.0.weight": state.anchors["net.0.weight"]}
+    )
+    with pytest.raises(HfEwcError, match=r"trainable parameter 'net\.0\.bias' is not in the EWC state"):
+        partial.validate(model)
+    assert "net.0.bias" in partial.validate(model, strict=False)
+
+
+def test_consolidate_refuses_bad_importances():
+    model = MLP()
+    bad = _ones_like(model)
+    bad["net.2.weight"][1, 1] = float("nan")
+    with pytest.raises(HfEwcError, match=r"'net\.2\.weight' has 1 non-finite"):
+        EWCState().consolidate(model, bad)
+    negative = _ones_like(model, -1.0)
+    with pytest.raises(HfEwcError, match="negative"):
+        EWCState().consolidate(model, negative)
+    missing = _ones_like(model)
+    del missing["net.4.bias"]
+    with pytest.raises(HfEwcError, match=r"No importance given for trainable parameter 'net\.4\.bias'"):
+        EWCState().consolidate(model, missing)
+    extra = {**_ones_like(model), "head.weight": torch.ones(2)}
+    with pytest.raises(HfEwcError, match="'head.weight', which is not a trainable parameter"):
+        EWCState().consolidate(model, extra)
+    shaped = {**_ones_like(model), "net.0.bias": torch.ones(3)}
+    with pytest.raises(HfEwcError, match=r"'net\.0\.bias' has shape \(3,\)"):
+        EWCState().consolidate(model, shaped)
+    with pytest.raises(HfEwcError, match="choose one of: sum, online"):
+        EWCState().consolidate(model, _ones_like(model), mode="average")
+    with pytest.raises(HfEwcError, match="only applies to mode='online'"):
+        EWCState().consolidate(model, _ones_like(model), decay=0.5)
+
+
+def test_interrupted_save_keeps_the_previous_state(tmp_path, monkeypatch):
+    model = MLP()
+    state = EWCState().consolidate(model, _ones_like(model, 1.0), domain="a")
+    state.save(tmp_path)
+    before = (tmp_path / STATE_WEIGHTS_NAME).read_bytes()
+    state.consolidate(model, _ones_like(model, 1.0), domain="b")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hf_ewc.state.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        state.save(tmp_path)
+    assert (tmp_path / STATE_WEIGHTS_NAME).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [STATE_CONFIG_NAME, STATE_WEIGHTS_NAME]
+    assert [d["name"] for d in EWCState.load(tmp_path).domains] == ["a"]
+
+
+def test_stale_json_is_reported_and_the_safetensors_metadata_wins(tmp_path, hf_logs):
+    model = MLP()
+    EWCState().consolidate(model, _ones_like(model), domain="a").save(tmp_path)
+    meta = json.loads((tmp_path / STATE_CONFIG_NAME).read_text())
+    meta["state_id"] = "0" * 32
+    meta["domains"][0]["name"] = "tampered"
+    (tmp_path / STATE_CONFIG_NAME).write_text(json.dumps(meta))
+    loaded = EWCState.load(tmp_path)
+    assert loaded.domains[0]["name"] == "a"
+    assert any("does not match" in r.getMessage() for r in hf_logs)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(HfEwcError, match="No EWC state at"):
+        EWCState.load(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(2)}, str(tmp_path / STATE_WEIGHTS_NAME))
+    with pytest.raises(HfEwcError, match="without hf_ewc metadata"):
+        EWCState.load(tmp_path)
+    (tmp_path / STATE_WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    with pytest.raises(HfEwcError, match="Cannot read the EWC state"):
+        EWCState.load(tmp_path)

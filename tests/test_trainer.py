@@ -1,0 +1,378 @@
+"""EWCTrainer against hand computations: penalty gradient, GA invariance, proximal step, SI, logging, resume."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from testing_utils import MLP, lm_samples, tiny_gpt2, vec_samples
+from transformers import TrainerCallback
+
+from hf_ewc import EWCConfig, EWCState, EWCTrainer, HfEwcError, collect_importance
+from hf_ewc.state import STATE_WEIGHTS_NAME
+
+
+def make_args(tmp_path, **kwargs) -> EWCConfig:
+    defaults = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 1,
+        "learning_rate": 0.05,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "logging_steps": 1,
+        "seed": 0,
+        "ewc_lambda": 50.0,
+    }
+    defaults.update(kwargs)
+    return EWCConfig(**defaults)
+
+
+def consolidated(model, samples, *, perturb=0.05, seed=1):
+    """A state anchored at the model's current weights, then the weights moved so that θ ≠ θ*."""
+    state = EWCState().consolidate(model, collect_importance(model, samples, show_progress=False), domain="a")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn(p.shape, generator=g))
+    return state
+
+
+def hand_coefficients(state, names, lam, eta, mode):
+    out = {}
+    for n in names:
+        omega = state.importances[n].double()
+        out[n] = 0.5 * lam * omega if mode == "vanilla" else 0.5 * lam * omega / (1 + eta * lam * omega)
+    return out
+
+
+class Recorder(TrainerCallback):
+    """Registered before EWCTrainer's own callback, so on_optimizer_step sees θ before the proximal pull."""
+
+    def __init__(self, model):
+        self.model = model
+        self.begin, self.grads, self.before, self.stepped, self.end = [], [], [], [], []
+
+    def _snap(self):
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begin.append(self._snap())
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.before.append(self._snap())
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters()})
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.stepped.append(self._snap())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.end.append(self._snap())
+
+
+def test_penalty_is_zero_before_any_consolidation_with_one_info_log(tmp_path, hf_logs):
+    model = MLP()
+    trainer = EWCTrainer(model=model, args=make_args(tmp_path), train_dataset=vec_samples(8))
+    trainer.train()
+    trainer.train()
+    assert not any(k.startswith("ewc/") for log in trainer.state.log_history for k in log)
+    messages = [r.getMessage() for r in hf_logs if "no domain has been consolidated yet" in r.getMessage()]
+    assert len(messages) == 1
+
+
+@pytest.mark.parametrize("mode", ["stabilized", "vanilla"])
+def test_penalty_gradient_and_logs_match_hand_computation(tmp_path, mode):
+    model = MLP()
+    samples = vec_samples(16)
+    state = consolidated(model, samples)
+    off = copy.deepcopy(model)
+    lam, eta = 200.0, 0.05
+    args = make_args(tmp_path, ewc_mode=mode, ewc_lambda=lam, max_steps=3)
+    rec = Recorder(model)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state, callbacks=[rec])
+    trainer.train()
+    # the same first step without EWC: the difference of gradients is the penalty gradient
+    rec_off = Recorder(off)
+    args_off = make_args(tmp_path, ewc_mode="off", max_steps=1)
+    EWCTrainer(model=off, args=args_off, train_dataset=samples, ewc_state=state, callbacks=[rec_off]).train()
+    names = list(state.anchors)
+    coefs = hand_coefficients(state, names, lam, eta, mode)
+    for n in names:
+        theta = rec.begin[0][n].double()
+        expected = 2 * coefs[n] * (theta - state.anchors[n].double())
+        got = rec.grads[0][n].double() - rec_off.grads[0][n].double()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    logs = [log for log in trainer.state.log_history if "ewc/penalty" in log]
+    assert len(logs) == 3
+    for log, begin in zip(logs, rec.begin):
+        penalty = sum(float((coefs[n] * (begin[n].double() - state.anchors[n].double()) ** 2).sum()) for n in names)
+        assert log["ewc/penalty"] == pytest.approx(penalty, rel=1e-4)
+        assert log["ewc/task_loss"] == pytest.approx(log["loss"] - log["ewc/penalty"])
+        assert log["ewc/penalty_ratio"] == pytest.approx(log["ewc/penalty"] / log["ewc/task_loss"])
+    coef_max = max(float((2 * eta * c).max()) for c in coefs.values())
+    assert logs[0]["ewc/coef_max"] == pytest.approx(coef_max, rel=1e-5)
+    if mode == "stabilized":
+        assert logs[0]["ewc/coef_max"] < 1
+
+
+@pytest.mark.parametrize("factory,data", [(MLP, vec_samples), (tiny_gpt2, lm_samples)], ids=["unscaled", "scaled"])
+def test_gradient_accumulation_invariance(tmp_path, factory, data):
+    """GA=4 × bs2 and GA=1 × bs8 (dropout off): same penalty gradient, same parameters after training.
+
+    The MLP's forward takes no **kwargs, so the Trainer divides its loss by the GA steps; GPT-2 takes
+    num_items_in_batch and the Trainer does not — the penalty must come out right in both branches."""
+    base = factory()
+    samples = data(32)
+    state = consolidated(base, samples)
+    runs = {}
+    for name, (bs, ga) in {"ga4": (2, 4), "ga1": (8, 1)}.items():
+        model = copy.deepcopy(base)
+        rec = Recorder(model)
+        args = make_args(
+            tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, ewc_lambda=300.0
+        )
+        trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state, callbacks=[rec])
+        trainer.train()
+        assert trainer.state.global_step == 4
+        runs[name] = (model, rec)
+    off_grads = {}
+    for name, (bs, ga) in {"ga4": (2, 4), "ga1": (8, 1)}.items():
+        model = copy.deepcopy(base)
+        rec = Recorder(model)
+        args = make_args(tmp_path / f"off{name}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                         ewc_mode="off", max_steps=1)  # fmt: skip
+        EWCTrainer(model=model, args=args, train_dataset=samples, callbacks=[rec]).train()
+        off_grads[name] = rec.grads[0]
+    for n, p in runs["ga1"][0].named_parameters():
+        pen_ga4 = runs["ga4"][1].grads[0][n] - off_grads["ga4"][n]
+        pen_ga1 = runs["ga1"][1].grads[0][n] - off_grads["ga1"][n]
+        torch.testing.assert_close(pen_ga4, pen_ga1, rtol=1e-4, atol=1e-6)
+        assert float(pen_ga1.abs().max()) > 0 or float(state.importances[n].max()) == 0
+        torch.testing.assert_close(dict(runs["ga4"][0].named_parameters())[n], p, rtol=1e-4, atol=1e-6)
+
+
+def test_proximal_step_is_exact_and_outside_the_loss(tmp_path):
+    model = MLP()
+    samples = vec_samples(16)
+    state = consolidated(model, samples, perturb=0.2)
+    lam, eta = 1e4, 0.01
+    # Adam and clipping on: the proximal pull must be untouched by both
+    args = make_args(tmp_path, ewc_mode="proximal", ewc_lambda=lam, ewc_lr=eta, optim="adamw_torch", max_grad_norm=0.1)
+    rec = Recorder(model)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state, callbacks=[rec])
+    trainer.train()
+    assert not trainer._regularizer.penalized  # no loss term
+    assert len(rec.stepped) == trainer.state.global_step == 4
+    for stepped, end in zip(rec.stepped, rec.end):
+        for n in state.anchors:
+            omega, anchor = state.importances[n], state.anchors[n]
+            expected = anchor + (stepped[n] - anchor) / (1 + eta * lam * omega)
+            torch.testing.assert_close(end[n], expected, rtol=1e-5, atol=1e-7)
+    log = next(log for log in trainer.state.log_history if "ewc/penalty" in log)
+    assert log["ewc/task_loss"] == log["loss"]
+    assert 0 < log["ewc/coef_max"] < 1
+
+
+def _expected_si(rec, grad_norms, max_norm, xi, penalty=None):
+    """ω = −Σ g·Δθ with the unclipped (and optionally task-only) gradient; Ω = max(0, ω/(Δ² + ξ))."""
+    omega = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in rec.before[0].items()}
+    for k, (before, grads, stepped) in enumerate(zip(rec.before, rec.grads, rec.stepped)):
+        coef = min(1.0, max_norm / (grad_norms[k] + 1e-6)) if max_norm > 0 else 1.0
+        for n in omega:
+            g = grads[n].double() / coef
+            if penalty is not None:
+                g = g - penalty(n, before[n].double())
+            omega[n] -= g * (stepped[n].double() - before[n].double())
+    start, end = rec.begin[0], rec.end[-1]
+    return {n: (w / ((end[n].double() - start[n].double()) ** 2 + xi)).clamp(min=0).float() for n, w in omega.items()}
+
+
+def test_si_accumulates_on_optimizer_steps_only_and_undoes_clipping(tmp_path):
+    model = MLP()
+    args = make_args(
+        tmp_path, importance_method="si", per_device_train_batch_size=2, gradient_accumulation_steps=3,
+        num_train_epochs=2, max_grad_norm=0.5, si_damping=0.01, optim="adamw_torch", learning_rate=0.01,
+    )  # fmt: skip
+    rec = Recorder(model)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=vec_samples(12), callbacks=[rec])
+    trainer.train()
+    steps = trainer.state.global_step
+    assert steps == 4 and trainer._si.steps == steps  # 12 samples / (2 × 3) per step × 2 epochs, not 12 micro-batches
+    norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
+    assert len(norms) == steps and max(norms) > 0.5  # clipping did happen
+    expected = _expected_si(rec, norms, 0.5, 0.01)
+    state = trainer.consolidate(domain="a")
+    assert state.domains[0]["method"] == "si" and state.domains[0]["num_samples"] == steps
+    for n, omega in expected.items():
+        torch.testing.assert_close(state.importances[n], omega, rtol=1e-4, atol=1e-7)
+    assert sum(float(v.sum()) for v in state.importances.values()) > 0
+
+
+@pytest.mark.parametrize("gradient", ["task", "regularized"])
+def test_si_gradient_choice_with_an_active_penalty(tmp_path, gradient):
+    model = MLP()
+    samples = vec_samples(16)
+    state = consolidated(model, samples, perturb=0.1)
+    lam, eta = 100.0, 0.05
+    args = make_args(tmp_path, importance_method="si", si_gradient=gradient, ewc_lambda=lam, si_damping=0.1)
+    rec = Recorder(model)
+    trainer = EWCTrainer(
+        model=model, args=args, train_dataset=samples, ewc_state=copy.deepcopy(state), callbacks=[rec]
+    )
+    trainer.train()
+    coefs = hand_coefficients(state, list(state.anchors), lam, eta, "stabilized")
+
+    def penalty_gradient(n, theta):
+        return 2 * coefs[n] * (theta - state.anchors[n].double())
+
+    expected = _expected_si(rec, [0.0] * 4, 0.0, 0.1, penalty_gradient if gradient == "task" else None)
+    got = trainer._si.importances()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-7)
+
+
+def test_vanilla_overshoot_warns_once_and_stabilized_does_not(tmp_path, hf_logs):
+    model = MLP()
+    samples = vec_samples(8)
+    state = consolidated(model, samples)
+    lam = 10.0 / (0.05 * state.max_importance())  # η·λ·Ω_max = 10
+    for mode, warnings_so_far in (("stabilized", 0), ("vanilla", 1), ("vanilla", 2)):  # once per trainer
+        args = make_args(tmp_path, ewc_mode=mode, ewc_lambda=lam, max_steps=1)
+        trainer = EWCTrainer(model=copy.deepcopy(model), args=args, train_dataset=samples, ewc_state=state)
+        trainer.train()
+        trainer.train()
+        warned = [r for r in hf_logs if "overshoots" in r.getMessage()]
+        assert len(warned) == warnings_so_far
+    assert "η·λ·Ω_max = 10" in warned[0].getMessage() and "ewc_mode='stabilized'" in warned[0].getMessage()
+
+
+def test_consolidate_uses_a_seeded_sample_of_the_train_set(tmp_path):
+    model = MLP()
+    samples = vec_samples(40)
+    args = make_args(tmp_path, importance_max_samples=10, importance_batch_size=3, max_steps=1)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=samples)
+    trainer.train()
+    state = trainer.consolidate(domain="first")
+    assert state.domains[0]["num_samples"] == 10
+    again = EWCTrainer(model=model, args=args, train_dataset=samples).consolidate()
+    assert all(torch.equal(again.importances[n], state.importances[n]) for n in state.importances)
+    assert state.domains[0]["options"]["seed"] == 0
+    assert trainer.ewc_state is state and trainer._regularizer is None
+
+
+def test_consolidate_errors(tmp_path):
+    args = make_args(tmp_path, importance_method="si")
+    with pytest.raises(HfEwcError, match="call trainer.train\\(\\) before consolidate"):
+        EWCTrainer(model=MLP(), args=args).consolidate()
+    with pytest.raises(HfEwcError, match="No data to measure importances on"):
+        EWCTrainer(model=MLP(), args=make_args(tmp_path)).consolidate()
+
+
+def test_state_mismatch_is_refused_at_construction(tmp_path):
+    state = EWCState().consolidate(MLP(), collect_importance(MLP(), vec_samples(4), show_progress=False))
+    with pytest.raises(HfEwcError, match="protects 'net.0.weight', which the model does not have"):
+        EWCTrainer(model=tiny_gpt2(), args=make_args(tmp_path), ewc_state=state)
+
+
+def _interrupt_at(step):
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return Stop()
+
+
+@pytest.mark.parametrize("method", ["fisher", "si"])
+def test_resume_restores_the_ewc_state_and_matches_an_uninterrupted_run(tmp_path, method):
+    base = MLP()
+    samples = vec_samples(32)
+    state = consolidated(base, samples)
+    kwargs = {
+        "ewc_lambda": 100.0, "importance_method": method, "max_steps": 6, "save_strategy": "steps", "save_steps": 2,
+        "optim": "adamw_torch", "learning_rate": 0.01,
+    }  # fmt: skip
+
+    full_model = copy.deepcopy(base)
+    full = EWCTrainer(model=full_model, args=make_args(tmp_path / "full", **kwargs), train_dataset=samples,
+                      ewc_state=copy.deepcopy(state))  # fmt: skip
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / STATE_WEIGHTS_NAME).is_file()
+    full_state = full.consolidate(domain="b")
+
+    cut_model = copy.deepcopy(base)
+    cut = EWCTrainer(model=cut_model, args=make_args(tmp_path / "cut", **kwargs), train_dataset=samples,
+                     ewc_state=copy.deepcopy(state), callbacks=[_interrupt_at(4)])  # fmt: skip
+    cut.train()
+    assert cut.state.global_step == 4
+
+    # A new process: fresh model and trainer, no state handed over — it must come back from the checkpoint.
+    resumed_model = MLP()
+    resumed = EWCTrainer(model=resumed_model, args=make_args(tmp_path / "cut", **kwargs), train_dataset=samples)
+    assert resumed.ewc_state is None
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.ewc_state is not None and resumed.ewc_state.domains == state.domains
+    for n in state.anchors:
+        assert torch.equal(resumed.ewc_state.anchors[n], state.anchors[n])
+    for (n, p), q in zip(full_model.named_parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=n)
+    resumed_state = resumed.consolidate(domain="b")
+    for n in full_state.importances:
+        torch.testing.assert_close(resumed_state.importances[n], full_state.importances[n], rtol=1e-4, atol=1e-8)
+
+
+def test_save_model_ships_the_state_and_the_trainer_loads_it_by_path(tmp_path):
+    model = MLP()
+    samples = vec_samples(8)
+    trainer = EWCTrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=samples)
+    trainer.train()
+    state = trainer.consolidate(domain="a")
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / STATE_WEIGHTS_NAME).is_file()
+    again = EWCTrainer(model=model, args=make_args(tmp_path), ewc_state=str(tmp_path / "final"))
+    assert again.ewc_state.domains == state.domains
+
+
+def test_pinned_two_domain_run(tmp_path):
+    """A fixed-seed two-domain tiny GPT-2 run: changes to the penalty, the collector or the Trainer glue move these
+    numbers."""
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    first, second = lm_samples(16, seed=1, high=20), lm_samples(16, seed=2, low=20)
+    args = make_args(tmp_path, learning_rate=0.1, num_train_epochs=2, ewc_lambda=500.0, logging_steps=4)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=first)
+    trainer.train()
+    state = trainer.consolidate(domain="first")
+    trainer = EWCTrainer(model=model, args=args, train_dataset=second, ewc_state=state)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "ewc/penalty" in log]
+    got = (logs[-1]["loss"], logs[-1]["ewc/penalty"], state.max_importance())
+    assert all(math.isfinite(v) for v in got)
+    assert got == pytest.approx(PINNED, rel=2e-3), got
+
+
+PINNED = (3.04842472076416, 0.038253478705883026, 0.11791206896305084)
+
+
+def test_world_size_mismatch_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HfEwcError, match="accelerate launch --multi_gpu"):
+        collect_importance(MLP(), vec_samples(4), show_progress=False)
+
+
+def test_checkpoint_holds_si_running_sums_only_while_a_domain_is_in_progress(tmp_path):
+    model = MLP()
+    args = make_args(tmp_path, importance_method="si", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=vec_samples(16))
+    trainer.train()
+    assert "ewc_si_running.safetensors" in os.listdir(tmp_path / "checkpoint-2")
+    trainer.consolidate()
+    trainer.save_model(str(tmp_path / "final"))
+    assert sorted(os.listdir(tmp_path / "final")).count("ewc_si_running.safetensors") == 0
