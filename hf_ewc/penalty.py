@@ -98,14 +98,20 @@ def penalty_coefficients(
 class _QuadraticPenalty(torch.autograd.Function):
     """``Σ_i ‖√c_i ⊙ (θ_i − θ*_i)‖²`` with a hand-written backward ``2·√c_i ⊙ (√c_i ⊙ (θ_i − θ*_i))``.
 
-    Writing the backward by hand keeps the step at five fused foreach kernels and one temporary of the parameters' size
-    (autograd through the same ops would save several), and avoids the undefined derivative of a norm at 0, which is
-    exactly where every parameter sits right after consolidation.
+    The hand-written backward keeps a step at six fused foreach kernels and one parameter-sized temporary (autograd
+    through the same ops would save several), and avoids the undefined derivative of a norm at 0, which is exactly
+    where every parameter sits right after consolidation. With a ``workspace`` (one buffer per parameter, reused step
+    after step) the forward allocates nothing.
     """
 
     @staticmethod
-    def forward(ctx, sqrt_coefficients: list[Tensor], anchors: list[Tensor], *params: Tensor) -> Tensor:
-        scaled_diff = torch._foreach_sub(list(params), anchors)
+    def forward(ctx, sqrt_coefficients: list[Tensor], anchors: list[Tensor], workspace, *params: Tensor) -> Tensor:
+        if workspace is None:
+            scaled_diff = torch._foreach_sub(list(params), anchors)
+        else:
+            scaled_diff = workspace
+            torch._foreach_copy_(scaled_diff, list(params))
+            torch._foreach_sub_(scaled_diff, anchors)
         torch._foreach_mul_(scaled_diff, sqrt_coefficients)
         norms = torch._foreach_norm(scaled_diff)
         ctx.scaled_diff = scaled_diff
@@ -117,7 +123,7 @@ class _QuadraticPenalty(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         grads = torch._foreach_mul(ctx.scaled_diff, ctx.sqrt_coefficients)
         torch._foreach_mul_(grads, grad_output * 2)
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def ewc_penalty(
@@ -126,6 +132,7 @@ def ewc_penalty(
     coefficients: Sequence[Tensor] | None = None,
     *,
     sqrt_coefficients: Sequence[Tensor] | None = None,
+    workspace: Sequence[Tensor] | None = None,
 ) -> Tensor:
     r"""The EWC penalty ``P = Σ_i Σ_j c_ij · (θ_ij − θ*_ij)²``, differentiable with respect to ``params``.
 
@@ -138,6 +145,9 @@ def ewc_penalty(
             Coefficients c ≥ 0 (see [`vanilla_coefficients`], [`stabilized_coefficients`]).
         sqrt_coefficients (`Sequence[torch.Tensor]`, *optional*):
             ``√c`` precomputed, for callers that evaluate the penalty every step (saves one kernel per call).
+        workspace (`Sequence[torch.Tensor]`, *optional*):
+            Buffers shaped like ``params``, overwritten by every call and read by the backward, so that the forward
+            allocates nothing. Do not share them between penalties whose backward passes are still pending.
 
     Returns:
         `torch.Tensor`: a 0-d tensor, float32 (float64 for float64 parameters); its gradient is ``2·c·(θ − θ*)``.
@@ -153,9 +163,11 @@ def ewc_penalty(
             f"params, anchors and coefficients must have one entry per parameter tensor; got {len(params)}, "
             f"{len(anchors)} and {len(sqrt_coefficients)}."
         )
+    if workspace is not None and len(workspace) != len(params):
+        raise ValueError(f"workspace must have one buffer per parameter tensor; got {len(workspace)}.")
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    return _QuadraticPenalty.apply(sqrt_coefficients, anchors, *params)
+    return _QuadraticPenalty.apply(sqrt_coefficients, anchors, None if workspace is None else list(workspace), *params)
 
 
 def proximal_weights(importances: Sequence[Tensor], ewc_lambda: float, lr: float) -> list[Tensor]:

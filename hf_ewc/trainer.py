@@ -34,6 +34,7 @@ class _Regularizer:
     sqrt_coefficients: list[Tensor] | None  # stabilized / vanilla
     proximal_weights: list[Tensor] | None  # proximal
     coef_max: float  # max η·2c (the share of the distance to the anchor one SGD step on the penalty removes)
+    workspace: list[Tensor] | None = None  # reused by every penalty evaluation: no allocation in the forward
 
     @property
     def penalized(self) -> bool:
@@ -202,7 +203,8 @@ class EWCTrainer(Trainer):
                 )
                 self._warned_overshoot = True
         del importances
-        self._regularizer = _Regularizer(names, plist, anchors, sqrt_c, prox, coef_max)
+        workspace = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in plist] if sqrt_c else None
+        self._regularizer = _Regularizer(names, plist, anchors, sqrt_c, prox, coef_max, workspace)
         if self._si is not None and args.si_gradient == "task" and sqrt_c is not None:
             # SI's task-only gradient subtracts 2c·(θ − θ*); aligned with SI's parameters (0 for unprotected ones).
             index = {n: i for i, n in enumerate(names)}
@@ -252,7 +254,9 @@ class EWCTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         reg = self._regularizer
         if reg is not None and reg.penalized and model.training:
-            penalty = ewc_penalty(reg.params, reg.anchors, sqrt_coefficients=reg.sqrt_coefficients)
+            penalty = ewc_penalty(
+                reg.params, reg.anchors, sqrt_coefficients=reg.sqrt_coefficients, workspace=reg.workspace
+            )
             self._last_penalty = penalty.detach()
             if self._loss_scaled_for_ga(num_items_in_batch):
                 penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)

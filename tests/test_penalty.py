@@ -124,3 +124,21 @@ def test_bad_mode_and_missing_lr_are_refused():
         penalty_coefficients([torch.ones(2)], 1.0, mode="stabilized")
     with pytest.raises(ValueError, match="η"):
         stabilized_coefficients([torch.ones(2)], 1.0, 0.0)
+
+
+def test_workspace_form_equals_allocating_form_and_is_reused():
+    omega, theta, anchor = _case()
+    coefs = stabilized_coefficients(omega, 3.0, 0.1)
+    workspace = [torch.empty_like(t) for t in theta]
+    for _ in range(2):  # the same buffers serve call after call
+        p1 = [t.clone().requires_grad_(True) for t in theta]
+        p2 = [t.clone().requires_grad_(True) for t in theta]
+        a = ewc_penalty(p1, anchor, coefs)
+        b = ewc_penalty(p2, anchor, coefs, workspace=workspace)
+        assert float(a) == pytest.approx(float(b))
+        (a + b).backward()
+        for x, y in zip(p1, p2):
+            torch.testing.assert_close(x.grad, y.grad)
+    expected = [(c.sqrt() * (t - a)) for c, t, a in zip(coefs, theta, anchor)]
+    for w, e in zip(workspace, expected):
+        torch.testing.assert_close(w, e)
