@@ -350,7 +350,7 @@ class EWCTrainer(Trainer):
             options = {"damping": args.si_damping, "gradient": args.si_gradient, "count_unit": "optimizer_steps"}
         else:
             data = dataset if dataset is not None else self.train_dataset
-            if data is None:
+            if data is None and args.importance_method != "uniform":
                 raise HfEwcError(
                     "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
                     "train_dataset."
@@ -360,7 +360,7 @@ class EWCTrainer(Trainer):
                 options["output"] = args.mas_output
             result = collect(
                 model,
-                self._importance_data(data),
+                self._importance_data(data) if data is not None else None,
                 args.importance_method,
                 estimator=args.fisher_estimator,
                 max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,

@@ -272,6 +272,8 @@ def test_consolidate_errors(tmp_path):
         EWCTrainer(model=MLP(), args=args).consolidate()
     with pytest.raises(HfEwcError, match="No data to measure importances on"):
         EWCTrainer(model=MLP(), args=make_args(tmp_path)).consolidate()
+    uniform = EWCTrainer(model=MLP(), args=make_args(tmp_path, importance_method="uniform")).consolidate()
+    assert all(bool((v == 1).all()) for v in uniform.importances.values())  # the L2 baseline needs no data
 
 
 def test_state_mismatch_is_refused_at_construction(tmp_path):

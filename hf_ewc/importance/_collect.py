@@ -70,18 +70,18 @@ def slice_batch(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, An
 
 
 def _forward_arg_names(model: nn.Module) -> set[str] | None:
+    """Named arguments of the model's forward (of the base model for PEFT models), as `Trainer` reads them to drop
+    unused dataset columns; ``None`` when there is no forward to inspect."""
     import inspect
 
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     forward = getattr(model, "forward", None)
     if forward is None:
         return None
-    params = inspect.signature(forward).parameters
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        base = getattr(model, "get_base_model", None)  # PEFT models forward **kwargs to the base model
-        if base is not None:
-            return _forward_arg_names(base()) | {"labels"}
-        return None
-    return set(params) | {"label", "label_ids"}
+    params = inspect.signature(forward).parameters.values()
+    named = {p.name for p in params if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    return named | {"labels", "label", "label_ids"}
 
 
 def _drop_unused_columns(data, model: nn.Module):
