@@ -133,6 +133,7 @@ class EWCTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        self._apply_log_level()
         if isinstance(ewc_state, (str, os.PathLike)):
             ewc_state = EWCState.load(ewc_state)
         self.ewc_state: EWCState | None = ewc_state
@@ -148,9 +149,18 @@ class EWCTrainer(Trainer):
         self._clip_coef = 1.0
         self._told_no_state = False
         self._warned_overshoot = False
+        self._warned_nonfinite = False
         self.add_callback(_EWCCallback(self))
 
     # ------------------------------------------------------------------ setup
+    def _apply_log_level(self) -> None:
+        """`log_level` (main process) / `log_level_replica` (others) set the hf_ewc logger too, unless "passive"."""
+        from transformers.training_args import trainer_log_levels
+
+        level = trainer_log_levels[self.args.log_level if self.args.should_log else self.args.log_level_replica]
+        if level != -1:
+            logger.setLevel(level)
+
     def _plain_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
@@ -305,6 +315,15 @@ class EWCTrainer(Trainer):
             if reg.penalized and self._pending_penalties:
                 penalty = float(torch.stack(self._pending_penalties).float().mean())
                 task = logs["loss"] - penalty
+                if not math.isfinite(penalty) and not self._warned_nonfinite:
+                    # The Trainer's logging_nan_inf_filter hides a diverging loss; the penalty does not.
+                    hint = (
+                        " Vanilla EWC diverges once η·λ·Ω > 2: use ewc_mode='stabilized'."
+                        if (self.args.ewc_mode == "vanilla")
+                        else " Lower the learning rate or λ."
+                    )
+                    logger.warning(f"The EWC penalty is {penalty}: training has diverged.{hint}")
+                    self._warned_nonfinite = True
             elif reg.proximal_weights is not None:
                 penalty, task = self._proximal_penalty_value(), logs["loss"]
             else:

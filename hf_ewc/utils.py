@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -9,10 +10,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging
+
+def _library_logger() -> logging.Logger:
+    """The ``hf_ewc`` logger, set up as transformers sets up its own: a stderr handler, ``[hf_ewc]`` prefix, WARNING by
+    default, no propagation. `EWCTrainer` sets its level from `log_level` (main process) or `log_level_replica`
+    (the others) unless they are "passive"; set it directly with ``logging.getLogger("hf_ewc").setLevel(...)``."""
+    library_logger = logging.getLogger("hf_ewc")
+    if not library_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[hf_ewc] %(message)s"))
+        library_logger.addHandler(handler)
+        library_logger.setLevel(logging.WARNING)
+        library_logger.propagate = False
+    return library_logger
 
 
-logger = logging.get_logger("hf_ewc")
+logger = _library_logger()
 
 
 class HfEwcError(ValueError):

@@ -378,3 +378,27 @@ def test_checkpoint_holds_si_running_sums_only_while_a_domain_is_in_progress(tmp
     trainer.consolidate()
     trainer.save_model(str(tmp_path / "final"))
     assert sorted(os.listdir(tmp_path / "final")).count("ewc_si_running.safetensors") == 0
+
+
+def test_divergence_is_reported_even_when_the_trainer_filters_the_nan_loss(tmp_path, hf_logs):
+    model = MLP()
+    samples = vec_samples(16)
+    state = consolidated(model, samples)
+    lam = 50.0 / (0.05 * state.max_importance())  # η·λ·Ω_max = 50: vanilla SGD blows up
+    args = make_args(tmp_path, ewc_mode="vanilla", ewc_lambda=lam, num_train_epochs=5)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state)
+    trainer.train()
+    diverged = [r.getMessage() for r in hf_logs if "training has diverged" in r.getMessage()]
+    assert len(diverged) == 1 and "use ewc_mode='stabilized'" in diverged[0]
+
+
+def test_log_level_controls_the_hf_ewc_logger(tmp_path, hf_logs):
+    import logging
+
+    model = MLP()
+    samples = vec_samples(8)
+    state = consolidated(model, samples)
+    lam = 10.0 / (0.05 * state.max_importance())
+    args = make_args(tmp_path, ewc_mode="vanilla", ewc_lambda=lam, max_steps=1, log_level="error")
+    EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state).train()
+    assert not [r for r in hf_logs if r.levelno < logging.ERROR]  # the overshoot warning is silenced
