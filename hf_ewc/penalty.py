@@ -98,10 +98,12 @@ def penalty_coefficients(
 class _QuadraticPenalty(torch.autograd.Function):
     """``Σ_i ‖√c_i ⊙ (θ_i − θ*_i)‖²`` with a hand-written backward ``2·√c_i ⊙ (√c_i ⊙ (θ_i − θ*_i))``.
 
-    The hand-written backward keeps a step at six fused foreach kernels and one parameter-sized temporary (autograd
-    through the same ops would save several), and avoids the undefined derivative of a norm at 0, which is exactly
-    where every parameter sits right after consolidation. With a ``workspace`` (one buffer per parameter, reused step
-    after step) the forward allocates nothing.
+    The hand-written backward keeps a step at a handful of fused foreach kernels (autograd through the same ops would
+    save several temporaries) and avoids the undefined derivative of a norm at 0, which is exactly where every
+    parameter sits right after consolidation. With a ``workspace`` nothing parameter-sized is allocated: the forward
+    writes ``√c ⊙ (θ − θ*)`` into it and the backward turns it into the gradient in place and hands it to autograd
+    (which copies or adds it, never keeps it, since the caller still holds a reference). So a workspace serves one
+    backward per forward.
     """
 
     @staticmethod
@@ -116,12 +118,17 @@ class _QuadraticPenalty(torch.autograd.Function):
         norms = torch._foreach_norm(scaled_diff)
         ctx.scaled_diff = scaled_diff
         ctx.sqrt_coefficients = sqrt_coefficients
+        ctx.in_place = workspace is not None
         stacked = torch.stack(norms)
         return stacked.to(torch.promote_types(stacked.dtype, torch.float32)).square().sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grads = torch._foreach_mul(ctx.scaled_diff, ctx.sqrt_coefficients)
+        if ctx.in_place:
+            grads = ctx.scaled_diff
+            torch._foreach_mul_(grads, ctx.sqrt_coefficients)
+        else:
+            grads = torch._foreach_mul(ctx.scaled_diff, ctx.sqrt_coefficients)
         torch._foreach_mul_(grads, grad_output * 2)
         return (None, None, None, *grads)
 
@@ -146,8 +153,9 @@ def ewc_penalty(
         sqrt_coefficients (`Sequence[torch.Tensor]`, *optional*):
             ``√c`` precomputed, for callers that evaluate the penalty every step (saves one kernel per call).
         workspace (`Sequence[torch.Tensor]`, *optional*):
-            Buffers shaped like ``params``, overwritten by every call and read by the backward, so that the forward
-            allocates nothing. Do not share them between penalties whose backward passes are still pending.
+            Buffers shaped like ``params``, overwritten by every call and by its backward, so that nothing
+            parameter-sized is allocated per step. One backward per call; do not share a workspace between penalties
+            whose backward passes are still pending.
 
     Returns:
         `torch.Tensor`: a 0-d tensor, float32 (float64 for float64 parameters); its gradient is ``2·c·(θ − θ*)``.

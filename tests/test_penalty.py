@@ -139,6 +139,5 @@ def test_workspace_form_equals_allocating_form_and_is_reused():
         (a + b).backward()
         for x, y in zip(p1, p2):
             torch.testing.assert_close(x.grad, y.grad)
-    expected = [(c.sqrt() * (t - a)) for c, t, a in zip(coefs, theta, anchor)]
-    for w, e in zip(workspace, expected):
-        torch.testing.assert_close(w, e)
+        # autograd never keeps the workspace as .grad: the next call overwrites it
+        assert not any(y.grad.data_ptr() == w.data_ptr() for y, w in zip(p2, workspace))

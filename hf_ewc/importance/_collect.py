@@ -437,7 +437,7 @@ class PerSampleGradients:
         self.transform = transform
         self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         self._name_of = {id(p): n for n, p in params.items()}
-        self._owners: list[tuple[nn.Module, list[tuple[str, str]]]] = []  # module, [(attr, param name)]
+        self._owners: dict[nn.Module, dict[str, str]] = {}  # leaf module -> {attribute: parameter name}
         self._engine_requested = engine
         reason = self._find_owners() if engine != "loop" else None
         if engine == "hooks" and reason:
@@ -467,7 +467,7 @@ class PerSampleGradients:
                 continue
             if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
                 return f"{direct[0][1]!r} is an embedding with scale_grad_by_freq/sparse"
-            self._owners.append((module, direct))
+            self._owners[module] = dict(direct)
             covered.update(name for _, name in direct)
         uncovered = [n for n in self.params if n not in covered]
         if uncovered and self._engine_requested == "hooks":
@@ -505,7 +505,7 @@ class PerSampleGradients:
             self._records.append(_Record(module, args, kwargs, output))
             return None
 
-        self._handles = [m.register_forward_hook(hook, with_kwargs=True) for m, _ in self._owners]
+        self._handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._owners]
         self._recording = True
         try:
             yield
@@ -522,7 +522,7 @@ class PerSampleGradients:
     def _contributions(self, record: _Record, grad_out: Tensor, batch: int) -> dict[str, Tensor | _Rows]:
         module = record.module
         x = record.args[0] if record.args else next((v for v in record.kwargs.values() if torch.is_tensor(v)), None)
-        attrs = dict(next(d for m, d in self._owners if m is module))
+        attrs = self._owners[module]
         out: dict[str, Tensor | _Rows] = {}
         if isinstance(module, nn.Linear) and x is not None:
             a, g = _flat(x, batch), _flat(grad_out, batch)
@@ -622,12 +622,12 @@ class PerSampleGradients:
         grads = torch.autograd.grad(objective.sum(), outputs, retain_graph=retain_graph, allow_unused=True)
         expected: dict[str, int] = {}
         for r in records:
-            for _, name in next(d for m, d in self._owners if m is r.module):
+            for name in self._owners[r.module].values():
                 expected[name] = expected.get(name, 0) + 1
         parts: dict[str, list] = {}
         for record, grad in zip(records, grads):
             contributions = self._contributions(record, grad, batch) if grad is not None else {}
-            for _, name in next(d for m, d in self._owners if m is record.module):
+            for name in self._owners[record.module].values():
                 if name in contributions:
                     parts.setdefault(name, []).append(contributions[name])
                 expected[name] -= 1
@@ -684,7 +684,7 @@ class PerSampleGradients:
             try:
                 return self._run_hooks(inputs, make_objectives)
             except Unsupported as err:
-                if not self._may_fall_back:
+                if not self.verify_pending:  # only the first, checked batch may still fall back
                     raise HfEwcError(
                         f"The hooks engine cannot compute per-sample gradients for this model: {err}. Use "
                         "per_sample='loop'."
@@ -694,10 +694,6 @@ class PerSampleGradients:
             finally:
                 self.clear()
         return self._run_loop(inputs, make_objectives)
-
-    @property
-    def _may_fall_back(self) -> bool:
-        return self.verify_pending
 
     def _run_hooks(self, inputs, make_objectives) -> int:
         self._batch = batch_size_of(inputs)
