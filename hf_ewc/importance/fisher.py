@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import HfEwcError
-from ._collect import PerSampleGradients, Targets, build_targets, check_loss_convention, prepare_inputs
+from ._collect import Targets, build_targets, check_loss_convention, prepare_inputs
+from ._per_sample import PerSampleGradients
 
 
 ESTIMATORS = ("empirical", "sampled", "exact", "batched")
@@ -89,10 +90,10 @@ def accumulate(
         for batch in batches:
             inputs = prepare_inputs(batch, model, device, categorical=True)
             outputs = model(**inputs)
-            if first:
-                check_loss_convention(outputs, inputs, shift_labels=shift_labels)
-                first = False
             targets = build_targets(outputs, inputs, shift_labels=shift_labels, need_labels=True, method=method)
+            if first:
+                check_loss_convention(outputs, inputs, targets, shift_labels=shift_labels)
+                first = False
             if targets.num_valid == 0:
                 continue
             mean_ll = _sample_log_likelihood(targets, targets.labels)[targets.valid].mean()
@@ -107,12 +108,13 @@ def accumulate(
 
     def make_objectives(outputs: Any, inputs: dict[str, Any]):
         nonlocal first
-        if first:
-            check_loss_convention(outputs, inputs, shift_labels=shift_labels)
-            first = False
         targets = build_targets(
             outputs, inputs, shift_labels=shift_labels, need_labels=estimator == "empirical", method=method
         )
+        if first:
+            check_loss_convention(outputs, inputs, targets, shift_labels=shift_labels)
+            first = False
+            engine.skip_model_loss()
         if estimator == "empirical":
             return targets.num_valid, [_sample_log_likelihood(targets, targets.labels)]
         if estimator == "sampled":

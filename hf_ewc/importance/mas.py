@@ -14,7 +14,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..utils import HfEwcError
-from ._collect import PerSampleGradients, build_targets, prepare_inputs
+from ._collect import build_targets, prepare_inputs
+from ._per_sample import PerSampleGradients
 
 
 OUTPUTS = ("probs", "logits")
@@ -34,6 +35,7 @@ def accumulate(
         raise HfEwcError(f"Unknown MAS output {output!r}; choose one of: {', '.join(OUTPUTS)}.")
     device = next(iter(params.values())).device
     engine = PerSampleGradients(model, params, "abs", per_sample)
+    engine.skip_model_loss()  # MAS reads the labels only to know which positions count
 
     def make_objectives(outputs: Any, inputs: dict[str, Any]):
         targets = build_targets(outputs, inputs, shift_labels=shift_labels, need_labels=False, method="mas")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import HfEwcError, logger
-from ._collect import batch_size_of, prepare_inputs
+from ._collect import LINEAR_TYPES, batch_size_of, prepare_inputs
 
 
 BIAS_RULES = ("abs", "output")
@@ -71,8 +71,6 @@ def accumulate(
     ``(rule, parameter name, sums key)`` for [`finalize`]."""
     if bias not in BIAS_RULES:
         raise HfEwcError(f"Unknown signal bias rule {bias!r}; choose one of: {', '.join(BIAS_RULES)}.")
-    from ._collect import _conv1d_type
-
     name_of = {id(p): n for n, p in params.items()}
     device = next(iter(params.values())).device
     plan: list[tuple[str, str, str]] = []
@@ -92,7 +90,7 @@ def accumulate(
         if not own:
             continue
         key = f"{index}"
-        if isinstance(module, (nn.Linear, *_conv1d_type())):
+        if isinstance(module, LINEAR_TYPES):
             kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
             fan_in, fan_out = (module.weight.shape[1], module.weight.shape[0])
             if kind == "conv1d":

@@ -1,0 +1,407 @@
+"""Per-sample gradients of a per-sample objective, transformed (squared or absolute) and summed in float32.
+
+Two engines compute the same thing:
+
+- ``hooks`` — one batched forward and one backward to the *outputs* of the leaf modules that own trainable parameters
+  (``torch.autograd.grad`` w.r.t. those outputs, so no parameter gradient is ever formed). Each parameter's per-sample
+  gradients are then contracted from the saved module inputs and output-gradients, a chunk of samples at a time, into
+  one reused scratch buffer: ``bmm(g_nᵀ, a_n)`` for `nn.Linear` and GPT-2's `Conv1D`, row scatters for `nn.Embedding`,
+  closed forms for `nn.LayerNorm`, and ``vmap(vjp)`` of the module's own forward for any other leaf module (RMSNorm,
+  …). A parameter used by several modules (a tied embedding and LM head) or by a module called several times gets
+  its contributions summed before the square, as the definition requires. The scratch buffer bounds the memory (about
+  64 MB, or one sample's gradient of the largest layer) and spares the allocator: on CPU, fresh parameter-sized
+  blocks cost more in page faults than the arithmetic.
+- ``loop`` — a batch-size-1 loop over the samples: the reference, and the fallback for models the hooks cannot see
+  through (parameters used directly by non-leaf modules, in-place ops on module outputs).
+
+``auto`` takes ``hooks`` when every trainable parameter sits in a leaf module and checks on the first batch that the
+per-sample gradients add up to the batch gradient; if they do not, it warns and switches to ``loop``.
+"""
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..utils import HfEwcError, logger
+from ._collect import LINEAR_TYPES, batch_size_of, slice_batch
+
+
+SCRATCH_ELEMENTS = 1 << 24  # 64 MB of float32
+
+
+class Unsupported(Exception):
+    """Raised inside the hooks engine when a module's use cannot be decomposed per sample."""
+
+
+@dataclass
+class _Record:
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Tensor
+
+
+def _flat(x: Tensor, batch: int) -> Tensor:
+    """``[B, ..., F]`` → ``[B, S, F]`` in float32 (``S = 1`` when there are no middle dimensions)."""
+    if x.ndim < 2 or x.shape[0] != batch:
+        raise Unsupported(f"activation of shape {tuple(x.shape)} has no leading batch dimension {batch}")
+    return x.reshape(batch, -1, x.shape[-1]).float()
+
+
+# ------------------------------------------------------------------------------------------------ contributions
+# One contribution = one use of a parameter in the forward pass. ``write(block, start, stop, first)`` writes (first) or
+# adds its per-sample gradients for samples [start, stop) into ``block`` of shape [stop - start, *parameter shape].
+
+
+@dataclass
+class _Outer:
+    """``left_nᵀ · right_n`` per sample: a Linear weight (g, a) or a Conv1D weight (a, g)."""
+
+    left: Tensor  # [B, S, rows]
+    right: Tensor  # [B, S, cols]
+
+    def write(self, block: Tensor, start: int, stop: int, first: bool) -> None:
+        left = self.left[start:stop].transpose(1, 2)
+        if first:
+            torch.bmm(left, self.right[start:stop], out=block)
+        else:
+            block.baddbmm_(left, self.right[start:stop])
+
+
+@dataclass
+class _Dense:
+    """Per-sample gradients already formed, [B, *shape] (biases, norms, generic leaf modules)."""
+
+    values: Tensor
+
+    def write(self, block: Tensor, start: int, stop: int, first: bool) -> None:
+        if first:
+            block.copy_(self.values[start:stop])
+        else:
+            block.add_(self.values[start:stop])
+
+
+@dataclass
+class _Rows:
+    """Sparse per-sample rows of an embedding gradient: ``keys = sample·V + row``, ``values`` [K, D]."""
+
+    keys: Tensor
+    values: Tensor
+    num_rows: int
+
+    def write(self, block: Tensor, start: int, stop: int, first: bool) -> None:
+        if first:
+            block.zero_()
+        keep = (self.keys >= start * self.num_rows) & (self.keys < stop * self.num_rows)
+        flat = block.view((stop - start) * self.num_rows, -1)
+        flat.index_add_(0, self.keys[keep] - start * self.num_rows, self.values[keep])
+
+
+class PerSampleGradients:
+    """Accumulates ``Σ_n transform(∇_θ objective_n)`` in float32 for the trainable parameters of ``model``."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], transform: str, engine: str = "auto"):
+        if transform not in ("square", "abs"):
+            raise ValueError(transform)
+        if engine not in ("auto", "hooks", "loop"):
+            raise HfEwcError(f"Unknown per_sample engine {engine!r}; choose one of: auto, hooks, loop.")
+        self.model = model
+        self.params = params
+        self.transform = transform
+        self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        self._name_of = {id(p): n for n, p in params.items()}
+        self._owners: dict[nn.Module, dict[str, str]] = {}  # leaf module -> {attribute: parameter name}
+        self._engine_requested = engine
+        reason = self._find_owners() if engine != "loop" else None
+        if engine == "hooks" and reason:
+            raise HfEwcError(f"per_sample='hooks' cannot be used with this model: {reason}. Use per_sample='loop'.")
+        if engine == "auto" and reason:
+            logger.info(f"Per-sample gradients: using the batch-size-1 loop ({reason}).")
+        self.engine = "loop" if (engine == "loop" or reason) else "hooks"
+        self.verify_pending = engine == "auto" and self.engine == "hooks"
+        self._records: list[_Record] = []
+        self._recording = False
+        self._batch = 1
+        self._scratch: Tensor | None = None
+        self._forward_drop: frozenset[str] = frozenset()
+
+    def skip_model_loss(self) -> None:
+        """Call the model without ``labels`` from now on: its own loss (a second log-softmax over the vocabulary for a
+        language model) is not needed once the label layout has been checked. Encoder-decoder models keep them: they
+        build their decoder inputs from the labels."""
+        config = getattr(self.model, "config", None)
+        if not getattr(config, "is_encoder_decoder", False):
+            self._forward_drop = frozenset({"labels"})
+
+    def _forward(self, inputs: dict[str, Any]) -> Any:
+        return self.model(**{k: v for k, v in inputs.items() if k not in self._forward_drop})
+
+    # ---------------------------------------------------------------- setup
+    def _find_owners(self) -> str | None:
+        """Register the leaf modules that own trainable parameters; return why the hooks engine cannot be used."""
+        covered = set()
+        for module in self.model.modules():
+            if any(True for _ in module.children()):
+                continue  # a non-leaf module's own parameters are either aliases of a leaf's (BERT's MLM bias) or not
+            direct = {
+                attr: self._name_of[id(p)]
+                for attr, p in module.named_parameters(recurse=False)
+                if id(p) in self._name_of
+            }
+            if not direct:
+                continue
+            if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
+                return f"{next(iter(direct.values()))!r} is an embedding with scale_grad_by_freq/sparse"
+            self._owners[module] = direct
+            covered.update(direct.values())
+        uncovered = [n for n in self.params if n not in covered]
+        if uncovered and self._engine_requested == "hooks":
+            return f"parameter {uncovered[0]!r} is not owned by a leaf module"
+        # With engine="auto" such parameters (unused, or used directly by a non-leaf module) are caught by the
+        # first-batch check: their per-sample gradients would not add up to the batch gradient.
+        return None
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record the inputs and outputs of every parameter-owning module during the forward pass."""
+        self._records = []
+
+        def hook(module, args, kwargs, output):
+            if not self._recording:
+                return None
+            if not torch.is_tensor(output):
+                raise Unsupported(f"{type(module).__name__} returns {type(output).__name__}, not a tensor")
+            if not output.requires_grad:
+                return None
+            batch = self._batch
+            if output.ndim > 0 and output.shape[0] == 1 and batch > 1:
+                # Shared across the batch and broadcast later (GPT-2/BERT position embeddings of position_ids [1, T]):
+                # hand the rest of the model an explicit per-sample copy so its gradient stays per sample.
+                output = output.expand(batch, *output.shape[1:])
+                args = tuple(
+                    a.expand(batch, *a.shape[1:]) if torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == 1 else a
+                    for a in args
+                )
+                self._records.append(_Record(module, args, kwargs, output))
+                return output
+            self._records.append(_Record(module, args, kwargs, output))
+            return None
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._owners]
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+            for h in handles:
+                h.remove()
+
+    # ---------------------------------------------------------------- per-module rules
+    @torch.no_grad()
+    def _contributions(self, record: _Record, grad_out: Tensor, batch: int) -> dict[str, _Outer | _Dense | _Rows]:
+        module = record.module
+        x = record.args[0] if record.args else next((v for v in record.kwargs.values() if torch.is_tensor(v)), None)
+        x = x.detach() if x is not None else None
+        attrs = self._owners[module]
+        out: dict[str, _Outer | _Dense | _Rows] = {}
+        if isinstance(module, LINEAR_TYPES) and x is not None:
+            a, g = _flat(x, batch), _flat(grad_out, batch)
+            if "weight" in attrs:
+                out[attrs["weight"]] = _Outer(g, a) if isinstance(module, nn.Linear) else _Outer(a, g)
+            if "bias" in attrs:
+                out[attrs["bias"]] = _Dense(g.sum(1))
+        elif isinstance(module, nn.Embedding) and x is not None:
+            if x.shape[0] != batch:
+                raise Unsupported(f"embedding input of shape {tuple(x.shape)} has no batch dimension {batch}")
+            ids = x.reshape(batch, -1)
+            g = grad_out.reshape(batch, ids.shape[1], -1).float()
+            keep = ids.ne(module.padding_idx) if module.padding_idx is not None else torch.ones_like(ids, dtype=bool)
+            sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
+            keys = (sample * module.num_embeddings + ids)[keep]
+            unique, inverse = torch.unique(keys, return_inverse=True)
+            values = torch.zeros(unique.numel(), g.shape[-1], dtype=torch.float32, device=g.device)
+            values.index_add_(0, inverse, g[keep])
+            out[attrs["weight"]] = _Rows(unique, values, module.num_embeddings)
+        elif isinstance(module, nn.LayerNorm) and x is not None and set(attrs) <= {"weight", "bias"}:
+            shape = tuple(module.normalized_shape)
+            if x.shape[0] != batch:
+                raise Unsupported(f"layer-norm input of shape {tuple(x.shape)} has no batch dimension {batch}")
+            xhat = F.layer_norm(x.float(), shape, None, None, module.eps).reshape(batch, -1, *shape)
+            g = grad_out.float().reshape(batch, -1, *shape)
+            if "weight" in attrs:
+                out[attrs["weight"]] = _Dense((g * xhat).sum(1))
+            if "bias" in attrs:
+                out[attrs["bias"]] = _Dense(g.sum(1))
+        else:
+            out.update({name: _Dense(t) for name, t in self._generic(record, grad_out, batch, attrs).items()})
+        return out
+
+    def _generic(self, record: _Record, grad_out: Tensor, batch: int, attrs: dict[str, str]) -> dict[str, Tensor]:
+        """Any other leaf module: ``vmap`` over samples of the ``vjp`` of the module's own forward."""
+        from torch.func import functional_call, vjp, vmap
+
+        module = record.module
+        args = record.args
+        batched = [torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == batch for a in args]
+        if not any(batched) or grad_out.shape[0] != batch:
+            raise Unsupported(f"{type(module).__name__}: no batch dimension to split")
+        params = {attr: getattr(module, attr).detach() for attr in attrs}
+
+        def one(grad_n, *args_n):
+            full = [a.unsqueeze(0) if b else a for a, b in zip(args_n, batched)]
+
+            def f(p):
+                return functional_call(module, p, tuple(full), record.kwargs)
+
+            _, pullback = vjp(f, params)
+            return pullback(grad_n.unsqueeze(0))[0]
+
+        in_dims = (0, *[0 if b else None for b in batched])
+        detached = [a.detach() if torch.is_tensor(a) else a for a in args]
+        self._recording = False  # the recomputation must not record itself
+        try:
+            grads = vmap(one, in_dims=in_dims)(grad_out, *detached)
+        except Exception as err:  # vmap refuses many ops; the loop engine takes over
+            raise Unsupported(f"{type(module).__name__} cannot be vmapped ({err})") from err
+        finally:
+            self._recording = True
+        return {attrs[attr]: g.float() for attr, g in grads.items()}
+
+    # ---------------------------------------------------------------- accumulation
+    def _accumulate(self, acc: Tensor, per_sample: Iterable[Tensor]) -> None:
+        """``acc += Σ_n transform(g_n)``, one sample at a time: each slice streams once through memory into an
+        accumulator that stays in cache (3–10× faster on CPU than squaring the whole block and reducing it). The
+        slices are scratch and may be overwritten."""
+        for g in per_sample:
+            if self.transform == "square":
+                acc.addcmul_(g, g)
+            else:
+                acc.add_(g.abs_())
+
+    @torch.no_grad()
+    def _blocks(self, parts: list, batch: int, shape: torch.Size, device) -> Iterator[Tensor]:
+        """The per-sample gradients of one parameter, summed over its uses, a chunk of samples at a time."""
+        size = math.prod(shape)
+        chunk = max(1, min(batch, SCRATCH_ELEMENTS // max(size, 1)))
+        needed = chunk * size
+        if self._scratch is None or self._scratch.numel() < needed or self._scratch.device != device:
+            self._scratch = torch.empty(max(needed, SCRATCH_ELEMENTS), dtype=torch.float32, device=device)
+        for start in range(0, batch, chunk):
+            stop = min(batch, start + chunk)
+            block = self._scratch[: (stop - start) * size].view(stop - start, *shape)
+            for i, part in enumerate(parts):
+                part.write(block, start, stop, first=i == 0)
+            yield block
+
+    def _per_parameter(self, objective: Tensor, retain_graph: bool) -> dict[str, list]:
+        """Backward to the recorded outputs; every parameter's contributions for this batch."""
+        batch = objective.shape[0]
+        outputs = [r.output for r in self._records]
+        grads = torch.autograd.grad(objective.sum(), outputs, retain_graph=retain_graph, allow_unused=True)
+        parts: dict[str, list] = {}
+        for record, grad in zip(self._records, grads):
+            if grad is not None:
+                for name, part in self._contributions(record, grad, batch).items():
+                    parts.setdefault(name, []).append(part)
+        for contributions in parts.values():  # sparse rows last: a dense first part overwrites instead of zeroing
+            contributions.sort(key=lambda part: isinstance(part, _Rows))
+        return parts
+
+    def backward(self, objective: Tensor, *, retain_graph: bool = False) -> None:
+        """Add ``Σ_n transform(∇ objective_n)`` for ``objective`` of shape ``[B]`` (one value per sample)."""
+        batch = objective.shape[0]
+        for name, parts in self._per_parameter(objective, retain_graph).items():
+            acc = self.sums[name]
+            if len(parts) == 1 and isinstance(parts[0], _Rows):  # an untied embedding: stay sparse
+                rows = parts[0]
+                values = rows.values.square_() if self.transform == "square" else rows.values.abs_()
+                acc.index_add_(0, rows.keys % rows.num_rows, values)
+                continue
+            for block in self._blocks(parts, batch, acc.shape, acc.device):
+                self._accumulate(acc, block)
+
+    def verify(self, objective: Tensor) -> bool:
+        """First batch of ``auto``: do the per-sample gradients add up to the batch gradient? (Runs before
+        `backward`, keeps the graph.)"""
+        batch = objective.shape[0]
+        names = list(self.params)
+        reference = torch.autograd.grad(
+            objective.sum(), [self.params[n] for n in names], retain_graph=True, allow_unused=True
+        )
+        reference = {n: torch.zeros_like(self.sums[n]) if g is None else g.float() for n, g in zip(names, reference)}
+        totals = {}
+        for name, parts in self._per_parameter(objective, retain_graph=True).items():
+            acc = self.sums[name]
+            totals[name] = sum(block.sum(0) for block in self._blocks(parts, batch, acc.shape, acc.device))
+        # Absolute tolerance from the largest gradient anywhere: some gradients are exactly 0 in exact arithmetic
+        # (attention key biases) and both sides then hold rounding noise.
+        scale = max((float(g.abs().max()) for g in reference.values() if g.numel()), default=0.0)
+        if not math.isfinite(scale):
+            return True  # non-finite gradients: nothing to compare; the final check names the parameter
+        for name in names:
+            ref = reference[name]
+            got = totals.get(name, torch.zeros_like(ref))
+            if not torch.allclose(got, ref, rtol=1e-3, atol=1e-5 * scale + 1e-12):
+                logger.warning(
+                    f"Per-sample gradients from hooks do not add up to the batch gradient for {name!r} (max abs diff "
+                    f"{float((got - ref).abs().max()):.3g}); switching to the batch-size-1 loop."
+                )
+                return False
+        return True
+
+    # ---------------------------------------------------------------- one batch
+    def run(self, inputs: dict[str, Any], make_objectives: Callable[[Any, dict[str, Any]], tuple[int, Any]]) -> int:
+        """Forward ``inputs``, build the per-sample objectives and accumulate their transformed gradients.
+
+        ``make_objectives(outputs, inputs)`` returns ``(number of samples that count, iterable of [B] objectives)``.
+        Returns the number of samples that count.
+        """
+        if self.engine == "hooks":
+            try:
+                return self._run_hooks(inputs, make_objectives)
+            except Unsupported as err:
+                if not self.verify_pending:  # only the first, checked batch may still fall back
+                    raise HfEwcError(
+                        f"The hooks engine cannot compute per-sample gradients for this model: {err}. Use "
+                        "per_sample='loop'."
+                    ) from err
+                logger.warning(f"Per-sample gradients: switching to the batch-size-1 loop ({err}).")
+                self.engine = "loop"
+            finally:
+                self._records = []
+        return self._run_loop(inputs, make_objectives)
+
+    def _run_hooks(self, inputs, make_objectives) -> int:
+        self._batch = batch_size_of(inputs)
+        with self.capture():
+            outputs = self._forward(inputs)
+        count, objectives = make_objectives(outputs, inputs)
+        for objective in objectives:
+            if self.verify_pending:
+                if not self.verify(objective):
+                    raise Unsupported("per-sample gradients do not add up to the batch gradient")
+                self.verify_pending = False
+            self.backward(objective, retain_graph=True)
+        return count
+
+    def _run_loop(self, inputs, make_objectives) -> int:
+        names = list(self.params)
+        tensors = [self.params[n] for n in names]
+        count = 0
+        for n in range(batch_size_of(inputs)):
+            sample = slice_batch(inputs, n, n + 1)
+            outputs = self._forward(sample)
+            valid, objectives = make_objectives(outputs, sample)
+            count += valid
+            for objective in objectives:
+                grads = torch.autograd.grad(objective.sum(), tensors, retain_graph=True, allow_unused=True)
+                for name, grad in zip(names, grads):
+                    if grad is not None:
+                        self._accumulate(self.sums[name], [grad.float()])
+        return count
