@@ -11,7 +11,7 @@ EWC_MODES = ("stabilized", "vanilla", "proximal", "off")
 IMPORTANCE_METHODS = ("fisher", "mas", "si", "signal", "uniform")
 FISHER_ESTIMATORS = ("empirical", "sampled", "exact", "batched")
 CONSOLIDATIONS = ("sum", "online")
-STATE_DTYPES = ("float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -37,7 +37,9 @@ class EWCConfig(TrainingArguments):
             One of `"stabilized"`, `"vanilla"`, `"proximal"`, `"off"`.
         ewc_lr (`float`, *optional*):
             The step size η of the stabilized coefficient and of the proximal step. Defaults to `learning_rate` (the
-            peak of the schedule; the coefficients are fixed for a whole domain).
+            peak of the schedule). η is fixed for a whole domain, so the coefficients are computed once: the proximal
+            pull per optimizer step does not shrink with a decaying schedule, which makes it relatively stronger as
+            the optimizer's own steps get smaller.
         importance_method (`str`, *optional*, defaults to `"fisher"`):
             One of `"fisher"`, `"mas"`, `"si"`, `"signal"`, `"uniform"` (Ω = 1, i.e. an L2 pull towards the anchors).
             `"si"` is accumulated online during `train()`.
@@ -59,7 +61,7 @@ class EWCConfig(TrainingArguments):
         ewc_decay (`float`, *optional*, defaults to `1.0`):
             γ ∈ (0, 1] for `consolidation="online"`.
         ewc_state_dtype (`str`, *optional*, defaults to `"float32"`):
-            Storage dtype of the EWC state (importances and anchors): `"float32"`, `"bfloat16"` or `"float16"`.
+            Storage dtype of the EWC state (importances and anchors): `"float32"` or `"bfloat16"`.
     """
 
     ewc_lambda: float = field(
@@ -104,7 +106,7 @@ class EWCConfig(TrainingArguments):
         default="sum", metadata={"help": "sum: Ω ← Ω + Ω_t; online: Ω ← γ·Ω + Ω_t (γ = ewc_decay)."}
     )
     ewc_decay: float = field(default=1.0, metadata={"help": "γ ∈ (0, 1] for consolidation=online."})
-    ewc_state_dtype: Literal["float32", "bfloat16", "float16"] = field(
+    ewc_state_dtype: Literal["float32", "bfloat16"] = field(
         default="float32", metadata={"help": "Storage dtype of importances and anchors."}
     )
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 __all__ = [
@@ -101,9 +102,9 @@ class _QuadraticPenalty(torch.autograd.Function):
     The hand-written backward keeps a step at a handful of fused foreach kernels (autograd through the same ops would
     save several temporaries) and avoids the undefined derivative of a norm at 0, which is exactly where every
     parameter sits right after consolidation. With a ``workspace`` nothing parameter-sized is allocated: the forward
-    writes ``√c ⊙ (θ − θ*)`` into it and the backward turns it into the gradient in place and hands it to autograd
-    (which copies or adds it, never keeps it, since the caller still holds a reference). So a workspace serves one
-    backward per forward.
+    writes ``√c ⊙ (θ − θ*)`` into it and the backward turns it into the gradient in place. That allows one backward
+    per forward (a second one raises) and is meant for ``loss.backward()``, where autograd copies or adds the
+    gradient into ``.grad`` because the caller still references the workspace.
     """
 
     @staticmethod
@@ -119,17 +120,29 @@ class _QuadraticPenalty(torch.autograd.Function):
         ctx.scaled_diff = scaled_diff
         ctx.sqrt_coefficients = sqrt_coefficients
         ctx.in_place = workspace is not None
-        stacked = torch.stack(norms)
+        ctx.consumed = False
+        device = norms[0].device
+        # A model split across devices (device_map) has its norms on several devices: gather the scalars on one.
+        stacked = torch.stack([n if n.device == device else n.to(device) for n in norms])
         return stacked.to(torch.promote_types(stacked.dtype, torch.float32)).square().sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: Tensor):
         if ctx.in_place:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "ewc_penalty with a workspace supports one backward per call; call it again (or drop the "
+                    "workspace) to differentiate it twice."
+                )
+            ctx.consumed = True
             grads = ctx.scaled_diff
             torch._foreach_mul_(grads, ctx.sqrt_coefficients)
         else:
             grads = torch._foreach_mul(ctx.scaled_diff, ctx.sqrt_coefficients)
-        torch._foreach_mul_(grads, grad_output * 2)
+        devices = {g.device for g in grads}
+        scale = grad_output * 2 if devices == {grad_output.device} else float(grad_output) * 2
+        torch._foreach_mul_(grads, scale)
         return (None, None, None, *grads)
 
 
@@ -154,8 +167,8 @@ def ewc_penalty(
             ``√c`` precomputed, for callers that evaluate the penalty every step (saves one kernel per call).
         workspace (`Sequence[torch.Tensor]`, *optional*):
             Buffers shaped like ``params``, overwritten by every call and by its backward, so that nothing
-            parameter-sized is allocated per step. One backward per call; do not share a workspace between penalties
-            whose backward passes are still pending.
+            parameter-sized is allocated per step. One backward per call, through ``loss.backward()``:
+            ``torch.autograd.grad`` would hand back the workspace buffers themselves, which the next call overwrites.
 
     Returns:
         `torch.Tensor`: a 0-d tensor, float32 (float64 for float64 parameters); its gradient is ``2·c·(θ − θ*)``.

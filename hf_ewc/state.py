@@ -36,7 +36,7 @@ LAMBDA_CONVENTION = (
     "stabilized c = lambda*Omega/(2*(1 + eta*lambda*Omega)); proximal theta <- theta_star + (theta - theta_star)/"
     "(1 + eta*lambda*Omega)"
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _KNOWN_METADATA = {
     "anchors_from",
     "consolidation",
@@ -101,9 +101,10 @@ class EWCState:
         metadata (`dict`, *optional*):
             Metadata as written by [`EWCState.save`].
         dtype (`str` or `torch.dtype`, *optional*, defaults to `"float32"`):
-            Storage dtype of Ω and θ*: `"float32"`, `"bfloat16"` or `"float16"`. Half-precision storage halves the
-            memory and the file; the anchors are then rounded, so ``θ − θ*`` is not exactly 0 right after
-            consolidation (about 3 significant digits for bfloat16).
+            Storage dtype of Ω and θ*: `"float32"` or `"bfloat16"`. bfloat16 halves the memory and the file and keeps
+            float32's range (a language model's Fisher values reach 1e-12); the anchors are then rounded, so
+            ``θ − θ*`` is not exactly 0 right after consolidation (about 3 significant digits). float16 is not
+            offered: its range would flush small importances to 0 and overflow large ones.
 
     Example:
 
@@ -124,8 +125,14 @@ class EWCState:
         *,
         dtype: str | torch.dtype = "float32",
     ):
-        importances = dict(importances or {})
-        anchors = dict(anchors or {})
+        self.dtype = _dtype(dtype)
+        self._set_tensors(dict(importances or {}), dict(anchors or {}), copy=True)
+        meta = dict(metadata or {})
+        self.domains: list[dict[str, Any]] = list(meta.get("domains", []))
+        self.consolidation: str | None = meta.get("consolidation")
+        self.decay: float | None = meta.get("decay")
+
+    def _set_tensors(self, importances: dict, anchors: dict, *, copy: bool) -> None:
         if set(importances) != set(anchors):
             only_imp = sorted(set(importances) - set(anchors))
             only_anc = sorted(set(anchors) - set(importances))
@@ -133,24 +140,21 @@ class EWCState:
                 "importances and anchors must cover the same parameters; "
                 f"only in importances: {only_imp[:3]}, only in anchors: {only_anc[:3]}."
             )
-        for name in importances:
-            if importances[name].shape != anchors[name].shape:
+        for name, importance in importances.items():
+            if importance.shape != anchors[name].shape:
                 raise HfEwcError(
-                    f"Parameter {name!r}: importance shape {tuple(importances[name].shape)} differs from anchor shape "
+                    f"Parameter {name!r}: importance shape {tuple(importance.shape)} differs from anchor shape "
                     f"{tuple(anchors[name].shape)}."
                 )
         check_importances(importances)
-        self.dtype = _dtype(dtype)
+        # Copies, unless the tensors were just read from disk: an anchor must not share storage with a live
+        # parameter, nor Ω with the caller's tensor.
         self.importances: dict[str, torch.Tensor] = {
-            k: v.detach().to("cpu", self.dtype).contiguous() for k, v in importances.items()
+            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in importances.items()
         }
         self.anchors: dict[str, torch.Tensor] = {
-            k: v.detach().to("cpu", self.dtype).contiguous() for k, v in anchors.items()
+            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in anchors.items()
         }
-        meta = dict(metadata or {})
-        self.domains: list[dict[str, Any]] = list(meta.get("domains", []))
-        self.consolidation: str | None = meta.get("consolidation")
-        self.decay: float | None = meta.get("decay")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -272,7 +276,7 @@ class EWCState:
                 logger.warning(f"Consolidation mode changes from {self.consolidation!r} to {mode!r}.")
         gamma = float(decay) if mode == "online" else 1.0
         for name, p in params.items():
-            new = importances[name].detach().to("cpu", torch.float32)
+            new = importances[name].detach().to("cpu", torch.float32, copy=True)
             old = self.importances.get(name)
             if old is not None:
                 new = new + gamma * old.float()
@@ -349,7 +353,7 @@ class EWCState:
         write_json_atomic(directory / STATE_CONFIG_NAME, meta)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> "EWCState":
+    def load(cls, directory: str | os.PathLike) -> "EWCState":
         """Load a state written by [`EWCState.save`] (tensors through safetensors, never pickle)."""
         directory = Path(directory)
         path = directory / STATE_WEIGHTS_NAME if directory.is_dir() or not directory.suffix else directory
@@ -360,7 +364,7 @@ class EWCState:
             )
         importances, anchors = {}, {}
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 header = f.metadata() or {}
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     kind, _, name = key.partition(".")
@@ -374,7 +378,10 @@ class EWCState:
             raise HfEwcError(f"Cannot read the EWC state {str(path)!r}: {err}.") from err
         if "hf_ewc" not in header:
             raise HfEwcError(f"{str(path)!r} is a safetensors file without hf_ewc metadata; it is not an EWC state.")
-        meta = json.loads(header["hf_ewc"])
+        try:
+            meta = json.loads(header["hf_ewc"])
+        except json.JSONDecodeError as err:
+            raise HfEwcError(f"{str(path)!r} has corrupt hf_ewc metadata ({err}); re-save the state.") from err
         version = meta.get("format_version", 0)
         if version > FORMAT_VERSION:
             raise HfEwcError(
@@ -395,7 +402,8 @@ class EWCState:
                     f"{side} does not match {path.name} (an interrupted save?); using the metadata inside {path.name}."
                 )
         dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
-        state = cls(importances, anchors, meta, dtype=dtype)
+        state = cls(metadata=meta, dtype=dtype)
+        state._set_tensors(importances, anchors, copy=False)
         if len(state.importances) != meta.get("num_tensors", len(state.importances)):
             raise HfEwcError(f"{str(path)!r} is incomplete: metadata lists {meta['num_tensors']} tensors.")
         return state

@@ -172,6 +172,7 @@ class EWCTrainer(Trainer):
         self._si_penalty = None
         model = self._plain_model()
         params = trainable_parameters(model)
+        self._refuse_unsupported_setups()
         if args.importance_method == "si" and self._si is None:
             self._si = SIAccumulator(params, damping=args.si_damping)
         state = self.ewc_state
@@ -185,7 +186,6 @@ class EWCTrainer(Trainer):
                 )
                 self._told_no_state = True
             return
-        self._refuse_sharded_parameters()
         state.validate(model, strict=False)
         names = [n for n in params if n in state.anchors]  # the model's order, as SI's buffers
         if not names:
@@ -229,13 +229,24 @@ class EWCTrainer(Trainer):
                 ],
             )
 
-    def _refuse_sharded_parameters(self) -> None:
+    def _refuse_unsupported_setups(self) -> None:
+        """Name what is not supported yet instead of silently doing nothing (see the README's support matrix)."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+        args: EWCConfig = self.args
+        if args.ewc_mode == "off" and args.importance_method != "si":
+            return
         if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
             raise HfEwcError(
-                "EWC penalties over sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported yet; use DDP or "
-                "DeepSpeed ZeRO-1/2, or ewc_mode='off'."
+                "EWC over sharded parameters (FSDP, DeepSpeed ZeRO-3) is not supported yet; use DDP or DeepSpeed "
+                "ZeRO-1/2, or ewc_mode='off' with an importance method other than 'si'."
+            )
+        if self.is_deepspeed_enabled and (args.ewc_mode == "proximal" or args.importance_method == "si"):
+            # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull on the
+            # module's parameters would be overwritten, and SI would read no gradient.
+            raise HfEwcError(
+                "ewc_mode='proximal' and importance_method='si' are not supported under DeepSpeed yet; use "
+                "ewc_mode='stabilized' or 'vanilla' with fisher, mas, signal or uniform importances."
             )
 
     # ------------------------------------------------------------------ the loss
@@ -357,8 +368,10 @@ class EWCTrainer(Trainer):
                 Name recorded in the state's metadata.
 
         Returns:
-            [`EWCState`]: the updated state, also stored on ``trainer.ewc_state``. Under several processes every
-            process must call this (the collection is reduced across them).
+            [`EWCState`]: the trainer's state updated in place (a new one if it had none), also stored on
+            ``trainer.ewc_state``; a state shared between trainers is updated for all of them, so copy it first
+            (``copy.deepcopy``) to branch a sequence. Under several processes every process must call this (the
+            collection is reduced across them).
         """
         args: EWCConfig = self.args
         model = self._plain_model()

@@ -34,7 +34,7 @@ def test_every_ewc_field_has_help():
         ({"consolidation": "mean"}, "choose one of: sum, online"),
         ({"mas_output": "softmax"}, "choose one of: probs, logits"),
         ({"si_gradient": "both"}, "choose one of: task, regularized"),
-        ({"ewc_state_dtype": "int8"}, "choose one of: float32, bfloat16, float16"),
+        ({"ewc_state_dtype": "float16"}, "choose one of: float32, bfloat16"),
         ({"ewc_lambda": -1.0}, "ewc_lambda must be a finite number >= 0"),
         ({"ewc_lambda": float("nan")}, "ewc_lambda must be a finite number >= 0"),
         ({"ewc_lr": 0.0}, "ewc_lr must be a finite number > 0"),

@@ -387,3 +387,77 @@ def test_hooks_engine_falls_back_to_the_loop_when_per_sample_gradients_do_not_ad
     got = collect_importance(model, samples, per_sample="auto", batch_size=4, show_progress=False)
     assert_importances_close(got, expected)
     assert any("switching to the batch-size-1 loop" in r.getMessage() for r in hf_logs)
+
+
+class _SequenceFirst(nn.Module):
+    """Activations laid out [T, B, H] (nn.Transformer's batch_first=False): with T == B the leading dimension only
+    looks like the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, labels=None):
+        x = self.emb(input_ids).transpose(0, 1)
+        logits = self.head(torch.tanh(self.lin(x)).mean(0))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def test_first_batch_check_catches_a_leading_dimension_that_only_looks_like_the_batch(hf_logs):
+    model = _SequenceFirst()
+    samples = [{"input_ids": torch.randint(0, 20, (4,)), "labels": torch.tensor(i % 3)} for i in range(8)]
+    expected = collect_importance(model, samples, batch_size=4, per_sample="loop", show_progress=False)
+    got = collect_importance(model, samples, batch_size=4, show_progress=False)  # T = B = 4
+    assert_importances_close(got, expected)
+    assert any("differ from its gradient computed alone" in r.getMessage() for r in hf_logs)
+
+
+class _LabelsRequired(MLP):
+    def forward(self, pixel_values, labels):  # labels without a default: the collector must keep passing them
+        return super().forward(pixel_values, labels)
+
+
+@pytest.mark.parametrize("method", ["fisher", "mas"])
+def test_models_whose_forward_requires_labels(method):
+    model, samples = _LabelsRequired(), vec_samples(8)
+    expected = collect_importance(model, samples, method, batch_size=4, per_sample="loop", show_progress=False)
+    got = collect_importance(model, samples, method, batch_size=4, show_progress=False)
+    assert_importances_close(got, expected)
+
+
+def test_bfloat16_models_keep_the_hooks_engine(hf_logs):
+    for factory in (tiny_llama, tiny_gpt2, tiny_bert_mlm):
+        model = factory().to(torch.bfloat16)
+        collect_importance(model, lm_samples(8), batch_size=4, show_progress=False)
+    assert not [r.getMessage() for r in hf_logs if r.levelno >= 30]  # no fallback, no loss-convention warning
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_bert_mlm], ids=["gpt2_tied", "bert_mlm"])
+def test_chunked_scratch_buffer_and_padding_rows(factory, monkeypatch):
+    """Per-sample gradients written a few samples (or one) at a time into the reused scratch buffer, with padding
+    tokens (embedding padding_idx rows) in the data."""
+    from hf_ewc.importance import _per_sample
+
+    model = factory()
+    model.config.pad_token_id = 0
+    samples = lm_samples(8, low=0, pad_last=2)
+    expected = collect_importance(model, samples, batch_size=4, per_sample="loop", show_progress=False)
+    for elements in (700, 1):
+        monkeypatch.setattr(_per_sample, "SCRATCH_ELEMENTS", elements)
+        got = collect_importance(model, samples, batch_size=4, per_sample="hooks", show_progress=False)
+        assert_importances_close(got, expected)
+
+
+def test_tuple_batches_are_refused_with_a_clear_error():
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(4, 6), torch.randint(0, 4, (4,)))
+    with pytest.raises(HfEwcError, match="A dataset item is a tuple; .* needs dicts"):
+        collect_importance(MLP(), data)
+    with pytest.raises(HfEwcError, match="A DataLoader batch is a list"):
+        collect_importance(MLP(), DataLoader(data, batch_size=2))

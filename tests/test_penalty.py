@@ -141,3 +141,14 @@ def test_workspace_form_equals_allocating_form_and_is_reused():
             torch.testing.assert_close(x.grad, y.grad)
         # autograd never keeps the workspace as .grad: the next call overwrites it
         assert not any(y.grad.data_ptr() == w.data_ptr() for y, w in zip(p2, workspace))
+
+
+def test_workspace_form_refuses_a_second_backward():
+    omega, theta, anchor = _case()
+    params = [t.clone().requires_grad_(True) for t in theta]
+    value = ewc_penalty(
+        params, anchor, vanilla_coefficients(omega, 1.0), workspace=[torch.empty_like(t) for t in theta]
+    )
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per call"):
+        value.backward()

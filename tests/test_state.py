@@ -174,3 +174,32 @@ def test_load_errors(tmp_path):
     (tmp_path / STATE_WEIGHTS_NAME).write_bytes(b"not a safetensors file")
     with pytest.raises(HfEwcError, match="Cannot read the EWC state"):
         EWCState.load(tmp_path)
+
+
+def test_state_copies_what_it_is_given():
+    model = MLP()
+    params = dict(model.named_parameters())
+    importances = _ones_like(model)
+    state = EWCState(importances, {n: p.detach() for n, p in params.items()})
+    with torch.no_grad():
+        params["net.0.weight"].add_(1.0)  # training moves the weights...
+    importances["net.0.weight"].mul_(100)  # ...and the caller reuses its tensors
+    assert not torch.equal(state.anchors["net.0.weight"], params["net.0.weight"].detach())
+    assert bool((state.importances["net.0.weight"] == 1).all())
+    consolidated = EWCState().consolidate(model, importances)
+    importances["net.2.weight"].mul_(7)
+    assert bool((consolidated.importances["net.2.weight"] == 1).all())
+
+
+def test_float16_storage_is_refused():
+    with pytest.raises(HfEwcError, match="choose one of: float32, bfloat16"):
+        EWCState(dtype="float16")
+
+
+def test_corrupt_metadata_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"importance.x": torch.ones(2), "anchor.x": torch.ones(2)}, str(tmp_path / STATE_WEIGHTS_NAME),
+              metadata={"hf_ewc": "{not json"})  # fmt: skip
+    with pytest.raises(HfEwcError, match="corrupt hf_ewc metadata"):
+        EWCState.load(tmp_path)

@@ -402,3 +402,31 @@ def test_log_level_controls_the_hf_ewc_logger(tmp_path, hf_logs):
     args = make_args(tmp_path, ewc_mode="vanilla", ewc_lambda=lam, max_steps=1, log_level="error")
     EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state).train()
     assert not [r for r in hf_logs if r.levelno < logging.ERROR]  # the overshoot warning is silenced
+
+
+def test_skipped_optimizer_steps_neither_pull_nor_accumulate(tmp_path, monkeypatch):
+    """An fp16 overflow makes accelerate skip the optimizer step: no proximal pull, no SI path integral for it."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    model = MLP()
+    samples = vec_samples(16)
+    state = consolidated(model, samples, perturb=0.2)
+    args = make_args(tmp_path, ewc_mode="proximal", importance_method="si", ewc_lambda=1e4, max_steps=3)
+    rec = Recorder(model)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state, callbacks=[rec])
+    trainer.train()
+    for stepped, end in zip(rec.stepped, rec.end):
+        assert all(torch.equal(stepped[n], end[n]) for n in end)  # no pull after a skipped step
+    assert trainer._si.steps == 0 and all(float(w.abs().sum()) == 0 for w in trainer._si.omega)
+
+
+def test_si_running_sums_from_another_model_are_refused(tmp_path):
+    from hf_ewc.importance import SIAccumulator
+
+    small = SIAccumulator(dict(MLP().named_parameters()))
+    small.steps = 1
+    small.save(tmp_path)
+    other = SIAccumulator(dict(MLP(sizes=(6, 12, 10, 4)).named_parameters()))
+    with pytest.raises(HfEwcError, match="belongs to another model"):
+        other.load(tmp_path)

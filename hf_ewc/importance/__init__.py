@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -88,7 +89,9 @@ def collect_importance(
 
     Under `accelerate launch` with N processes, every process must call this with the same data: samples are split
     round-robin, summed with `accelerate.utils.reduce` and divided by the global count, so the result equals a
-    1-process run on the same samples.
+    1-process run on the same samples for the per-sample estimators (`empirical`, `exact`, MAS, signal). `batched`
+    depends on which samples share a minibatch and `sampled` on the label draws, so those two differ by sampling
+    noise.
     """
     return collect(
         model,
@@ -139,7 +142,9 @@ def collect(
         importances = {n: torch.ones(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         return ImportanceResult(importances, 0, method, None, recorded)
 
-    state = PartialState()
+    # Without an Accelerator around, PartialState reads no ACCELERATE_USE_CPU: pass it, or a CPU launch of N processes
+    # would not initialise the process group.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_world_size(state)
     batches, num_batches = iterate_batches(
         data, model, batch_size=batch_size, data_collator=data_collator, max_samples=max_samples, state=state

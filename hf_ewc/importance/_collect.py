@@ -138,6 +138,7 @@ def iterate_batches(
     total = len(data) if max_samples is None else min(len(data), max_samples)
     if total == 0:
         raise HfEwcError("The data for importance collection is empty.")
+    _require_mapping(data[0], "A dataset item")
     indices = list(range(rank, total, world))
     subset = data.select(indices) if hasattr(data, "select") else Subset(data, indices)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
@@ -150,9 +151,18 @@ def iterate_batches(
     return lazy(), len(loader)
 
 
+def _require_mapping(item: Any, what: str) -> None:
+    if not isinstance(item, Mapping):
+        raise HfEwcError(
+            f"{what} is a {type(item).__name__}; importance collection needs dicts keyed by the model's forward "
+            "arguments (input_ids, attention_mask, labels, …), as 🤗 datasets and data collators produce."
+        )
+
+
 def _iterate_loader(loader: DataLoader, max_samples: int | None, world: int, rank: int) -> Iterator[dict[str, Any]]:
     seen = 0  # global count: every process walks the same loader, so all agree on it
     for index, batch in enumerate(loader):
+        _require_mapping(batch, "A DataLoader batch")
         size = batch_size_of(batch)
         if max_samples is not None and seen + size > max_samples:
             batch, size = slice_batch(batch, 0, max_samples - seen), max_samples - seen
@@ -370,8 +380,11 @@ def check_loss_convention(outputs: Any, inputs: Mapping[str, Any], targets: Targ
     nll = -targets.log_probs().detach().gather(-1, targets.labels.unsqueeze(-1)).squeeze(-1)
     ours = float((nll * targets.mask).sum() / targets.mask.sum())
 
+    # Half-precision models compute their loss in half precision: allow for its rounding.
+    tolerance = max(2e-3, 4 * torch.finfo(targets.logits.dtype).eps)
+
     def close(value: float | None) -> bool:
-        return value is not None and abs(value - theirs) <= 2e-3 * max(1.0, abs(theirs))
+        return value is not None and abs(value - theirs) <= tolerance * max(1.0, abs(theirs))
 
     if close(ours):
         return

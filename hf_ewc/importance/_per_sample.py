@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils import HfEwcError, logger
-from ._collect import LINEAR_TYPES, batch_size_of, slice_batch
+from ._collect import LINEAR_TYPES, batch_size_of, outputs_logits, slice_batch
 
 
 SCRATCH_ELEMENTS = 1 << 24  # 64 MB of float32
@@ -133,10 +133,16 @@ class PerSampleGradients:
 
     def skip_model_loss(self) -> None:
         """Call the model without ``labels`` from now on: its own loss (a second log-softmax over the vocabulary for a
-        language model) is not needed once the label layout has been checked. Encoder-decoder models keep them: they
-        build their decoder inputs from the labels."""
+        language model) is not needed once the label layout has been checked. Kept where the forward requires them,
+        and for encoder-decoder models, which build their decoder inputs from the labels."""
+        import inspect
+
         config = getattr(self.model, "config", None)
-        if not getattr(config, "is_encoder_decoder", False):
+        if getattr(config, "is_encoder_decoder", False):
+            return
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        labels = inspect.signature(model.forward).parameters.get("labels")
+        if labels is None or labels.default is not inspect.Parameter.empty:
             self._forward_drop = frozenset({"labels"})
 
     def _forward(self, inputs: dict[str, Any]) -> Any:
@@ -326,34 +332,60 @@ class PerSampleGradients:
             for block in self._blocks(parts, batch, acc.shape, acc.device):
                 self._accumulate(acc, block)
 
-    def verify(self, objective: Tensor) -> bool:
-        """First batch of ``auto``: do the per-sample gradients add up to the batch gradient? (Runs before
-        `backward`, keeps the graph.)"""
-        batch = objective.shape[0]
+    def verify(self, outputs: Any, inputs: dict[str, Any]) -> str | None:
+        """First batch of ``auto``: are the hooks' per-sample gradients right? Returns why not, or ``None``.
+
+        The check uses a label-free probe ``o_n = Σ logits_n ⊙ r`` (r fixed, random) so that it does not depend on
+        the estimator: (1) the per-sample gradients must add up to the batch gradient — which catches uses the hooks
+        do not see (an in-place op on a module output, a parameter used by a non-leaf module) — and (2) the first and
+        last samples' gradients must equal those of a forward/backward of that sample alone — which catches
+        activations whose leading dimension only looks like the batch (a sequence-first layout with T = B).
+        """
+        logits = outputs_logits(outputs, "labels" in inputs)
+        batch = self._batch
+        generator = torch.Generator(logits.device).manual_seed(0)
+        probe = torch.randn(logits.shape, generator=generator, device=logits.device)
+        objective = (logits.float() * probe).reshape(batch, -1).sum(1)
         names = list(self.params)
-        reference = torch.autograd.grad(
-            objective.sum(), [self.params[n] for n in names], retain_graph=True, allow_unused=True
-        )
-        reference = {n: torch.zeros_like(self.sums[n]) if g is None else g.float() for n, g in zip(names, reference)}
-        totals = {}
+        tensors = [self.params[n] for n in names]
+        checked = sorted({0, batch - 1})
+        expected = {"batch": torch.autograd.grad(objective.sum(), tensors, retain_graph=True, allow_unused=True)}
+        for n in checked:
+            sample = slice_batch(inputs, n, n + 1)
+            alone = (outputs_logits(self._forward(sample), "labels" in sample).float() * probe[n : n + 1]).sum()
+            expected[n] = torch.autograd.grad(alone, tensors, allow_unused=True)
+        got: dict = {key: {} for key in expected}
         for name, parts in self._per_parameter(objective, retain_graph=True).items():
             acc = self.sums[name]
-            totals[name] = sum(block.sum(0) for block in self._blocks(parts, batch, acc.shape, acc.device))
-        # Absolute tolerance from the largest gradient anywhere: some gradients are exactly 0 in exact arithmetic
-        # (attention key biases) and both sides then hold rounding noise.
-        scale = max((float(g.abs().max()) for g in reference.values() if g.numel()), default=0.0)
-        if not math.isfinite(scale):
-            return True  # non-finite gradients: nothing to compare; the final check names the parameter
-        for name in names:
-            ref = reference[name]
-            got = totals.get(name, torch.zeros_like(ref))
-            if not torch.allclose(got, ref, rtol=1e-3, atol=1e-5 * scale + 1e-12):
-                logger.warning(
-                    f"Per-sample gradients from hooks do not add up to the batch gradient for {name!r} (max abs diff "
-                    f"{float((got - ref).abs().max()):.3g}); switching to the batch-size-1 loop."
-                )
-                return False
-        return True
+            start = 0
+            for block in self._blocks(parts, batch, acc.shape, acc.device):
+                got["batch"][name] = got["batch"].get(name, 0) + block.sum(0)
+                for n in checked:
+                    if start <= n < start + len(block):
+                        got[n][name] = block[n - start].clone()
+                start += len(block)
+        for key, grads in expected.items():
+            reference = {n: torch.zeros_like(self.sums[n]) if g is None else g.float() for n, g in zip(names, grads)}
+            norms = {n: float(g.norm()) for n, g in reference.items()}
+            largest = max(norms.values(), default=0.0)
+            if not math.isfinite(largest):
+                return None  # non-finite gradients: nothing to compare; the final check names the parameter
+            for name in names:
+                ref = reference[name]
+                error = float((got[key].get(name, torch.zeros_like(ref)) - ref).norm())
+                # Relative error of the whole tensor: a wrong attribution is off by O(1), rounding by a few ulps
+                # (more in half precision). Gradients that are 0 in exact arithmetic (attention key biases) hold
+                # rounding noise on both sides, hence the floor relative to the largest gradient.
+                tol = max(1e-3, 4 * torch.finfo(self.params[name].dtype).eps)
+                if error > tol * norms[name] + 1e-2 * tol * largest:
+                    what = (
+                        "do not add up to the batch gradient"
+                        if key == "batch"
+                        else (f"of sample {key} differ from its gradient computed alone")
+                    )
+                    relative = error / max(norms[name], 1e-30)
+                    return f"per-sample gradients {what} for {name!r} (relative error {relative:.2g})"
+        return None
 
     # ---------------------------------------------------------------- one batch
     def run(self, inputs: dict[str, Any], make_objectives: Callable[[Any, dict[str, Any]], tuple[int, Any]]) -> int:
@@ -381,12 +413,13 @@ class PerSampleGradients:
         self._batch = batch_size_of(inputs)
         with self.capture():
             outputs = self._forward(inputs)
+        if self.verify_pending:
+            reason = self.verify(outputs, inputs)
+            if reason is not None:
+                raise Unsupported(reason)
+            self.verify_pending = False
         count, objectives = make_objectives(outputs, inputs)
         for objective in objectives:
-            if self.verify_pending:
-                if not self.verify(objective):
-                    raise Unsupported("per-sample gradients do not add up to the batch gradient")
-                self.verify_pending = False
             self.backward(objective, retain_graph=True)
         return count
 

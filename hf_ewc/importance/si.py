@@ -10,6 +10,9 @@ undone) and either of the task loss alone (``gradient="task"``: the penalty grad
 as Zenke's reference code and Benzing use) or of the regularized loss the optimizer saw (``gradient="regularized"``,
 Kutalev's `ewc-features`). ``Δθ_k`` is the whole move of the step, proximal pull included. Negative ratios are clipped
 to 0 (Benzing) so that the quadratic penalty stays convex and the stabilized coefficient finite.
+
+The gradient is read from ``p.grad`` right after ``optimizer.step()`` (the Trainer zeroes it only later), which
+assumes the optimizer does not rewrite gradients in place — true of the torch optimizers the Trainer builds.
 """
 
 import os
@@ -100,7 +103,13 @@ class SIAccumulator:
             if missing:
                 raise HfEwcError(f"{path} has no SI state for parameter {missing[0]!r}; it belongs to another model.")
             for i, name in enumerate(self.names):
-                self.omega[i].copy_(f.get_tensor(f"omega.{name}"))
-                self.start[i].copy_(f.get_tensor(f"start.{name}"))
+                omega, start = f.get_tensor(f"omega.{name}"), f.get_tensor(f"start.{name}")
+                if omega.shape != self.omega[i].shape or start.shape != self.start[i].shape:
+                    raise HfEwcError(
+                        f"{path} holds SI sums of shape {tuple(omega.shape)} for {name!r}, whose shape is "
+                        f"{tuple(self.omega[i].shape)}; it belongs to another model."
+                    )
+                self.omega[i].copy_(omega)
+                self.start[i].copy_(start)
             self.steps = int((f.metadata() or {}).get("steps", 0))
         return True
