@@ -135,7 +135,7 @@ def collect(
     params = trainable_parameters(model)
     if not params:
         raise HfEwcError("The model has no trainable parameters (requires_grad=True): nothing to measure.")
-    recorded = {k: v for k, v in options.items()}
+    recorded = dict(options)
     recorded.update({"batch_size": batch_size, "max_samples": max_samples, "seed": seed})
 
     if method == "uniform":
