@@ -1,5 +1,10 @@
 """The ``hf-ewc`` command line.
 
+    hf-ewc train                    # the embedded default: a tiny Llama over prose → code → man pages
+    hf-ewc train CONFIG.yaml --ewc_lambda 50 --domains.1.max_samples 200   # a config, with overrides
+    hf-ewc train CONFIG.yaml --resume         # continue an interrupted run (finished domains are kept)
+    hf-ewc train NEXT.yaml --from RUN_DIR     # new domains on top of a finished run's model and EWC state
+    hf-ewc train --fields                     # every key a config may set
     hf-ewc env                      # versions of hf_ewc and its stack, the device and the accelerate setup
     hf-ewc state DIR                # what a saved EWC state holds (domains, methods, sizes, importance statistics)
     python -m hf_ewc env            # the same through the module
@@ -56,6 +61,33 @@ def _state(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_run_config, training_fields
+
+    if args.fields:
+        from .config import PIPELINE_KEYS, DomainSpec, ModelSpec, _describe
+
+        print("top level: " + ", ".join(PIPELINE_KEYS))
+        print("model: " + ", ".join(ModelSpec.__dataclass_fields__))
+        print("domains[i]: " + ", ".join(DomainSpec.__dataclass_fields__))
+        print("EWCConfig / TrainingArguments fields (top level, or per domain under `training:`):")
+        for name, tp in sorted(training_fields().items()):
+            print(f"  {name}: {_describe(tp)}")
+        return 0
+    run = load_run_config(args.config, args.overrides)
+    import datasets
+    import transformers
+
+    from .pipeline import Pipeline
+
+    # The Trainer's own progress bar stays (disable_tqdm); the per-file bars of datasets and of model saving go.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+    Pipeline(run, resume=args.resume, overwrite=args.overwrite, from_dir=args.from_dir).run_sequence()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-ewc",
@@ -65,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hf-ewc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="Adapt a model to a sequence of domains (no CONFIG: the embedded default demo).",
+        description="Train on each domain of CONFIG in turn, evaluate on every domain, consolidate, save. Any "
+        "config key can be overridden: --KEY VALUE or --KEY=VALUE, dotted for nested keys "
+        "(--domains.1.max_samples 200, --model.config.hidden_size 64); values are parsed as YAML.",
+        allow_abbrev=False,
+    )
+    train.add_argument("config", nargs="?", help="YAML run config (default: the embedded demo).")
+    train.add_argument("--resume", action="store_true", help="Continue the run in output_dir (same config).")
+    train.add_argument("--overwrite", action="store_true", help="Replace a run already in output_dir.")
+    train.add_argument(
+        "--from", dest="from_dir", metavar="DIR", help="Start from a finished run's model and EWC state."
+    )
+    train.add_argument("--fields", action="store_true", help="List every key a config may set, then exit.")
+    train.set_defaults(func=_train)
     env = sub.add_parser("env", help="Print versions, device and accelerate setup (paste it into bug reports).")
     env.set_defaults(func=_env)
     state = sub.add_parser("state", help="Summarise a saved EWC state (a directory with ewc_state.safetensors).")
@@ -73,9 +121,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_train_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `hf-ewc train`'s own flags and CONFIG from `--key value` overrides (argparse cannot tell them apart:
+    in `--disable_tqdm true` it would take `true` for CONFIG)."""
+    own_flags = {"--resume", "--overwrite", "--fields", "-h", "--help"}
+    own, overrides = argv[:1], []
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token in own_flags:
+            own.append(token)
+        elif token == "--from" or token.startswith("--from="):
+            own.append(token)
+            if token == "--from" and i + 1 < len(argv):
+                own.append(argv[i + 1])
+                i += 1
+        elif token.startswith("--"):
+            overrides.append(token)
+            if "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            own.append(token)
+        i += 1
+    return own, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if argv and argv[0] == "train":
+        argv, overrides = _split_train_overrides(argv)
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "train":
+        args.overrides = overrides
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2

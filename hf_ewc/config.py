@@ -1,10 +1,21 @@
 """EWCConfig: `transformers.TrainingArguments` plus the knobs of stabilized EWC and importance collection."""
 
+import copy
+import difflib
+import enum
 import math
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+import os
+import re
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+import torch
+import yaml
 from transformers import TrainingArguments
+
+from .utils import HfEwcError
 
 
 EWC_MODES = ("stabilized", "vanilla", "proximal", "off")
@@ -154,3 +165,379 @@ class EWCConfig(TrainingArguments):
     def ewc_step_size(self) -> float:
         """η used by the stabilized coefficient and the proximal step."""
         return float(self.ewc_lr) if self.ewc_lr is not None else float(self.learning_rate)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run configuration of `hf-ewc train`: YAML → RunConfig, with command-line overrides.
+#
+# The YAML's top level holds the pipeline keys below plus any `EWCConfig` field (flat, as in TRL's configs):
+#
+#     task: causal_lm
+#     model: {config: {model_type: llama, hidden_size: 128, ...}, tokenizer_vocab_size: 4096, max_length: 128}
+#     domains:
+#       - {name: prose, data_files: prose.jsonl.gz, eval_fraction: 0.1, training: {num_train_epochs: 4}}
+#       - {name: code, dataset: bigcode/the-stack-smol, dataset_config: python, text_column: content}
+#     output_dir: runs/demo
+#     learning_rate: 1.0e-3
+#     ewc_lambda: 1.0e5
+# ---------------------------------------------------------------------------------------------------------------------
+
+TASKS = ("causal_lm", "masked_lm", "sequence_classification")
+# EWCConfig fields the pipeline sets itself, per domain.
+_MANAGED_FIELDS = ("output_dir",)
+# What `hf-ewc train` changes from the TrainingArguments defaults unless the config says otherwise.
+_PIPELINE_TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 100, "save_total_limit": 1}
+
+
+@dataclass
+class ModelSpec:
+    """The `model:` block: a pretrained model (`name_or_path`) or one built from a `config:` mapping."""
+
+    name_or_path: str | None = None
+    config: dict | None = None
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 4096
+    max_length: int = 128
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DomainSpec:
+    """One entry of `domains:`: a dataset (Hub name, loader name or local files) and how to read it."""
+
+    name: str
+    dataset: str | None = None
+    dataset_config: str | None = None
+    data_files: str | list | dict | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    eval_fraction: float = 0.1
+    text_column: str = "text"
+    label_column: str = "label"
+    max_samples: int | None = None
+    max_eval_samples: int | None = 256
+    metric: str | None = None
+    training: dict = field(default_factory=dict)
+
+
+_MODEL_HELP = {
+    "name_or_path": "Hub id or local directory of a pretrained model (or use `config`)",
+    "config": "mapping with `model_type` and config fields: a model built from scratch, with a tokenizer trained on "
+    "the domains' training text",
+    "tokenizer": "tokenizer to load (default: name_or_path)",
+    "tokenizer_vocab_size": "vocabulary size of a tokenizer trained from scratch",
+    "max_length": "tokens per training example (LM blocks; classification truncation)",
+    "revision": "model revision on the Hub",
+    "trust_remote_code": "allow custom modelling code from the Hub (only when you trust it)",
+}
+
+
+@dataclass
+class RunConfig:
+    """A resolved `hf-ewc train` configuration (see `load_run_config`)."""
+
+    task: str
+    model: ModelSpec
+    domains: list[DomainSpec]
+    output_dir: str
+    seed: int
+    training: dict  # EWCConfig fields, validated
+    source: str | None = None  # the YAML file it came from (None: built in Python)
+    raw: dict = field(default_factory=dict)  # the merged mapping before defaults: what resume compares
+
+    def training_args(self, domain_index: int, output_dir: str, **extra: Any) -> EWCConfig:
+        """The `EWCConfig` of one domain: run-wide fields, then the domain's own `training:` overrides."""
+        fields = {**_PIPELINE_TRAINING_DEFAULTS, **self.training, **self.domains[domain_index].training, **extra}
+        fields["seed"] = fields.get("seed", self.seed)
+        fields.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # silences torch's CPU warning
+        return _build_ewc_config(fields, output_dir, where=f"domains.{domain_index}.training")
+
+    def to_dict(self) -> dict:
+        return {
+            "task": self.task,
+            "model": asdict(self.model),
+            "domains": [asdict(d) for d in self.domains],
+            "output_dir": self.output_dir,
+            "seed": self.seed,
+            **self.training,
+        }
+
+
+def training_fields() -> dict[str, Any]:
+    """Every `EWCConfig` field a config may set (name → type), without the ones the pipeline manages."""
+    hints = get_type_hints(EWCConfig)
+    return {f.name: hints[f.name] for f in fields(EWCConfig) if f.init and f.name not in _MANAGED_FIELDS}
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, get_args(tp)))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_NOT_THIS_TYPE = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` (as YAML parsed it) converted to annotation ``tp``, or `_NOT_THIS_TYPE`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arm in get_args(tp):
+            out = _coerce(value, arm)
+            if out is not _NOT_THIS_TYPE:
+                return out
+        return _NOT_THIS_TYPE
+    if tp is type(None):
+        return None if value is None else _NOT_THIS_TYPE
+    if origin is Literal:
+        return value if value in get_args(tp) else _NOT_THIS_TYPE
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = {m.value for m in tp}
+        return value if value in values or isinstance(value, tp) else _NOT_THIS_TYPE
+    if tp is bool:
+        return value if isinstance(value, bool) else _NOT_THIS_TYPE
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT_THIS_TYPE
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _NOT_THIS_TYPE
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _NOT_THIS_TYPE
+    if tp is str:
+        return value if isinstance(value, str) else _NOT_THIS_TYPE
+    if origin is list or tp is list:
+        if isinstance(value, str):  # `report_to: none`, `--report_to tensorboard`
+            value = [value]
+        if not isinstance(value, list):
+            return _NOT_THIS_TYPE
+        (item,) = get_args(tp) or (Any,)
+        out = [_coerce(v, item) for v in value]
+        return _NOT_THIS_TYPE if any(v is _NOT_THIS_TYPE for v in out) else out
+    if origin is dict or tp is dict:
+        return value if isinstance(value, dict) else _NOT_THIS_TYPE
+    return value
+
+
+def _check_value(where: str, key: str, value: Any, tp: Any) -> Any:
+    out = _coerce(value, tp)
+    if out is _NOT_THIS_TYPE:
+        raise HfEwcError(f"{where}{key} must be {_describe(tp)}, got {value!r}; fix the value in the config.")
+    return out
+
+
+def _unknown_key(where: str, key: str, valid: list[str], *, more: str = "", candidates=None) -> HfEwcError:
+    close = difflib.get_close_matches(key, list(candidates or valid), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return HfEwcError(f"Unknown key {where + key!r}; {hint}valid keys: {', '.join(valid)}{more}.")
+
+
+def _build_ewc_config(values: dict, output_dir: str, *, where: str = "") -> EWCConfig:
+    """An `EWCConfig` from config values; ``where`` ("domains.1.training") prefixes the errors of nested blocks."""
+    valid = training_fields()
+    prefix = f"{where}." if where else ""
+    checked = {}
+    for key, value in values.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise HfEwcError(
+                f"Unknown key {prefix + key!r}; {hint}any EWCConfig field is valid here (list them: hf-ewc train "
+                "--fields)."
+            )
+        checked[key] = _check_value(prefix, key, value, valid[key])
+    try:
+        return EWCConfig(output_dir=output_dir, **checked)
+    except (ValueError, TypeError) as err:
+        raise HfEwcError(f"{prefix}{err}" if where else str(err)) from None
+
+
+def _spec(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise HfEwcError(f"{where} must be a mapping, got {type(raw).__name__}; see configs/ for examples.")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise _unknown_key(f"{where}.", str(key), names)
+        values[key] = _check_value(f"{where}.", key, value, hints[key])
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in missing if name not in values]
+    if missing:
+        raise HfEwcError(f"{where} needs {', '.join(missing)}; add it to the config.")
+    return cls(**values)
+
+
+PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed")
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false are booleans, so `ewc_mode: off` stays the string "off"."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
+def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
+    """``["--ewc_lambda", "50", "--domains.1.max_samples=200"]`` → ``[("ewc_lambda", 50), ("domains.1.max_samples",
+    200)]``. Values are parsed as YAML (``null``, ``true``, ``1e-3``, ``[a, b]``, ``{k: v}``)."""
+    out = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise HfEwcError(
+                f"Unexpected argument {token!r}: overrides look like `--key value` or `--key=value` "
+                "(e.g. `--ewc_lambda 50 --domains.1.max_samples 200`)."
+            )
+        key, sep, text = token[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise HfEwcError(f"Override --{key} has no value; write `--{key} VALUE`.")
+            text = tokens[i + 1]
+            i += 1
+        i += 1
+        try:
+            value = _yaml_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        out.append((key, value))
+    return out
+
+
+def _apply_override(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        path = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise HfEwcError(
+                    f"Override --{key}: {path!r} is not an index of a list of {len(node)} item(s); "
+                    f"use 0…{len(node) - 1}."
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise HfEwcError(f"Override --{key}: {'.'.join(parts[:depth])!r} is a value, not a mapping or a list.")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A config file as a mapping; malformed YAML becomes an `HfEwcError` naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise HfEwcError(f"Config file {str(path)!r} not found; give the path of a YAML file (see configs/).")
+    try:
+        raw = _yaml_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise HfEwcError(f"Malformed YAML in {path}:{line} {problem}; fix the syntax there.") from None
+    except UnicodeDecodeError as err:
+        raise HfEwcError(f"Config file {path} is not UTF-8 text ({err.reason}); save it as UTF-8.") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise HfEwcError(f"Config file {path} must hold a mapping at the top level, got {type(raw).__name__}.")
+    return raw
+
+
+def default_config_path() -> Path:
+    """The embedded default run (a tiny Llama over Python prose → Python code → man pages)."""
+    return Path(__file__).parent / "resources" / "default.yaml"
+
+
+def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config (the embedded default when ``path`` is None) and apply command-line ``overrides``."""
+    path = Path(path) if path is not None else default_config_path()
+    raw = read_yaml(path)
+    for key, value in parse_overrides(list(overrides or [])):
+        _apply_override(raw, key, value)
+    return build_run_config(raw, source=str(path))
+
+
+def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
+    """Validate a merged config mapping (YAML + overrides) into a `RunConfig`."""
+    raw = copy.deepcopy(raw)
+    valid_training = training_fields()
+    for key in raw:
+        if key not in PIPELINE_KEYS and key not in valid_training:
+            raise _unknown_key(
+                "",
+                str(key),
+                list(PIPELINE_KEYS),
+                more=" and any EWCConfig field (list them: hf-ewc train --fields)",
+                candidates=[*PIPELINE_KEYS, *valid_training],
+            )
+    task = raw.get("task", "causal_lm")
+    if task not in TASKS:
+        raise HfEwcError(f"Unknown task {task!r}; choose one of: {', '.join(TASKS)}.")
+    model = _spec(ModelSpec, raw.get("model") or {}, "model")
+    if (model.name_or_path is None) == (model.config is None):
+        raise HfEwcError("model needs exactly one of `name_or_path` (a pretrained model) or `config` (built from it).")
+    if model.config is not None and "model_type" not in model.config:
+        raise HfEwcError("model.config needs a `model_type` (e.g. llama, gpt2, bert); add it to the config block.")
+    if model.max_length < 2:
+        raise HfEwcError(f"model.max_length must be >= 2, got {model.max_length}.")
+    domains_raw = raw.get("domains")
+    if not isinstance(domains_raw, list) or not domains_raw:
+        raise HfEwcError("domains must be a non-empty list of domains (each with a `name` and a dataset).")
+    domains = [_spec(DomainSpec, d, f"domains.{i}") for i, d in enumerate(domains_raw)]
+    seen: set[str] = set()
+    for i, d in enumerate(domains):
+        if not d.name or not all(c.isalnum() or c in "-_." for c in d.name):
+            raise HfEwcError(f"domains.{i}.name {d.name!r} must be non-empty and use only letters, digits, - _ .")
+        if d.name in seen:
+            raise HfEwcError(f"domains.{i}.name {d.name!r} is used twice; domain names must be unique.")
+        seen.add(d.name)
+        if d.dataset is None and d.data_files is None:
+            raise HfEwcError(f"domains.{i} ({d.name}) needs `dataset` (a Hub name or loader) or `data_files`.")
+        if d.eval_split is None and not 0 < d.eval_fraction < 1:
+            raise HfEwcError(f"domains.{i}.eval_fraction must be in (0, 1), got {d.eval_fraction}.")
+        for key in ("max_samples", "max_eval_samples"):
+            if getattr(d, key) is not None and getattr(d, key) < 1:
+                raise HfEwcError(f"domains.{i}.{key} must be >= 1 (or null for all), got {getattr(d, key)}.")
+    output_dir = raw.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise HfEwcError("output_dir is required (a directory for the run); add `output_dir: runs/NAME`.")
+    seed = _check_value("", "seed", raw.get("seed", 42), int)
+    training = {k: _check_value("", k, v, valid_training[k]) for k, v in raw.items() if k not in PIPELINE_KEYS}
+    _build_ewc_config({**_PIPELINE_TRAINING_DEFAULTS, **training}, output_dir)
+    config = RunConfig(task, model, domains, output_dir, seed, training, source=source, raw=raw)
+    for i in range(len(domains)):  # every domain's EWCConfig is valid before anything runs
+        config.training_args(i, output_dir)
+    return config

@@ -1,0 +1,126 @@
+"""Model cards (`huggingface_hub.ModelCard`) for what `hf-ewc train` leaves behind."""
+
+import os
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from . import __version__
+from .config import RunConfig
+from .utils import atomic_path
+
+
+_LOADERS = {"json", "csv", "text", "parquet", "arrow", "imagefolder", "audiofolder"}
+DEFINITIONS = (
+    "R[i][j] is the metric on domain j after training on domain i; b[j] is the metric of the model before the "
+    "sequence. **ACC** = mean_j R[T][j] (final metric, all domains). **BWT** = mean_{j<T} (R[T][j] − R[j][j]) and "
+    "**FWT** = mean_{j>1} (R[j−1][j] − b[j]), both signed so that positive is better (for a loss: lower). "
+    "**Forgetting** of domain j = best R[l][j] over l ∈ [j, T−1] minus R[T][j], positive when the final model is "
+    "worse. **Learned** = the gain on domain j from training on it."
+)
+
+
+def _method(training: dict) -> str:
+    mode = training.get("ewc_mode", "stabilized")
+    if mode == "off":
+        return "plain fine-tuning (ewc_mode: off; importances still collected so the sequence can be continued)"
+    method = training.get("importance_method", "fisher")
+    if method == "fisher":
+        method += f" ({training.get('fisher_estimator', 'empirical')} estimator)"
+    lam = training.get("ewc_lambda", 100.0)
+    return f"{mode} EWC, λ = {lam:g}, importances: {method}, consolidation: {training.get('consolidation', 'sum')}"
+
+
+def write_model_card(
+    out_dir: str | os.PathLike,
+    *,
+    run: RunConfig,
+    results: dict,
+    markdown_tables: str,
+    from_dir: str | None = None,
+) -> ModelCard:
+    """Write ``README.md`` in ``out_dir``: domains, method, the evaluation tables, and how to continue the sequence."""
+    out_dir = Path(out_dir)
+    hub_datasets = sorted(
+        {d.dataset for d in run.domains if d.dataset and d.dataset not in _LOADERS and not os.path.exists(d.dataset)}
+    )
+    name = run.model.name_or_path
+    base_model = name if name and not os.path.exists(name) else None
+    auto_class = {
+        "causal_lm": "AutoModelForCausalLM",
+        "masked_lm": "AutoModelForMaskedLM",
+        "sequence_classification": "AutoModelForSequenceClassification",
+    }[run.task]
+    pipeline_tag = {"causal_lm": "text-generation", "masked_lm": "fill-mask"}.get(run.task, "text-classification")
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=base_model,
+        datasets=hub_datasets or None,
+        pipeline_tag=pipeline_tag,
+        tags=["hf-ewc", "continual-learning", "elastic-weight-consolidation", "domain-adaptation"],
+    )
+    state = results.get("ewc_state") or {}
+    protected = state.get("num_parameters")
+    detail = {d["name"]: d for d in results["domains_detail"]}
+    rows = [
+        "| # | domain | data | training examples | evaluation examples | steps |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for i, d in enumerate(run.domains):
+        source = d.dataset if d.dataset and d.dataset not in _LOADERS else "local files"
+        if d.dataset_config:
+            source += f" ({d.dataset_config})"
+        stats = detail.get(d.name, {}).get("train", {})
+        examples = stats.get("examples", {})
+        rows.append(
+            f"| {i} | {d.name} | {source} | {examples.get('train_examples', '–')} | "
+            f"{examples.get('eval_examples', '–')} | {stats.get('steps', '–')} |"
+        )
+    start = (
+        f"the continual-ready checkpoint `{from_dir}` (its EWC state protected the earlier domains)"
+        if from_dir
+        else (f"`{run.model.name_or_path}`" if run.model.name_or_path else "a model built from its config")
+    )
+    body = f"""
+# {out_dir.resolve().name}
+
+A {run.task.replace("_", " ")} model adapted to {len(run.domains)} domain(s) in sequence with
+[hf-ewc](https://github.com/hf-ewc/hf-ewc) {__version__}, starting from {start}.
+
+## Domains, in training order
+
+{chr(10).join(rows)}
+
+## Method
+
+- {_method(run.training)}
+- Protected parameters: {f"{protected:,} (every trainable parameter)" if protected else "none (no EWC state)"}; the
+  importances and anchors are in `ewc_state/` (safetensors).
+- Learning rate {run.training.get("learning_rate", 5e-5):g}, seed {run.seed}; the full configuration is in
+  `results.json` (`config`).
+
+## Evaluation
+
+{markdown_tables}
+
+{DEFINITIONS}
+
+## Use it, or continue the sequence
+
+```python
+from transformers import {auto_class}, AutoTokenizer
+
+model = {auto_class}.from_pretrained("{out_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
+```
+
+To teach it further domains without forgetting these (no old data needed):
+
+```bash
+hf-ewc train next_domains.yaml --from {out_dir}
+```
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    with atomic_path(out_dir / "README.md") as tmp:
+        card.save(tmp)
+    return card

@@ -1,0 +1,569 @@
+"""The domain sequence, written out once: train → evaluate on every domain → collect → consolidate → save.
+
+``output_dir`` while a run is in progress::
+
+    run_config.json      the resolved config (what `--resume` compares against)
+    progress.json        the initial evaluation row and every finished domain's row, written atomically
+    stages/<i>-<name>/   the model, tokenizer and EWC state after the latest finished domain (`initial` before any)
+    domains/<i>-<name>/  the Trainer's output for that domain (checkpoints while it trains, logs)
+
+and once it is done: the final model and tokenizer at the top (``from_pretrained(output_dir)`` works), ``ewc_state/``,
+``results.json``, ``results.md``, ``matrix.png``, ``trajectories.png`` and the model card ``README.md``.
+
+Every step is restartable: a finished domain is never retrained, an interrupted one resumes from its last Trainer
+checkpoint (EWC state and SI sums included), and a model for domain i is always read back from the stage saved after
+domain i−1, so a resumed run computes exactly what an uninterrupted one computes.
+"""
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from torch.utils.data import DataLoader
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import __version__
+from .config import RunConfig
+from .data import (
+    AUTO_MODELS,
+    DomainData,
+    _check_task,
+    _texts,
+    build_model,
+    eval_collator,
+    label_names,
+    load_raw_domain,
+    load_tokenizer,
+    tokenize_domain,
+    train_collator,
+    train_tokenizer,
+)
+from .metrics import continual_metrics, format_matrix, format_summary, perplexity, plot_matrix, plot_trajectories
+from .state import STATE_WEIGHTS_NAME, EWCState
+from .trainer import EWCTrainer
+from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
+
+
+RUN_CONFIG_NAME = "run_config.json"
+PROGRESS_NAME = "progress.json"
+RESULTS_NAME = "results.json"
+STATE_DIR = "ewc_state"
+# Keys that may differ between a run and its `--resume` (they do not change what is computed).
+_RESUME_FREE_KEYS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", "log_level", "run_name")
+
+
+@dataclass
+class _Prepared:
+    tokenizer: Any
+    model: Any  # the initial model (None when resuming past the initial stage)
+    domains: list[DomainData]
+    labels: list | None
+    initial_state: EWCState | None
+
+
+def find_ewc_state(directory: str | os.PathLike) -> Path | None:
+    """The EWC state of a finished run or a continual-ready checkpoint: ``DIR/ewc_state/`` or ``DIR`` itself."""
+    directory = Path(directory)
+    for candidate in (directory / STATE_DIR, directory):
+        if (candidate / STATE_WEIGHTS_NAME).is_file():
+            return candidate
+    return None
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        out = {}
+        for i, value in enumerate(obj):
+            out.update(_flatten(value, f"{prefix}{i}."))
+        out[f"{prefix}len"] = len(obj)
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """``["ewc_lambda: 100 → 50", ...]``: what differs between two run configs (keys free to change excluded)."""
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[-1] in _RESUME_FREE_KEYS and "." not in key:
+            continue
+        missing = "(unset)"
+        if a.get(key, missing) != b.get(key, missing):
+            out.append(f"{key}: {a.get(key, missing)!r} → {b.get(key, missing)!r}")
+    return out
+
+
+class Pipeline:
+    """Run a `RunConfig` end to end (see the module docstring for what lands in ``output_dir``).
+
+    Args:
+        run ([`RunConfig`]): the configuration (`hf_ewc.config.load_run_config`).
+        resume (`bool`): continue the run already in ``output_dir`` (it must come from the same config).
+        overwrite (`bool`): replace a finished or interrupted run in ``output_dir``.
+        from_dir (`str`, *optional*): start from a previous run's final model and EWC state (a continual-ready
+            checkpoint): the new domains are protected against forgetting the old ones, without the old data.
+        print_fn: where progress tables go (``print`` by default; ``None`` for silence).
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        from_dir: str | os.PathLike | None = None,
+        print_fn=print,
+    ):
+        if resume and overwrite:
+            raise HfEwcError("--resume and --overwrite exclude each other: keep the run, or replace it.")
+        self.run = run
+        self.resume = resume
+        self.overwrite = overwrite
+        self.from_dir = str(Path(from_dir).resolve()) if from_dir is not None else None
+        self.out = Path(run.output_dir)
+        self.print = print_fn or (lambda *a, **k: None)
+        self.accel = PartialState()
+        self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
+
+    # ---------------------------------------------------------------------------------------------- bookkeeping
+    def _record(self) -> dict:
+        return {"config": self.run.to_dict(), "from": self.from_dir, "hf_ewc": __version__}
+
+    def _read_json(self, name: str) -> dict | None:
+        path = self.out / name
+        if not path.is_file():
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def _check_output_dir(self) -> dict | None:
+        """Decide what to do with ``output_dir`` before anything is written; returns the progress to resume."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise HfEwcError(f"output_dir {str(out)!r} is a file; choose a directory.")
+        entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        recorded = self._read_json(RUN_CONFIG_NAME) if entries else None
+        if entries and recorded is None:
+            raise HfEwcError(
+                f"output_dir {str(out)!r} is not empty and holds no hf-ewc run ({', '.join(entries[:3])}"
+                f"{', …' if len(entries) > 3 else ''}); choose a new or empty directory."
+            )
+        if recorded is None:
+            if self.resume:
+                logger.info(f"--resume: no run in {out} yet; starting one.")
+            return None
+        if self.overwrite:
+            return None
+        if not self.resume:
+            raise HfEwcError(
+                f"output_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to "
+                "replace it."
+            )
+        mine = self._record()
+        differences = config_differences(recorded.get("config", {}), mine["config"])
+        if recorded.get("from") != mine["from"]:
+            differences.append(f"--from: {recorded.get('from')!r} → {mine['from']!r}")
+        if differences:
+            shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+            raise HfEwcError(
+                f"--resume: {out} holds a run of a different config ({shown}); use the same config, or a new "
+                "output_dir."
+            )
+        return self._read_json(PROGRESS_NAME) or {"initial": None, "completed": []}
+
+    def _stage_dir(self, index: int | None) -> Path:
+        return self.out / "stages" / ("initial" if index is None else f"{index}-{self.run.domains[index].name}")
+
+    def _domain_dir(self, index: int) -> Path:
+        return self.out / "domains" / f"{index}-{self.run.domains[index].name}"
+
+    def _write_progress(self, progress: dict) -> None:
+        if self.accel.is_main_process:
+            write_json_atomic(self.out / PROGRESS_NAME, progress)
+
+    # ---------------------------------------------------------------------------------------------- preparation
+    def _raw_domains(self):
+        run = self.run
+        raws = [
+            load_raw_domain(d, i, task=run.task, seed=run.seed, base_dirs=self.base_dirs)
+            for i, d in enumerate(run.domains)
+        ]
+        labels = label_names(raws, run.domains) if run.task == "sequence_classification" else None
+        return raws, labels
+
+    def _tokenize(self, raws, labels, tokenizer) -> list[DomainData]:
+        run = self.run
+        label2id = {v: i for i, v in enumerate(labels)} if labels is not None else None
+        return [
+            tokenize_domain(
+                raw, d, i, tokenizer, task=run.task, max_length=run.model.max_length, seed=run.seed, label2id=label2id
+            )
+            for i, (raw, d) in enumerate(zip(raws, run.domains))
+        ]
+
+    def load_domains(self, tokenizer) -> list[DomainData]:
+        """The run's domains, tokenized with ``tokenizer`` exactly as the run does (train and evaluation splits)."""
+        raws, labels = self._raw_domains()
+        return self._tokenize(raws, labels, tokenizer)
+
+    def _prepare(self, progress: dict | None) -> _Prepared:
+        """Everything that can fail on bad input, done before anything is written."""
+        run = self.run
+        raws, labels = self._raw_domains()
+        initial_state = None
+        resumed_stage = None  # every stage holds the tokenizer: read it from the latest
+        if progress and progress.get("initial") is not None:
+            done = len(progress["completed"])
+            resumed_stage = self._stage_dir(done - 1 if done else None)
+        model = None
+        if self.from_dir is not None:
+            state_dir = find_ewc_state(self.from_dir)
+            if not (Path(self.from_dir) / "config.json").is_file():
+                raise HfEwcError(
+                    f"--from {self.from_dir}: no model there (config.json missing); give a finished run's output_dir."
+                )
+            if state_dir is None:
+                raise HfEwcError(
+                    f"--from {self.from_dir}: no EWC state there (ewc_state/{STATE_WEIGHTS_NAME}); give the "
+                    "output_dir of a finished hf-ewc run or a directory saved with EWCState.save()."
+                )
+            initial_state = EWCState.load(state_dir)
+            tokenizer = load_tokenizer(self.from_dir, revision=None, trust_remote_code=False, task=run.task)
+        elif resumed_stage is not None:
+            tokenizer = load_tokenizer(str(resumed_stage), revision=None, trust_remote_code=False, task=run.task)
+        elif run.model.config is not None and run.model.tokenizer is None:
+            tokenizer = train_tokenizer(run.task, _texts(raws, run.domains), run.model.tokenizer_vocab_size)
+        else:
+            spec = run.model
+            tokenizer = load_tokenizer(
+                spec.tokenizer or spec.name_or_path,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+                task=run.task,
+            )
+        domains = self._tokenize(raws, labels, tokenizer)
+        if resumed_stage is None:
+            if self.from_dir is not None:
+                model = self._load_model(self.from_dir, labels)
+                initial_state.validate(model, strict=False)
+            else:
+                model = build_model(run, tokenizer, labels)
+        return _Prepared(tokenizer, model, domains, labels, initial_state)
+
+    def _load_model(self, directory: str | os.PathLike, labels: list | None = None):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(directory)
+        _check_task(self.run.task, config, f"model in {directory}")
+        if labels is not None and getattr(config, "num_labels", None) != len(labels):
+            raise HfEwcError(
+                f"The model in {directory} has {config.num_labels} labels but the domains have {len(labels)}."
+            )
+        return AUTO_MODELS[self.run.task].from_pretrained(directory)
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model, data: DomainData, tokenizer) -> dict[str, float]:
+        """Token-weighted loss (and perplexity) for LMs, accuracy and loss for classification, on ``data.eval``."""
+        task = self.run.task
+        args = self.run.training_args(0, str(self.out))
+        loader = DataLoader(
+            data.eval, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator(task, tokenizer)
+        )
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        total, count, correct = 0.0, 0, 0
+        try:
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                logits = model(**batch).logits.float()
+                if task == "causal_lm":
+                    logits, labels = logits[:, :-1], labels[:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+                total += float(loss)
+                count += int((labels != -100).sum())
+                if task == "sequence_classification":
+                    correct += int((logits.argmax(-1) == labels).sum())
+        finally:
+            model.train(was_training)
+        loss = total / max(count, 1)
+        if task == "sequence_classification":
+            return {"accuracy": correct / max(count, 1), "loss": loss}
+        return {"loss": loss, "perplexity": perplexity(loss)}
+
+    def _row(self, model, prepared: _Prepared) -> dict[str, dict[str, float]]:
+        return {d.name: self.evaluate(model, d, prepared.tokenizer) for d in prepared.domains}
+
+    @property
+    def primary_metric(self) -> tuple[str, bool]:
+        return ("accuracy", True) if self.run.task == "sequence_classification" else ("loss", False)
+
+    # ---------------------------------------------------------------------------------------------- stages
+    def _save_stage(self, index: int | None, model, tokenizer, state: EWCState | None) -> None:
+        if not self.accel.is_main_process:
+            return
+        final = self._stage_dir(index)
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if state is not None and not state.is_empty:
+            state.save(tmp / STATE_DIR)
+        shutil.rmtree(final, ignore_errors=True)  # left by an attempt interrupted before progress.json said so
+        os.replace(tmp, final)
+
+    def _load_stage(self, index: int | None, prepared: _Prepared) -> tuple[Any, EWCState | None]:
+        stage = self._stage_dir(index)
+        model = self._load_model(stage, prepared.labels)
+        state_dir = stage / STATE_DIR
+        state = EWCState.load(state_dir) if (state_dir / STATE_WEIGHTS_NAME).is_file() else None
+        if state is None and prepared.initial_state is not None:
+            state = prepared.initial_state
+        return model, state
+
+    def _cleanup(self, progress: dict) -> None:
+        """Drop what finished domains no longer need: their checkpoints and every stage but the latest."""
+        if not self.accel.is_main_process:
+            return
+        done = len(progress["completed"])
+        keep = self._stage_dir(done - 1 if done else None).name
+        stages = self.out / "stages"
+        if stages.is_dir():
+            for path in stages.iterdir():
+                if path.name != keep:
+                    shutil.rmtree(path, ignore_errors=True)
+        for i in range(done):
+            domain_dir = self._domain_dir(i)
+            if domain_dir.is_dir():
+                for path in domain_dir.glob("checkpoint-*"):
+                    shutil.rmtree(path, ignore_errors=True)
+                if not any(domain_dir.iterdir()):
+                    domain_dir.rmdir()
+        domains = self.out / "domains"
+        if domains.is_dir() and not any(domains.iterdir()):
+            domains.rmdir()
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def run_sequence(self) -> dict:
+        """Run (or resume) the whole sequence; returns the results written to ``results.json``."""
+        run = self.run
+        progress = self._check_output_dir()
+        if progress is not None and progress.get("finished"):
+            results = self._read_json(RESULTS_NAME)
+            if results is not None:
+                names, metric = results["domains"], results["metric"]
+                self.print(f"[hf_ewc] {self.out} holds a finished run of this config; nothing to do.\n")
+                matrix, initial = results["matrix"][metric], results["initial"][metric]
+                self.print(format_matrix(matrix, names, metric=metric, initial=initial))
+                self.print("\n" + format_summary(results["summary"], names, metric=metric))
+                return results
+            progress["finished"] = False  # interrupted while finishing: finish again (the stage is still there)
+        started = time.perf_counter()
+        prepared = self._prepare(progress)
+        if self.accel.is_main_process:
+            if self.overwrite and self.out.exists():
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            if progress is None:
+                write_json_atomic(self.out / RUN_CONFIG_NAME, self._record())
+        self.accel.wait_for_everyone()
+        if progress is None:
+            progress = {"initial": None, "completed": [], "finished": False}
+        names = [d.name for d in run.domains]
+        metric, _ = self.primary_metric
+
+        if progress.get("initial") is None:
+            t0 = time.perf_counter()
+            row = self._row(prepared.model, prepared)
+            self._save_stage(None, prepared.model, prepared.tokenizer, prepared.initial_state)
+            progress["initial"] = {"row": row, "eval_seconds": time.perf_counter() - t0}
+            self._write_progress(progress)
+            self.accel.wait_for_everyone()
+        initial_row = _metric_row(progress["initial"]["row"], names, metric)
+        shown = ", ".join(f"{n} {v:.3f}" for n, v in zip(names, initial_row))
+        self.print(f"[hf_ewc] before training, {metric}: {shown}")
+        prepared.model = None
+
+        for i, spec in enumerate(run.domains):
+            if i < len(progress["completed"]):
+                continue
+            self._cleanup(progress)
+            self.print(f"\n[hf_ewc] domain {i + 1}/{len(run.domains)}: {spec.name}")
+            entry = self._run_domain(i, prepared, progress)
+            progress["completed"].append(entry)
+            self._write_progress(progress)
+            self.accel.wait_for_everyone()
+            self._cleanup(progress)
+            shown = ", ".join(f"{n} {v:.3f}" for n, v in zip(names, _metric_row(entry["row"], names, metric)))
+            self.print(f"[hf_ewc] after {spec.name}, {metric}: {shown}")
+
+        results = self._finish(progress, prepared, time.perf_counter() - started)
+        return results
+
+    def _run_domain(self, index: int, prepared: _Prepared, progress: dict) -> dict:
+        run, spec, data = self.run, self.run.domains[index], prepared.domains[index]
+        model, state = self._load_stage(index - 1 if index else None, prepared)
+        domain_dir = self._domain_dir(index)
+        args = run.training_args(index, str(domain_dir))
+        trainer = EWCTrainer(
+            model=model,
+            args=args,
+            data_collator=train_collator(run.task, prepared.tokenizer),
+            train_dataset=data.train,
+            processing_class=prepared.tokenizer,
+            ewc_state=state,
+        )
+        checkpoint = get_last_checkpoint(str(domain_dir)) if domain_dir.is_dir() else None
+        if checkpoint is not None:
+            logger.info(f"Resuming {spec.name} from {checkpoint}.")
+        t0 = time.perf_counter()
+        # `num_train_epochs: 0` (or `max_steps: 0`) on a domain: the model already knows it (say, the pretraining
+        # corpus of a pretrained model); evaluate and consolidate only, so later domains protect it.
+        skip = args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs == 0)
+        if skip and args.importance_method == "si":
+            raise HfEwcError(
+                f"domains.{index} ({spec.name}) has no training steps, but SI importances come from training; use "
+                "fisher, mas, signal or uniform, or train on the domain."
+            )
+        train_output = None if skip else trainer.train(resume_from_checkpoint=checkpoint)
+        t1 = time.perf_counter()
+        row = self._row(trainer.model, prepared)
+        t2 = time.perf_counter()
+        state = trainer.consolidate(data.train, domain=spec.name)
+        t3 = time.perf_counter()
+        self._save_stage(index, self.accel_unwrap(trainer), prepared.tokenizer, state)
+        self.accel.wait_for_everyone()
+        train_logs = [log for log in trainer.state.log_history if "loss" in log or "ewc/penalty" in log]
+        return {
+            "domain": spec.name,
+            "row": row,
+            "train": {
+                "steps": trainer.state.global_step,
+                "resumed_from": Path(checkpoint).name if checkpoint else None,
+                "metrics": {
+                    k: v
+                    for k, v in (train_output.metrics if train_output else {}).items()
+                    if isinstance(v, (int, float))
+                },
+                "last_log": train_logs[-1] if train_logs else {},
+                "examples": data.stats,
+            },
+            "timings": {"train_seconds": t1 - t0, "eval_seconds": t2 - t1, "importance_seconds": t3 - t2},
+        }
+
+    @staticmethod
+    def accel_unwrap(trainer: EWCTrainer):
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+    # ---------------------------------------------------------------------------------------------- the end
+    def _finish(self, progress: dict, prepared: _Prepared, seconds: float) -> dict:
+        from .card import write_model_card
+
+        run = self.run
+        names = [d.name for d in run.domains]
+        metric, higher = self.primary_metric
+        matrices = {
+            key: [[c["row"][n][key] for n in names] for c in progress["completed"]]
+            for key in progress["completed"][0]["row"][names[0]]
+        }
+        initial = {key: [progress["initial"]["row"][n][key] for n in names] for key in matrices}
+        summary = continual_metrics(matrices[metric], higher_is_better=higher, initial=initial[metric])
+        last_stage = self._stage_dir(len(names) - 1)
+        state_dir = last_stage / STATE_DIR
+        state = EWCState.load(state_dir) if (state_dir / STATE_WEIGHTS_NAME).is_file() else None
+        results = {
+            "task": run.task,
+            "domains": names,
+            "metric": metric,
+            "higher_is_better": higher,
+            "matrix": matrices,
+            "initial": initial,
+            "summary": summary,
+            "domains_detail": [
+                {"name": c["domain"], "train": c["train"], "timings": c["timings"]} for c in progress["completed"]
+            ],
+            "ewc_state": (state.metadata | state.summary()) if state is not None else None,
+            "config": self.run.to_dict(),
+            "from": self.from_dir,
+            "versions": versions(),
+            "timings": {
+                "total_seconds_this_invocation": seconds,
+                "initial_eval_seconds": progress["initial"]["eval_seconds"],
+                "train_seconds": sum(c["timings"]["train_seconds"] for c in progress["completed"]),
+                "eval_seconds": sum(c["timings"]["eval_seconds"] for c in progress["completed"]),
+                "importance_seconds": sum(c["timings"]["importance_seconds"] for c in progress["completed"]),
+            },
+        }
+        table = format_matrix(matrices[metric], names, metric=metric, initial=initial[metric])
+        text_summary = format_summary(summary, names, metric=metric)
+        if self.accel.is_main_process:
+            if not progress.get("finished"):
+                self._publish_stage(last_stage)
+            write_json_atomic(self.out / RESULTS_NAME, results)
+            markdown = _results_markdown(results, names, metric)
+            with atomic_path(self.out / "results.md") as tmp:
+                Path(tmp).write_text(f"# hf-ewc results: {' → '.join(names)}\n\n{markdown}", encoding="utf-8")
+            plot_matrix(
+                matrices[metric], names, self.out / "matrix.png", metric=metric, higher_is_better=higher,
+                title=f"{metric} after each domain",
+            )  # fmt: skip
+            plot_trajectories(
+                matrices[metric], names, self.out / "trajectories.png", metric=metric, initial=initial[metric],
+                title=f"{metric} of each domain over the sequence",
+            )  # fmt: skip
+            tables = _results_markdown(results, names, metric, level=3)
+            write_model_card(self.out, run=run, results=results, markdown_tables=tables, from_dir=self.from_dir)
+            progress["finished"] = True
+            self._write_progress(progress)
+            shutil.rmtree(self.out / "stages", ignore_errors=True)
+        self.accel.wait_for_everyone()
+        self.print("\n" + table + "\n\n" + text_summary)
+        self.print(f"\n[hf_ewc] results, model, EWC state and model card in {self.out}")
+        return results
+
+    def _publish_stage(self, stage: Path) -> None:
+        """Copy the last stage (model, tokenizer, EWC state) to the top of ``output_dir``, file by file, atomically."""
+        for path in sorted(stage.rglob("*")):
+            if path.is_file():
+                target = self.out / path.relative_to(stage)
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(path, tmp)
+
+
+def _metric_row(row: dict, names: list[str], metric: str) -> list[float]:
+    return [row[n][metric] for n in names]
+
+
+def _results_markdown(results: dict, names: list[str], metric: str, level: int = 2) -> str:
+    """The matrices (primary metric first) and the summary as Markdown, headings at ``level``."""
+    h = "#" * level
+    parts = []
+    for key, matrix in sorted(results["matrix"].items(), key=lambda kv: kv[0] != metric):
+        parts += [
+            f"{h} {key}",
+            "",
+            format_matrix(matrix, names, metric=key, initial=results["initial"][key], markdown=True),
+            "",
+        ]
+    parts += [f"{h} Summary", "", format_summary(results["summary"], names, metric=metric, markdown=True), ""]
+    return "\n".join(parts)
+
+
+def run_pipeline(run: RunConfig, **kwargs: Any) -> dict:
+    """`Pipeline(run, **kwargs).run_sequence()`."""
+    return Pipeline(run, **kwargs).run_sequence()
