@@ -490,6 +490,19 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
     return build_run_config(raw, source=str(path))
 
 
+def _check_report_to(report_to: list[str] | None) -> None:
+    """`report_to: tensorboard` without tensorboard installed would fail after the run has started: say it now."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    missing = [r for r in report_to or [] if r not in ("none", "all") and r not in available]
+    if missing:
+        raise HfEwcError(
+            f"report_to {missing[0]!r} is not installed (available here: {', '.join(available) or 'none'}); install "
+            f"it (e.g. `pip install {missing[0]}`) or set report_to: none."
+        )
+
+
 def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
     """Validate a merged config mapping (YAML + overrides) into a `RunConfig`."""
     raw = copy.deepcopy(raw)
@@ -536,7 +549,8 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
         raise HfEwcError("output_dir is required (a directory for the run); add `output_dir: runs/NAME`.")
     seed = _check_value("", "seed", raw.get("seed", 42), int)
     training = {k: _check_value("", k, v, valid_training[k]) for k, v in raw.items() if k not in PIPELINE_KEYS}
-    _build_ewc_config({**_PIPELINE_TRAINING_DEFAULTS, **training}, output_dir)
+    args = _build_ewc_config({**_PIPELINE_TRAINING_DEFAULTS, **training}, output_dir)
+    _check_report_to(args.report_to)
     config = RunConfig(task, model, domains, output_dir, seed, training, source=source, raw=raw)
     for i in range(len(domains)):  # every domain's EWCConfig is valid before anything runs
         config.training_args(i, output_dir)

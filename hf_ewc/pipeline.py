@@ -134,6 +134,7 @@ class Pipeline:
         self.out = Path(run.output_dir)
         self.print = print_fn or (lambda *a, **k: None)
         self.accel = PartialState()
+        self._metrics: dict[str, Any] = {}
         self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -284,6 +285,10 @@ class Pipeline:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        spec = next(d for d in self.run.domains if d.name == data.name)
+        module = self._metric_module(spec.metric) if spec.metric else None
+        predictions: list[int] = []
+        references: list[int] = []
         total, count, correct = 0.0, 0, 0
         try:
             for batch in loader:
@@ -299,12 +304,37 @@ class Pipeline:
                 count += int((labels != -100).sum())
                 if task == "sequence_classification":
                     correct += int((logits.argmax(-1) == labels).sum())
+                if module is not None:  # labelled positions only (tokens for LMs, one per example otherwise)
+                    keep = labels != -100
+                    predictions += logits.argmax(-1)[keep].tolist()
+                    references += labels[keep].tolist()
         finally:
             model.train(was_training)
         loss = total / max(count, 1)
         if task == "sequence_classification":
-            return {"accuracy": correct / max(count, 1), "loss": loss}
-        return {"loss": loss, "perplexity": perplexity(loss)}
+            cell = {"accuracy": correct / max(count, 1), "loss": loss}
+        else:
+            cell = {"loss": loss, "perplexity": perplexity(loss)}
+        if module is not None:
+            values = module.compute(predictions=predictions, references=references) or {}
+            extra = {f"{spec.metric}:{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
+            cell["extra"] = extra
+        return cell
+
+    def _metric_module(self, name: str):
+        """An `evaluate` metric by local path or Hub name, or None (with one warning) when it cannot be loaded."""
+        if name not in self._metrics:
+            module = None
+            path = next((b / name for b in self.base_dirs if (b / name).exists()), None)
+            try:
+                import evaluate
+
+                module = evaluate.load(str(path) if path is not None else name)
+            except Exception as err:  # noqa: BLE001 - missing package, offline Hub, broken script: all mean "skip it"
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                logger.warning(f"Metric {name!r} could not be loaded ({reason}); using the built-in metrics only.")
+            self._metrics[name] = module
+        return self._metrics[name]
 
     def _row(self, model, prepared: _Prepared) -> dict[str, dict[str, float]]:
         return {d.name: self.evaluate(model, d, prepared.tokenizer) for d in prepared.domains}
@@ -480,6 +510,12 @@ class Pipeline:
         matrices = {
             key: [[c["row"][n][key] for n in names] for c in progress["completed"]]
             for key in progress["completed"][0]["row"][names[0]]
+            if key != "extra"
+        }
+        extra = {
+            n: [c["row"][n].get("extra", {}) for c in progress["completed"]]
+            for n in names
+            if "extra" in progress["completed"][0]["row"][n]
         }
         initial = {key: [progress["initial"]["row"][n][key] for n in names] for key in matrices}
         summary = continual_metrics(matrices[metric], higher_is_better=higher, initial=initial[metric])
@@ -494,6 +530,7 @@ class Pipeline:
             "matrix": matrices,
             "initial": initial,
             "summary": summary,
+            "extra_metrics": extra,
             "domains_detail": [
                 {"name": c["domain"], "train": c["train"], "timings": c["timings"]} for c in progress["completed"]
             ],

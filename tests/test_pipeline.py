@@ -466,3 +466,72 @@ def test_from_without_ewc_state_is_refused(tmp_path, capsys):
         assert rc == 2 and message in err, err
         assert len(err.strip().splitlines()) == 1
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------ extras
+METRIC_SCRIPT = """
+import datasets
+import evaluate
+
+
+class ExactShare(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of predictions equal to their reference",
+            citation="",
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        return {"share": sum(p == r for p, r in zip(predictions, references)) / len(references)}
+"""
+
+
+def test_domain_metric_from_a_local_evaluate_module(tmp_path, hf_logs):
+    pytest.importorskip("evaluate")
+    (tmp_path / "exact_share").mkdir()
+    (tmp_path / "exact_share" / "exact_share.py").write_text(METRIC_SCRIPT)
+    raw = make_config(tmp_path, "sequence_classification", num_train_epochs=1)
+    raw["domains"][0]["metric"] = str(tmp_path / "exact_share")
+    raw["domains"][1]["metric"] = "no-such-metric-offline"
+    results = Pipeline(build_run_config(raw), print_fn=None).run_sequence()
+    key = f"{tmp_path / 'exact_share'}:share"
+    shares = [cell[key] for cell in results["extra_metrics"]["animals"]]
+    # The module sees argmax predictions against the labels: its share is exactly the built-in accuracy.
+    assert shares == pytest.approx([row[0] for row in results["matrix"]["accuracy"]])
+    assert "tools" not in results["extra_metrics"]  # could not be loaded: skipped, with one warning
+    assert any("no-such-metric-offline" in r.getMessage() and "could not be loaded" in r.getMessage() for r in hf_logs)
+
+
+def test_missing_report_to_integration_is_named_before_anything_runs(tmp_path, capsys):
+    from transformers.integrations import get_available_reporting_integrations
+
+    if "tensorboard" in get_available_reporting_integrations():
+        pytest.skip("tensorboard is installed here")
+    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli(["train", str(config), "--report_to", "tensorboard"], capsys)
+    assert rc == 2 and "report_to 'tensorboard' is not installed" in err and "report_to: none" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_embedded_default_runs_from_any_directory(tmp_path):
+    """`hf-ewc train` with no config uses the packaged default (shrunk here with overrides to run in seconds)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    shrink = ["--output_dir", "out", "--model.config.hidden_size", "32", "--model.config.intermediate_size", "64",
+              "--model.tokenizer_vocab_size", "512", "--num_train_epochs", "1", "--importance_max_samples", "8",
+              "--disable_tqdm", "true"]  # fmt: skip
+    for i in range(3):
+        shrink += [f"--domains.{i}.max_samples", "16", f"--domains.{i}.max_eval_samples", "8"]
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_ewc", "train", *shrink],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["domains"] == ["python_docs", "python_code", "man_pages"]
+    assert results["config"]["model"]["config"]["model_type"] == "llama"
+    assert "after man_pages" in done.stdout and "BWT" in done.stdout
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
