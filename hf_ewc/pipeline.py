@@ -458,7 +458,7 @@ class Pipeline:
             processing_class=prepared.tokenizer,
             ewc_state=state,
         )
-        checkpoint = get_last_checkpoint(str(domain_dir)) if domain_dir.is_dir() else None
+        checkpoint = self._last_complete_checkpoint(domain_dir)
         if checkpoint is not None:
             logger.info(f"Resuming {spec.name} from {checkpoint}.")
         t0 = time.perf_counter()
@@ -495,6 +495,20 @@ class Pipeline:
             },
             "timings": {"train_seconds": t1 - t0, "eval_seconds": t2 - t1, "importance_seconds": t3 - t2},
         }
+
+    def _last_complete_checkpoint(self, domain_dir: Path) -> str | None:
+        """The latest Trainer checkpoint that was fully written (``trainer_state.json`` is its last file); a
+        checkpoint cut short by a kill is removed so that the Trainer neither resumes from nor rotates into it."""
+        if not domain_dir.is_dir():
+            return None
+        while (checkpoint := get_last_checkpoint(str(domain_dir))) is not None:
+            if (Path(checkpoint) / "trainer_state.json").is_file():
+                return checkpoint
+            logger.warning(f"{checkpoint} was not fully written (interrupted while saving); removing it.")
+            if self.accel.is_main_process:
+                shutil.rmtree(checkpoint)
+            self.accel.wait_for_everyone()
+        return None
 
     @staticmethod
     def accel_unwrap(trainer: EWCTrainer):

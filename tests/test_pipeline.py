@@ -234,12 +234,16 @@ def test_resume_after_interrupted_consolidation_matches_uninterrupted(tmp_path, 
     progress = json.loads((run_dir / "progress.json").read_text())
     assert [c["domain"] for c in progress["completed"]] == ["animals"]
     assert list((run_dir / "domains" / "1-tools").glob("checkpoint-*"))  # the Trainer's checkpoint survived
+    # A checkpoint cut short by a kill while saving (no trainer_state.json yet) must not be resumed from.
+    partial = run_dir / "domains" / "1-tools" / "checkpoint-999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
 
     results = Pipeline(build_run_config(raw), resume=True, print_fn=None).run_sequence()
     # Domain 0 was not retrained; domain 1 resumed from its last checkpoint (its training had finished).
     detail = results["domains_detail"]
     assert detail[0]["train"]["resumed_from"] is None
-    assert detail[1]["train"]["resumed_from"] is not None
+    assert detail[1]["train"]["resumed_from"] not in (None, "checkpoint-999")
     _matrices_close(results, reference)
     assert_same_state(EWCState.load(run_dir / "ewc_state"), ref_state)
 
