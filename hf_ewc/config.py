@@ -392,6 +392,22 @@ _YAMLLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1}); keep one", mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_YAMLLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _YAMLLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
@@ -552,6 +568,14 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
     args = _build_ewc_config({**_PIPELINE_TRAINING_DEFAULTS, **training}, output_dir)
     _check_report_to(args.report_to)
     config = RunConfig(task, model, domains, output_dir, seed, training, source=source, raw=raw)
-    for i in range(len(domains)):  # every domain's EWCConfig is valid before anything runs
-        config.training_args(i, output_dir)
+    for i, domain in enumerate(domains):  # every domain's EWCConfig is valid before anything runs
+        domain_args = config.training_args(i, output_dir)
+        _check_report_to(domain_args.report_to)
+        if domain_args.importance_method == "si" and (
+            domain_args.max_steps == 0 or (domain_args.max_steps < 0 and domain_args.num_train_epochs == 0)
+        ):
+            raise HfEwcError(
+                f"domains.{i} ({domain.name}) has no training steps, but SI importances come from training; use "
+                "fisher, mas, signal or uniform, or train on the domain."
+            )
     return config

@@ -5,6 +5,8 @@ transformers' `run_clm.py` / `run_mlm.py`); classification domains are truncated
 evaluation sets are masked once, with a fixed seed, so every cell of the evaluation matrix sees the same masks.
 """
 
+import difflib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -166,7 +168,13 @@ def load_raw_domain(domain: DomainSpec, index: int, *, task: str, seed: int, bas
                 f"{where}: {len(train)} non-empty text(s) in {rows} row(s); a domain needs data to train and evaluate "
                 "on (check text_column and the files)."
             )
-        split = train.train_test_split(test_size=domain.eval_fraction, seed=seed, shuffle=True)
+        try:
+            split = train.train_test_split(test_size=domain.eval_fraction, seed=seed, shuffle=True)
+        except ValueError as err:
+            raise HfEwcError(
+                f"{where}: eval_fraction={domain.eval_fraction} cannot split {len(train)} text(s) ({err}); give a "
+                "fraction that leaves texts on both sides, or an eval_split."
+            ) from None
         train, evaluation = split["train"], split["test"]
     else:
         evaluation = _clean(evaluation)
@@ -352,6 +360,39 @@ def _check_task(task: str, config, where: str) -> None:
         raise HfEwcError(f"{where}: model type {config.model_type!r} cannot do task {task!r}; {hint}.")
 
 
+def check_max_length(config, max_length: int, where: str) -> None:
+    """Blocks longer than the model's position table would fail inside the first forward, after the run started."""
+    limit = next(
+        (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None
+    )
+    offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0  # their padding offset
+    if limit is not None and max_length > limit - offset:
+        raise HfEwcError(
+            f"{where}: model.max_length={max_length} exceeds the model's {limit - offset} positions; lower "
+            "model.max_length (or raise max_position_embeddings for a model built from config)."
+        )
+
+
+def _check_config_keys(model_type: str, values: dict) -> None:
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise HfEwcError(f"model.config: unknown model_type {model_type!r}; {hint}use a transformers model type.")
+    config_class = CONFIG_MAPPING[model_type]
+    known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+    known |= set(inspect.signature(config_class.__init__).parameters)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise HfEwcError(
+                f"Unknown key 'model.config.{key}' for model_type {model_type!r}; {hint}use a field of "
+                f"{config_class.__name__}."
+            )
+
+
 def build_model(run: RunConfig, tokenizer, labels: list | None = None):
     """The model the sequence starts from: pretrained (`model.name_or_path`) or built from `model.config`."""
     spec, task = run.model, run.task
@@ -365,6 +406,7 @@ def build_model(run: RunConfig, tokenizer, labels: list | None = None):
     if spec.config is not None:
         values = dict(spec.config)
         model_type = values.pop("model_type")
+        _check_config_keys(model_type, values)
         values.setdefault("vocab_size", len(tokenizer))
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             token_id = getattr(tokenizer, key, None)
@@ -380,8 +422,12 @@ def build_model(run: RunConfig, tokenizer, labels: list | None = None):
                 f"model.config.vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)."
             )
         _check_task(task, config, "model.config")
+        check_max_length(config, spec.max_length, "model.config")
         set_seed(run.seed)
-        return AUTO_MODELS[task].from_config(config)
+        try:
+            return AUTO_MODELS[task].from_config(config)
+        except (ValueError, TypeError, AttributeError, RuntimeError) as err:
+            raise HfEwcError(f"model.config cannot build a model: {str(err).splitlines()[0]}") from None
     kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
@@ -389,6 +435,7 @@ def build_model(run: RunConfig, tokenizer, labels: list | None = None):
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HfEwcError(f"Cannot load the model config {spec.name_or_path!r}: {message}") from None
     _check_task(task, config, f"model {spec.name_or_path!r}")
+    check_max_length(config, spec.max_length, f"model {spec.name_or_path!r}")
     set_seed(run.seed)
     try:
         model = AUTO_MODELS[task].from_pretrained(spec.name_or_path, **kwargs, **extra)

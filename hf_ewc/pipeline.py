@@ -16,6 +16,7 @@ domain i−1, so a resumed run computes exactly what an uninterrupted one comput
 """
 
 import json
+import math
 import os
 import shutil
 import time
@@ -36,6 +37,7 @@ from .data import (
     _check_task,
     _texts,
     build_model,
+    check_max_length,
     eval_collator,
     label_names,
     load_raw_domain,
@@ -151,6 +153,8 @@ class Pipeline:
     def _check_output_dir(self) -> dict | None:
         """Decide what to do with ``output_dir`` before anything is written; returns the progress to resume."""
         out = self.out
+        if self.from_dir is not None and Path(self.from_dir).resolve().is_relative_to(out.resolve()):
+            raise HfEwcError(f"--from {self.from_dir} lies inside output_dir {out}; write the new run elsewhere.")
         if out.exists() and not out.is_dir():
             raise HfEwcError(f"output_dir {str(out)!r} is a file; choose a directory.")
         entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -165,6 +169,12 @@ class Pipeline:
                 logger.info(f"--resume: no run in {out} yet; starting one.")
             return None
         if self.overwrite:
+            unknown = [e for e in entries if not _is_run_artefact(e)]
+            if unknown:
+                raise HfEwcError(
+                    f"--overwrite: {out} also holds files hf-ewc did not write ({', '.join(unknown[:3])}); move them "
+                    "or choose a new output_dir."
+                )
             return None
         if not self.resume:
             raise HfEwcError(
@@ -265,13 +275,23 @@ class Pipeline:
     def _load_model(self, directory: str | os.PathLike, labels: list | None = None):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(directory)
+        try:
+            config = AutoConfig.from_pretrained(directory)
+        except (OSError, ValueError) as err:
+            raise HfEwcError(f"Cannot read the model config in {directory}: {str(err).splitlines()[0]}") from None
         _check_task(self.run.task, config, f"model in {directory}")
-        if labels is not None and getattr(config, "num_labels", None) != len(labels):
-            raise HfEwcError(
-                f"The model in {directory} has {config.num_labels} labels but the domains have {len(labels)}."
-            )
-        return AUTO_MODELS[self.run.task].from_pretrained(directory)
+        check_max_length(config, self.run.model.max_length, f"model in {directory}")
+        if labels is not None:
+            expected = {str(v): i for i, v in enumerate(labels)}
+            if dict(getattr(config, "label2id", {}) or {}) != expected:
+                raise HfEwcError(
+                    f"The model in {directory} has labels {dict(config.label2id)} but the domains have {expected}; "
+                    "continue with domains that use the same labels."
+                )
+        try:
+            return AUTO_MODELS[self.run.task].from_pretrained(directory)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise HfEwcError(f"Cannot load the model in {directory}: {str(err).splitlines()[0]}") from None
 
     # ---------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -395,7 +415,7 @@ class Pipeline:
         progress = self._check_output_dir()
         if progress is not None and progress.get("finished"):
             results = self._read_json(RESULTS_NAME)
-            if results is not None:
+            if results is not None and results.get("summary") is not None:
                 names, metric = results["domains"], results["metric"]
                 self.print(f"[hf_ewc] {self.out} holds a finished run of this config; nothing to do.\n")
                 matrix, initial = results["matrix"][metric], results["initial"][metric]
@@ -407,7 +427,8 @@ class Pipeline:
         prepared = self._prepare(progress)
         if self.accel.is_main_process:
             if self.overwrite and self.out.exists():
-                shutil.rmtree(self.out)
+                for entry in self.out.iterdir():  # only what a run writes (checked in _check_output_dir)
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
             if progress is None:
                 write_json_atomic(self.out / RUN_CONFIG_NAME, self._record())
@@ -442,6 +463,7 @@ class Pipeline:
             shown = ", ".join(f"{n} {v:.3f}" for n, v in zip(names, _metric_row(entry["row"], names, metric)))
             self.print(f"[hf_ewc] after {spec.name}, {metric}: {shown}")
 
+        self._cleanup(progress)  # also when a kill came between the last progress update and its cleanup
         results = self._finish(progress, prepared, time.perf_counter() - started)
         return results
 
@@ -502,7 +524,7 @@ class Pipeline:
         if not domain_dir.is_dir():
             return None
         while (checkpoint := get_last_checkpoint(str(domain_dir))) is not None:
-            if (Path(checkpoint) / "trainer_state.json").is_file():
+            if _readable_json(Path(checkpoint) / "trainer_state.json"):
                 return checkpoint
             logger.warning(f"{checkpoint} was not fully written (interrupted while saving); removing it.")
             if self.accel.is_main_process:
@@ -532,7 +554,12 @@ class Pipeline:
             if "extra" in progress["completed"][0]["row"][n]
         }
         initial = {key: [progress["initial"]["row"][n][key] for n in names] for key in matrices}
-        summary = continual_metrics(matrices[metric], higher_is_better=higher, initial=initial[metric])
+        finite = all(math.isfinite(v) for row in [*matrices[metric], initial[metric]] for v in row)
+        if finite:
+            summary = continual_metrics(matrices[metric], higher_is_better=higher, initial=initial[metric])
+        else:  # a diverged run still gets its results written, so it can be inspected
+            logger.warning(f"Some {metric} values are not finite (the training diverged); no summary or plots.")
+            summary = None
         last_stage = self._stage_dir(len(names) - 1)
         state_dir = last_stage / STATE_DIR
         state = EWCState.load(state_dir) if (state_dir / STATE_WEIGHTS_NAME).is_file() else None
@@ -560,8 +587,12 @@ class Pipeline:
                 "importance_seconds": sum(c["timings"]["importance_seconds"] for c in progress["completed"]),
             },
         }
-        table = format_matrix(matrices[metric], names, metric=metric, initial=initial[metric])
-        text_summary = format_summary(summary, names, metric=metric)
+        if finite:
+            table = format_matrix(matrices[metric], names, metric=metric, initial=initial[metric])
+            text_summary = format_summary(summary, names, metric=metric)
+        else:
+            table = "\n".join(f"after {n}: {row}" for n, row in zip(names, matrices[metric]))
+            text_summary = "(no summary: non-finite values)"
         if self.accel.is_main_process:
             if not progress.get("finished"):
                 self._publish_stage(last_stage)
@@ -569,14 +600,15 @@ class Pipeline:
             markdown = _results_markdown(results, names, metric)
             with atomic_path(self.out / "results.md") as tmp:
                 Path(tmp).write_text(f"# hf-ewc results: {' → '.join(names)}\n\n{markdown}", encoding="utf-8")
-            plot_matrix(
-                matrices[metric], names, self.out / "matrix.png", metric=metric, higher_is_better=higher,
-                title=f"{metric} after each domain",
-            )  # fmt: skip
-            plot_trajectories(
-                matrices[metric], names, self.out / "trajectories.png", metric=metric, initial=initial[metric],
-                title=f"{metric} of each domain over the sequence",
-            )  # fmt: skip
+            if finite:
+                plot_matrix(
+                    matrices[metric], names, self.out / "matrix.png", metric=metric, higher_is_better=higher,
+                    title=f"{metric} after each domain",
+                )  # fmt: skip
+                plot_trajectories(
+                    matrices[metric], names, self.out / "trajectories.png", metric=metric, initial=initial[metric],
+                    title=f"{metric} of each domain over the sequence",
+                )  # fmt: skip
             tables = _results_markdown(results, names, metric, level=3)
             write_model_card(self.out, run=run, results=results, markdown_tables=tables, from_dir=self.from_dir)
             progress["finished"] = True
@@ -596,6 +628,31 @@ class Pipeline:
                     shutil.copyfile(path, tmp)
 
 
+_RUN_ARTEFACTS = (
+    "run_config.json", "progress.json", "results.json", "results.md", "matrix.png", "trajectories.png", "README.md",
+    "ewc_state", "stages", "domains", "config.json", "generation_config.json", "special_tokens_map.json",
+    "merges.txt", "vocab.json", "vocab.txt", "chat_template.jinja", "added_tokens.json",
+)  # fmt: skip
+
+
+def _is_run_artefact(name: str) -> bool:
+    """What `hf-ewc train` (and `save_pretrained` of a model and tokenizer) writes at the top of output_dir."""
+    return (
+        name in _RUN_ARTEFACTS
+        or name.startswith(("model", "tokenizer", ".", "pytorch_model", "runs"))
+        or name.endswith((".safetensors", ".tmp"))
+    )
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _metric_row(row: dict, names: list[str], metric: str) -> list[float]:
     return [row[n][metric] for n in names]
 
@@ -605,12 +662,13 @@ def _results_markdown(results: dict, names: list[str], metric: str, level: int =
     h = "#" * level
     parts = []
     for key, matrix in sorted(results["matrix"].items(), key=lambda kv: kv[0] != metric):
-        parts += [
-            f"{h} {key}",
-            "",
-            format_matrix(matrix, names, metric=key, initial=results["initial"][key], markdown=True),
-            "",
-        ]
+        try:
+            table = format_matrix(matrix, names, metric=key, initial=results["initial"][key], markdown=True)
+        except HfEwcError:  # non-finite cells (a diverged run): show them raw
+            table = "\n".join(f"- after {n}: {row}" for n, row in zip(names, matrix))
+        parts += [f"{h} {key}", "", table, ""]
+    if results["summary"] is None:
+        return "\n".join([*parts, "No summary: the matrix has non-finite values (the training diverged).", ""])
     parts += [f"{h} Summary", "", format_summary(results["summary"], names, metric=metric, markdown=True), ""]
     return "\n".join(parts)
 

@@ -325,6 +325,12 @@ def test_from_continues_with_the_old_importances(tmp_path, capsys):
         assert torch.all(new.importances[name] >= omega)  # summed: Ω_old + Ω_colours
         assert torch.any(new.importances[name] > omega)
     assert "continual-ready checkpoint" in (tmp_path / "next" / "README.md").read_text()
+    # The sequence started from the first run's model and tokenizer: its "initial" row is that model's evaluation.
+    pipeline = Pipeline(build_run_config(second), print_fn=None)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
+    (colours,) = pipeline.load_domains(tokenizer)
+    cell = pipeline.evaluate(AutoModelForCausalLM.from_pretrained(tmp_path / "run"), colours, tokenizer)
+    assert results["initial"]["loss"] == [pytest.approx(cell["loss"], rel=1e-6)]
 
 
 # ------------------------------------------------------------------------------------------------ config parsing
@@ -384,6 +390,7 @@ def test_bad_overrides_are_named(tmp_path, capsys, overrides, message):
 def _bad_inputs(tmp_path: Path) -> dict:
     base = make_config(tmp_path)
     (tmp_path / "broken.yaml").write_text("task: causal_lm\ndomains:\n  - name: a\n   data_files: x\n")
+    (tmp_path / "duplicate.yaml").write_text("seed: 1\nseed: 2\n")
     (tmp_path / "empty.jsonl").write_text('{"text": "   "}\n{"text": ""}\n')
     (tmp_path / "one_class.jsonl").write_text(
         "".join(json.dumps({"text": f"w{i} x y", "label": 1}) + "\n" for i in range(9))
@@ -415,13 +422,25 @@ def _bad_inputs(tmp_path: Path) -> dict:
         "one class": (variant(cls, domains__1__data_files=str(tmp_path / "one_class.jsonl")), "has one class (1)"),
         "task the model cannot do": (variant(base, task="masked_lm"), "model type 'llama' cannot do task 'masked_lm'"),
         "unknown key": (variant(base, learning_rat=1.0), "did you mean 'learning_rate'"),
+        "typo in model.config": (variant(base, model__config__hiden_size=8), "'model.config.hiden_size'"),
+        "blocks longer than the model": (variant(base, model__max_length=64), "exceeds the model's 32 positions"),
+        "SI without training": (
+            variant(base, importance_method="si", domains__0__training={"num_train_epochs": 0}),
+            "SI importances come from training",
+        ),
+        "eval_fraction too large": (
+            variant(base, domains__0__eval_fraction=0.999),
+            "eval_fraction=0.999 cannot split",
+        ),
+        "duplicate key": (tmp_path / "duplicate.yaml", "duplicate key 'seed' (line 2)"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["malformed YAML", "missing file", "missing column", "empty domain", "no label column", "one class",
-     "task the model cannot do", "unknown key"],
+     "task the model cannot do", "unknown key", "typo in model.config", "blocks longer than the model",
+     "SI without training", "eval_fraction too large", "duplicate key"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, case):
     config, message = _bad_inputs(tmp_path)[case]
