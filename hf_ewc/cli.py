@@ -41,9 +41,11 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _state(args: argparse.Namespace) -> int:
+    from .pipeline import find_ewc_state
     from .state import EWCState
 
-    state = EWCState.load(args.directory)
+    # A finished `hf-ewc train` run keeps its state in ewc_state/; a checkpoint or EWCState.save() directory in itself.
+    state = EWCState.load(find_ewc_state(args.directory) or args.directory)
     summary = {
         "domains": [d.get("name") for d in state.domains],
         "methods": [
@@ -116,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="Print versions, device and accelerate setup (paste it into bug reports).")
     env.set_defaults(func=_env)
     state = sub.add_parser("state", help="Summarise a saved EWC state (a directory with ewc_state.safetensors).")
-    state.add_argument("directory", help="Directory written by EWCState.save, a checkpoint or a saved model.")
+    state.add_argument(
+        "directory", help="Directory written by EWCState.save, a checkpoint, a saved model or an hf-ewc train run."
+    )
     state.set_defaults(func=_state)
     return parser
 

@@ -196,6 +196,8 @@ def test_two_domains_end_to_end(tmp_path, task, capsys):
     card = (run_dir / "README.md").read_text()
     assert "library_name: transformers" in card and "| after tools |" in card and "animals" in card
     assert "after tools" in out and "BWT" in out  # the matrix and the summary are printed
+    rc, out, _ = run_cli(["state", str(run_dir)], capsys)  # `hf-ewc state` finds a run's ewc_state/
+    assert rc == 0 and json.loads(out)["domains"] == ["animals", "tools"]
 
 
 # ------------------------------------------------------------------------------------------------ resume
