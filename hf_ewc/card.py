@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
@@ -10,7 +11,7 @@ from .config import RunConfig
 from .utils import atomic_path
 
 
-_LOADERS = {"json", "csv", "text", "parquet", "arrow", "imagefolder", "audiofolder"}
+_LOADERS = set(_PACKAGED_DATASETS_MODULES)  # datasets' own builders (json, csv, text, …): not Hub datasets
 DEFINITIONS = (
     "R[i][j] is the metric on domain j after training on domain i; b[j] is the metric of the model before the "
     "sequence. **ACC** = mean_j R[T][j] (final metric, all domains). **BWT** = mean_{j<T} (R[T][j] − R[j][j]) and "

@@ -281,12 +281,9 @@ def _lm_blocks(ds: Dataset, column: str, tokenizer, *, block: int, causal: bool)
     def tokenize(batch):
         ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
         blocks = _group([x + eos for x in ids], block)
-        return {"input_ids": blocks}
+        return {"input_ids": blocks, "labels": blocks} if causal else {"input_ids": blocks}  # the model shifts them
 
-    out = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="Tokenizing")
-    if causal:  # the model shifts the labels itself
-        out = out.map(lambda b: {"labels": b["input_ids"]}, batched=True)
-    return out
+    return ds.map(tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="Tokenizing")
 
 
 def tokenize_domain(

@@ -137,6 +137,7 @@ class Pipeline:
         self.print = print_fn or (lambda *a, **k: None)
         self.accel = PartialState()
         self._metrics: dict[str, Any] = {}
+        self._eval_batch_size: int | None = None
         self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -298,10 +299,9 @@ class Pipeline:
     def evaluate(self, model, data: DomainData, tokenizer) -> dict[str, float]:
         """Token-weighted loss (and perplexity) for LMs, accuracy and loss for classification, on ``data.eval``."""
         task = self.run.task
-        args = self.run.training_args(0, str(self.out))
-        loader = DataLoader(
-            data.eval, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator(task, tokenizer)
-        )
+        if self._eval_batch_size is None:  # building an EWCConfig is not free: once per run, not per cell
+            self._eval_batch_size = self.run.training_args(0, str(self.out)).per_device_eval_batch_size
+        loader = DataLoader(data.eval, batch_size=self._eval_batch_size, collate_fn=eval_collator(task, tokenizer))
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -498,7 +498,7 @@ class Pipeline:
         t2 = time.perf_counter()
         state = trainer.consolidate(data.train, domain=spec.name)
         t3 = time.perf_counter()
-        self._save_stage(index, self.accel_unwrap(trainer), prepared.tokenizer, state)
+        self._save_stage(index, trainer._plain_model(), prepared.tokenizer, state)
         self.accel.wait_for_everyone()
         train_logs = [log for log in trainer.state.log_history if "loss" in log or "ewc/penalty" in log]
         return {
@@ -531,10 +531,6 @@ class Pipeline:
                 shutil.rmtree(checkpoint)
             self.accel.wait_for_everyone()
         return None
-
-    @staticmethod
-    def accel_unwrap(trainer: EWCTrainer):
-        return trainer.accelerator.unwrap_model(trainer.model)
 
     # ---------------------------------------------------------------------------------------------- the end
     def _finish(self, progress: dict, prepared: _Prepared, seconds: float) -> dict:

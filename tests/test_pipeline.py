@@ -241,8 +241,17 @@ def test_resume_after_interrupted_consolidation_matches_uninterrupted(tmp_path, 
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"truncated")
 
+    trained = []
+    original_train = EWCTrainer.train
+
+    def counting_train(self, *args, **kwargs):
+        trained.append(Path(self.args.output_dir).name)
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(EWCTrainer, "train", counting_train)
     results = Pipeline(build_run_config(raw), resume=True, print_fn=None).run_sequence()
     # Domain 0 was not retrained; domain 1 resumed from its last checkpoint (its training had finished).
+    assert trained == ["1-tools", "2-colours"]
     detail = results["domains_detail"]
     assert detail[0]["train"]["resumed_from"] is None
     assert detail[1]["train"]["resumed_from"] not in (None, "checkpoint-999")
