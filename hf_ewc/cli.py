@@ -7,6 +7,8 @@
     hf-ewc train --fields                     # every key a config may set
     hf-ewc env                      # versions of hf_ewc and its stack, the device and the accelerate setup
     hf-ewc state DIR                # what a saved EWC state holds (domains, methods, sizes, importance statistics)
+    hf-ewc prune RUN_DIR --sparsity 0.5 --criterion obd --out pruned   # prune by the run's own Fisher; export
+    hf-ewc prune MODEL_DIR --structure 2:4 --data text.jsonl --out pruned-24   # magnitude 2:4, eval before/after
     python -m hf_ewc env            # the same through the module
 
 Errors in the input print one line on stderr and exit with code 2.
@@ -67,10 +69,11 @@ def _train(args: argparse.Namespace) -> int:
     from .config import load_run_config, training_fields
 
     if args.fields:
-        from .config import PIPELINE_KEYS, DomainSpec, ModelSpec, _describe
+        from .config import PIPELINE_KEYS, DomainSpec, ModelSpec, PruneSpec, _describe
 
         print("top level: " + ", ".join(PIPELINE_KEYS))
         print("model: " + ", ".join(ModelSpec.__dataclass_fields__))
+        print("prune (optional): " + ", ".join(PruneSpec.__dataclass_fields__))
         print("domains[i]: " + ", ".join(DomainSpec.__dataclass_fields__))
         print("EWCConfig / TrainingArguments fields (top level, or per domain under `training:`):")
         for name, tp in sorted(training_fields().items()):
@@ -87,6 +90,37 @@ def _train(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
 
     Pipeline(run, resume=args.resume, overwrite=args.overwrite, from_dir=args.from_dir).run_sequence()
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import transformers
+
+    from .pruning import prune_pretrained
+
+    transformers.utils.logging.disable_progress_bar()  # loading/saving bars; the scoring bar stays
+    prune_pretrained(
+        args.model,
+        args.out,
+        sparsity=args.sparsity,
+        criterion=args.criterion,
+        importances=args.importances,
+        data_files=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_samples=args.max_samples,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        scope=args.scope,
+        structure=args.structure,
+        include=args.include,
+        exclude=args.exclude,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -122,7 +156,46 @@ def build_parser() -> argparse.ArgumentParser:
         "directory", help="Directory written by EWCState.save, a checkpoint, a saved model or an hf-ewc train run."
     )
     state.set_defaults(func=_state)
+    _add_prune_parser(sub)
     return parser
+
+
+def _add_prune_parser(sub) -> None:
+    from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
+
+    prune = sub.add_parser(
+        "prune",
+        help="Prune a saved model by magnitude or by its importances; export it in Hub format, verified by reloading.",
+        description="Prune MODEL (a save_pretrained directory, an hf-ewc train run, or a Hub id), write the pruned "
+        "model (safetensors, sparsity_config in config.json, pruning_report.json, model card) to --out, reload it and "
+        "check tensors, zero pattern and logits. Criteria other than magnitude use importances: --importances DIR, "
+        "else MODEL's own EWC state (an hf-ewc train run has one), else collected on --data.",
+        allow_abbrev=False,
+    )
+    prune.add_argument("model", metavar="MODEL", help="Model directory (save_pretrained / hf-ewc train) or Hub id.")
+    prune.add_argument("--out", required=True, metavar="DIR", help="Output directory (must not exist).")
+    prune.add_argument("--sparsity", type=float, help="Share to remove, in [0, 1) (implied by N:M structures).")
+    prune.add_argument("--criterion", default="magnitude", help=f"One of: {', '.join(CRITERIA)}.")
+    prune.add_argument(
+        "--importances", metavar="DIR", help="EWC state directory (run dir, checkpoint, EWCState.save)."
+    )
+    prune.add_argument("--data", nargs="+", metavar="FILE", help="Text/JSON/CSV/Parquet files: eval before/after, "
+                       "and importances when none are saved.")  # fmt: skip
+    prune.add_argument("--text-column", default="text", help="Text column of --data (default: text).")
+    prune.add_argument("--label-column", default="label", help="Label column of --data for classifiers.")
+    prune.add_argument("--max-samples", type=int, default=256, help="Samples of --data to collect on (default 256).")
+    prune.add_argument("--max-length", type=int, help="Tokens per example of --data (default: min(128, positions)).")
+    prune.add_argument("--batch-size", type=int, default=8, help="Batch size for collection and evaluation.")
+    prune.add_argument("--scope", help=f"{' or '.join(SCOPES)} (default: global for unstructured, else per_layer).")
+    prune.add_argument("--structure", default="unstructured", help=f"One of: {STRUCTURE_CHOICES}.")
+    prune.add_argument("--include", nargs="+", metavar="REGEX", help="Prune the parameters whose names match.")
+    prune.add_argument("--exclude", nargs="+", metavar="REGEX", help="Leave the parameters whose names match.")
+    prune.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    prune.add_argument("--push-to-hub", metavar="REPO", help="Upload the verified folder to this Hub repository.")
+    prune.add_argument("--revision", help="Model revision on the Hub.")
+    prune.add_argument("--trust-remote-code", action="store_true", help="Allow the model's custom code (Hub).")
+    prune.add_argument("--seed", type=int, default=0, help="Seed for data splits and collection.")
+    prune.set_defaults(func=_prune)
 
 
 def _split_train_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

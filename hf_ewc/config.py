@@ -221,6 +221,19 @@ class DomainSpec:
     training: dict = field(default_factory=dict)
 
 
+@dataclass
+class PruneSpec:
+    """The optional `prune:` block: prune the model after a domain, keep the pruned weights at zero afterwards."""
+
+    sparsity: float | None = None
+    after: str | int | None = None  # a domain's name or index (default: the last domain)
+    criterion: str = "magnitude"
+    scope: str | None = None
+    structure: str = "unstructured"
+    include: list | None = None
+    exclude: list | None = None
+
+
 _MODEL_HELP = {
     "name_or_path": "Hub id or local directory of a pretrained model (or use `config`)",
     "config": "mapping with `model_type` and config fields: a model built from scratch, with a tokenizer trained on "
@@ -245,6 +258,19 @@ class RunConfig:
     training: dict  # EWCConfig fields, validated
     source: str | None = None  # the YAML file it came from (None: built in Python)
     raw: dict = field(default_factory=dict)  # the merged mapping before defaults: what resume compares
+    prune: PruneSpec | None = None
+
+    @property
+    def prune_after(self) -> int | None:
+        """Index of the domain after which the `prune:` block prunes (None without one)."""
+        if self.prune is None:
+            return None
+        after = self.prune.after
+        if after is None:
+            return len(self.domains) - 1
+        if isinstance(after, int):
+            return after
+        return [d.name for d in self.domains].index(after)
 
     def training_args(self, domain_index: int, output_dir: str, **extra: Any) -> EWCConfig:
         """The `EWCConfig` of one domain: run-wide fields, then the domain's own `training:` overrides."""
@@ -260,6 +286,7 @@ class RunConfig:
             "domains": [asdict(d) for d in self.domains],
             "output_dir": self.output_dir,
             "seed": self.seed,
+            **({"prune": asdict(self.prune)} if self.prune is not None else {}),
             **self.training,
         }
 
@@ -381,17 +408,33 @@ def _spec(cls, raw: Any, where: str):
     return cls(**values)
 
 
-PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed")
+PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed", "prune")
 
 
 class _YAMLLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false are booleans, so `ewc_mode: off` stays the string "off"."""
+    """YAML 1.2 scalars: only true/false are booleans (`ewc_mode: off` stays the string "off"), and there are no
+    base-60 numbers (`structure: 2:4` stays the string "2:4", not 124)."""
 
 
+_YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_YAML12_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_YAML12_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 _YAMLLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+for _tag, _regexp, _first in (
+    ("tag:yaml.org,2002:bool", _YAML12_BOOL, "tTfF"),
+    ("tag:yaml.org,2002:int", _YAML12_INT, "-+0123456789"),
+    ("tag:yaml.org,2002:float", _YAML12_FLOAT, "-+0123456789."),
+):
+    _YAMLLoader.add_implicit_resolver(_tag, _regexp, list(_first))
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -567,7 +610,8 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
     training = {k: _check_value("", k, v, valid_training[k]) for k, v in raw.items() if k not in PIPELINE_KEYS}
     args = _build_ewc_config({**_PIPELINE_TRAINING_DEFAULTS, **training}, output_dir)
     _check_report_to(args.report_to)
-    config = RunConfig(task, model, domains, output_dir, seed, training, source=source, raw=raw)
+    prune = _prune_spec(raw["prune"], domains) if raw.get("prune") is not None else None
+    config = RunConfig(task, model, domains, output_dir, seed, training, source=source, raw=raw, prune=prune)
     for i, domain in enumerate(domains):  # every domain's EWCConfig is valid before anything runs
         domain_args = config.training_args(i, output_dir)
         _check_report_to(domain_args.report_to)
@@ -578,4 +622,40 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
                 f"domains.{i} ({domain.name}) has no training steps, but SI importances come from training; use "
                 "fisher, mas, signal or uniform, or train on the domain."
             )
+    if prune is not None:
+        _check_prune_importances(config)
     return config
+
+
+def _prune_spec(raw: Any, domains: list[DomainSpec]) -> PruneSpec:
+    from .pruning import check_prune_arguments
+
+    spec = _spec(PruneSpec, raw, "prune")
+    names = [d.name for d in domains]
+    if isinstance(spec.after, int) and not 0 <= spec.after < len(domains):
+        raise HfEwcError(f"prune.after {spec.after} is not a domain index; use 0…{len(domains) - 1} or a name.")
+    if isinstance(spec.after, str) and spec.after not in names:
+        raise HfEwcError(f"prune.after {spec.after!r} is not a domain; choose one of: {', '.join(names)}.")
+    try:
+        check_prune_arguments(spec.sparsity, spec.criterion, spec.structure, spec.scope, spec.include, spec.exclude)
+    except HfEwcError as err:
+        raise HfEwcError(f"prune: {err}") from None
+    return spec
+
+
+def _check_prune_importances(config: RunConfig) -> None:
+    """The `prune:` criterion reads the run's own EWC state: every domain up to `after` must collect its kind."""
+    from .pruning import IMPORTANCE_OF
+
+    criterion = config.prune.criterion
+    if criterion == "magnitude":
+        return
+    needed = IMPORTANCE_OF[criterion]
+    for i in range(config.prune_after + 1):
+        method = config.training_args(i, config.output_dir).importance_method
+        if method != needed:
+            raise HfEwcError(
+                f"prune.criterion {criterion!r} needs {needed} importances, but domains.{i} "
+                f"({config.domains[i].name}) collects {method}; set importance_method: {needed} or use "
+                "criterion: magnitude."
+            )

@@ -298,48 +298,13 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, model, data: DomainData, tokenizer) -> dict[str, float]:
         """Token-weighted loss (and perplexity) for LMs, accuracy and loss for classification, on ``data.eval``."""
-        task = self.run.task
         if self._eval_batch_size is None:  # building an EWCConfig is not free: once per run, not per cell
             self._eval_batch_size = self.run.training_args(0, str(self.out)).per_device_eval_batch_size
-        loader = DataLoader(data.eval, batch_size=self._eval_batch_size, collate_fn=eval_collator(task, tokenizer))
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
         spec = next(d for d in self.run.domains if d.name == data.name)
         module = self._metric_module(spec.metric) if spec.metric else None
-        predictions: list[int] = []
-        references: list[int] = []
-        total, count, correct = 0.0, 0, 0
-        try:
-            for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                if task == "causal_lm":
-                    logits, labels = logits[:, :-1], labels[:, 1:]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-                )
-                total += float(loss)
-                count += int((labels != -100).sum())
-                if task == "sequence_classification":
-                    correct += int((logits.argmax(-1) == labels).sum())
-                if module is not None:  # labelled positions only (tokens for LMs, one per example otherwise)
-                    keep = labels != -100
-                    predictions += logits.argmax(-1)[keep].tolist()
-                    references += labels[keep].tolist()
-        finally:
-            model.train(was_training)
-        loss = total / max(count, 1)
-        if task == "sequence_classification":
-            cell = {"accuracy": correct / max(count, 1), "loss": loss}
-        else:
-            cell = {"loss": loss, "perplexity": perplexity(loss)}
-        if module is not None:
-            values = module.compute(predictions=predictions, references=references) or {}
-            extra = {f"{spec.metric}:{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
-            cell["extra"] = extra
-        return cell
+        return evaluate_model(
+            model, data.eval, self.run.task, tokenizer, batch_size=self._eval_batch_size, metric=(spec.metric, module)
+        )
 
     def _metric_module(self, name: str):
         """An `evaluate` metric by local path or Hub name, or None (with one warning) when it cannot be loaded."""
@@ -479,6 +444,7 @@ class Pipeline:
             train_dataset=data.train,
             processing_class=prepared.tokenizer,
             ewc_state=state,
+            callbacks=_sparsity_callbacks(model),
         )
         checkpoint = self._last_complete_checkpoint(domain_dir)
         if checkpoint is not None:
@@ -498,10 +464,14 @@ class Pipeline:
         t2 = time.perf_counter()
         state = trainer.consolidate(data.train, domain=spec.name)
         t3 = time.perf_counter()
+        pruning = None
+        if run.prune is not None and index == run.prune_after:
+            pruning, row = self._prune(trainer._plain_model(), state, row, prepared)
         self._save_stage(index, trainer._plain_model(), prepared.tokenizer, state)
         self.accel.wait_for_everyone()
         train_logs = [log for log in trainer.state.log_history if "loss" in log or "ewc/penalty" in log]
         return {
+            **({"pruning": pruning} if pruning is not None else {}),
             "domain": spec.name,
             "row": row,
             "train": {
@@ -517,6 +487,23 @@ class Pipeline:
             },
             "timings": {"train_seconds": t1 - t0, "eval_seconds": t2 - t1, "importance_seconds": t3 - t2},
         }
+
+    def _prune(self, model, state: EWCState, row: dict, prepared: _Prepared) -> tuple[dict, dict]:
+        """The `prune:` block: prune by the just-consolidated state, fit the state to the pruned model (anchors of
+        pruned weights 0, removed rows cut), record the sparsity in the config, evaluate again."""
+        from .pruning import prune_model
+
+        spec = self.run.prune
+        report = prune_model(
+            model, spec.sparsity, criterion=spec.criterion,
+            importances=state if spec.criterion != "magnitude" else None, scope=spec.scope, structure=spec.structure,
+            include=spec.include, exclude=spec.exclude, show_progress=False,
+        )  # fmt: skip
+        report.apply_to_state(state)
+        model.config.sparsity_config = report.sparsity_config()
+        after = self._row(model, prepared)
+        self.print(f"[hf_ewc] pruned: {report.summary()}")
+        return {"report": report.to_dict(), "row_before": row}, after
 
     def _last_complete_checkpoint(self, domain_dir: Path) -> str | None:
         """The latest Trainer checkpoint that was fully written (``trainer_state.json`` is its last file); a
@@ -572,6 +559,9 @@ class Pipeline:
                 {"name": c["domain"], "train": c["train"], "timings": c["timings"]} for c in progress["completed"]
             ],
             "ewc_state": (state.metadata | state.summary()) if state is not None else None,
+            "pruning": next(
+                ({"after": c["domain"], **c["pruning"]} for c in progress["completed"] if "pruning" in c), None
+            ),
             "config": self.run.to_dict(),
             "from": self.from_dir,
             "versions": versions(),
@@ -631,6 +621,19 @@ _RUN_ARTEFACTS = (
 )  # fmt: skip
 
 
+def _sparsity_callbacks(model) -> list:
+    """A pruned model (its config carries `sparsity_config`, from a `prune:` block or `hf-ewc prune`) keeps its
+    zeroed weights at zero while it trains on; physically removed structures need nothing."""
+    from .pruning import KeepSparsityCallback
+
+    sparsity = getattr(model.config, "sparsity_config", None)
+    if not isinstance(sparsity, dict) or sparsity.get("removal") == "physical":
+        return []
+    params = dict(model.named_parameters())
+    names = [n for n in sparsity.get("per_layer_sparsity", {}) if n in params and bool((params[n] == 0).any())]
+    return [KeepSparsityCallback.from_zeros(model, names)] if names else []
+
+
 def _is_run_artefact(name: str) -> bool:
     """What `hf-ewc train` (and `save_pretrained` of a model and tokenizer) writes at the top of output_dir."""
     return (
@@ -667,6 +670,54 @@ def _results_markdown(results: dict, names: list[str], metric: str, level: int =
         return "\n".join([*parts, "No summary: the matrix has non-finite values (the training diverged).", ""])
     parts += [f"{h} Summary", "", format_summary(results["summary"], names, metric=metric, markdown=True), ""]
     return "\n".join(parts)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model, dataset, task: str, tokenizer, *, batch_size: int = 8, metric: tuple[str, Any] | None = None
+) -> dict[str, Any]:
+    """Token-weighted cross-entropy (and perplexity) for language models, accuracy and loss for classification.
+
+    ``dataset`` is tokenized as by [`tokenize_domain`] (its eval part: masked LM inputs masked once); ``metric`` is an
+    optional ``(name, evaluate module)`` computed on the labelled positions.
+    """
+    name, module = metric if metric is not None else (None, None)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=eval_collator(task, tokenizer))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    predictions: list[int] = []
+    references: list[int] = []
+    total, count, correct = 0.0, 0, 0
+    try:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            if task == "causal_lm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((labels != -100).sum())
+            if task == "sequence_classification":
+                correct += int((logits.argmax(-1) == labels).sum())
+            if module is not None:  # labelled positions only (tokens for LMs, one per example otherwise)
+                keep = labels != -100
+                predictions += logits.argmax(-1)[keep].tolist()
+                references += labels[keep].tolist()
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    if task == "sequence_classification":
+        cell = {"accuracy": correct / max(count, 1), "loss": loss}
+    else:
+        cell = {"loss": loss, "perplexity": perplexity(loss)}
+    if module is not None:
+        values = module.compute(predictions=predictions, references=references) or {}
+        cell["extra"] = {f"{name}:{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
+    return cell
 
 
 def run_pipeline(run: RunConfig, **kwargs: Any) -> dict:

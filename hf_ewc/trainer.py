@@ -20,6 +20,7 @@ from .config import EWCConfig
 from .importance import SIAccumulator, collect
 from .importance.si import SI_STATE_NAME
 from .penalty import ewc_penalty, penalty_coefficients, proximal_step_, proximal_weights
+from .pruning import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState, trainable_parameters
 from .utils import HfEwcError, logger
 
@@ -302,6 +303,10 @@ class EWCTrainer(Trainer):
         if not skipped:
             if reg is not None and reg.proximal_weights is not None:
                 proximal_step_(reg.params, reg.anchors, reg.proximal_weights)
+            # Pruned weights go back to zero before SI reads the update (the callback's own hook comes later).
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, KeepSparsityCallback):
+                    callback.apply(self.model)
             if self._si is not None:
                 anchors, two_c = self._si_penalty if self._si_penalty is not None else (None, None)
                 self._si.after_step(grad_scale=1.0 / self._clip_coef, penalty_anchors=anchors, penalty_two_c=two_c)
