@@ -438,7 +438,11 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of transformer blocks (the longest ModuleList of modules with parameters)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        blocks = isinstance(module, nn.ModuleList) and len(module) and all(any(m.parameters()) for m in module)
+        blocks = (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(next(m.parameters(), None) is not None for m in module)
+        )
         if blocks and (best is None or len(module) > len(best[1])):
             best = (name, module)
     if best is None:
