@@ -77,6 +77,17 @@ def write_model_card(
             f"| {i} | {d.name} | {source} | {examples.get('train_examples', '–')} | "
             f"{examples.get('eval_examples', '–')} | {stats.get('steps', '–')} |"
         )
+    pruning = results.get("pruning")
+    pruned = ""
+    if pruning:
+        rep = pruning["report"]
+        pruned = (
+            f"\n- Pruned after {pruning['after']}: {rep['structure']} by {rep['criterion']} ({rep['scope']}), "
+            f"{rep['global_sparsity']:.1%} of {len(rep['layers'])} tensors ({rep['removal']}); later domains trained "
+            "with the pruned weights held at zero. `config.json` carries the `sparsity_config`, `results.json` the "
+            "report and the evaluation just before pruning (`pruning.row_before`)."
+        )
+        data.tags = [*data.tags, "pruned", "sparse"]
     start = (
         f"the continual-ready checkpoint `{from_dir}` (its EWC state protected the earlier domains)"
         if from_dir
@@ -98,7 +109,7 @@ A {run.task.replace("_", " ")} model adapted to {len(run.domains)} domain(s) in 
 - Protected parameters: {f"{protected:,} (every trainable parameter)" if protected else "none (no EWC state)"}; the
   importances and anchors are in `ewc_state/` (safetensors).
 - Learning rate {run.training.get("learning_rate", 5e-5):g}, seed {run.seed}; the full configuration is in
-  `results.json` (`config`).
+  `results.json` (`config`).{pruned}
 
 ## Evaluation
 

@@ -8,6 +8,19 @@ from hf_ewc import EWCConfig, EWCState, EWCTrainer, collect_importance
 
 def test_public_names():
     assert {"EWCConfig", "EWCTrainer", "EWCState", "collect_importance"} <= set(hf_ewc.__all__)
+    assert {"prune_model", "export_pruned", "KeepSparsityCallback", "PruneReport"} <= set(hf_ewc.__all__)
+
+
+def test_pruning_signatures():
+    params = inspect.signature(hf_ewc.prune_model).parameters
+    assert list(params)[:2] == ["model", "sparsity"]
+    keyword_only = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert {"criterion": "magnitude", "importances": None, "structure": "unstructured", "include": None,
+            "exclude": None}.items() <= keyword_only.items()  # fmt: skip
+    assert "scope" in keyword_only
+    params = inspect.signature(hf_ewc.export_pruned).parameters
+    assert list(params)[:3] == ["model", "out_dir", "report"]
+    assert {"tokenizer", "push_to_hub", "repo_id"} <= set(params)
     assert hf_ewc.__version__
 
 

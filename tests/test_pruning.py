@@ -612,6 +612,8 @@ def test_pipeline_prunes_after_a_domain_and_keeps_the_sparsity(tmp_path, structu
     params = dict(final.named_parameters())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["sparsity_config"]["criterion"] == "obd"
+    card = (run_dir / "README.md").read_text()
+    assert "- pruned" in card and "Pruned after animals" in card
     if structure == "ffn":
         assert config["intermediate_size"] == 16 and params["model.layers.0.mlp.up_proj.weight"].shape == (16, 16)
     else:  # trained on "tools" after pruning, and still exactly as sparse
