@@ -932,6 +932,7 @@ def verify_export(model: nn.Module, directory: str | os.PathLike, report: PruneR
     except Exception as err:  # any loading failure means the export is unusable
         where = f"{auto.__name__}.from_pretrained({str(directory)!r})"
         raise HfEwcError(f"reload verification failed: {where}: {err}") from err
+    reloaded.to(next(model.parameters()).device)  # same device, same kernels: the logits must match exactly
     ours = dict(model.named_parameters())
     theirs = dict(reloaded.named_parameters())
     if set(ours) != set(theirs):

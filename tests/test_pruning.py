@@ -631,3 +631,19 @@ def test_prune_block_is_checked_before_anything_runs(tmp_path):
     with pytest.raises(HfEwcError, match="prune.after 'birds' is not a domain; choose one of: animals, tools"):
         build_run_config(raw)
     assert not Path(raw["output_dir"]).exists()
+
+
+def test_a_pruned_run_keeps_its_zeros_when_continued_with_from(tmp_path):
+    first = make_config(tmp_path, num_train_epochs=1)
+    first["prune"] = {"sparsity": 0.6}  # after the last domain, by magnitude
+    Pipeline(build_run_config(first), print_fn=lambda *a: None).run_sequence()
+    old_dir = Path(first["output_dir"])
+    old = dict(AutoModelForCausalLM.from_pretrained(old_dir).named_parameters())
+    second = make_config(tmp_path, domains=("colours",), num_train_epochs=2)
+    second["output_dir"] = str(tmp_path / "run2")
+    Pipeline(build_run_config(second), from_dir=str(old_dir), print_fn=lambda *a: None).run_sequence()
+    new = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "run2").named_parameters())
+    report = json.loads((old_dir / "results.json").read_text())["pruning"]["report"]
+    for name in report["layers"]:
+        assert torch.equal(new[name] == 0, old[name] == 0), name
+        assert not torch.equal(new[name], old[name]), name
