@@ -815,9 +815,14 @@ class KeepSparsityCallback(TrainerCallback):
 
     @classmethod
     def from_zeros(cls, model: nn.Module, names: Iterable[str] | None = None) -> "KeepSparsityCallback":
-        """Masks = ``θ != 0`` for ``names`` (default: the tensors the pruning report lists, or the default targets)."""
+        """Masks = ``θ != 0`` for ``names`` (default: the tensors the ``sparsity_config`` of the model's config lists,
+        as written by [`export_pruned`], else the default targets)."""
         params = dict(model.named_parameters())
-        names = list(names) if names is not None else list(select_targets(model))
+        if names is None:
+            sparsity = getattr(getattr(model, "config", None), "sparsity_config", None)
+            listed = sparsity.get("per_layer_sparsity") if isinstance(sparsity, dict) else None
+            names = list(listed) if listed else list(select_targets(model))
+        names = list(names)
         unknown = [n for n in names if n not in params]
         if unknown:
             raise HfEwcError(f"KeepSparsityCallback: {unknown[0]!r} is not a parameter of {type(model).__name__}.")
@@ -1008,6 +1013,13 @@ def _pruned_card(model, report: PruneReport, verification: dict, *, base_model: 
         if report.structured.get("note"):
             structured += f"{report.structured['note']}\n"
     source = f" Importances: {report.importance_source}." if report.importance_source else ""
+    keep = (
+        "The removed structures are gone from the shapes: fine-tune it like any model."
+        if report.removal == "physical"
+        else "To fine-tune further without regrowing the pruned weights, pass "
+        "`hf_ewc.KeepSparsityCallback.from_zeros(model)` to the Trainer (`hf-ewc train` does it by itself: the "
+        "config's `sparsity_config` names the pruned tensors)."
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -1031,8 +1043,7 @@ from transformers import {auto_name}
 model = {auto_name}.from_pretrained("PATH_OR_REPO")
 ```
 
-To fine-tune further without regrowing the pruned weights, pass
-`hf_ewc.pruning.KeepSparsityCallback.from_zeros(model)` to the Trainer.
+{keep}
 
 ## Per-layer sparsity
 

@@ -371,6 +371,17 @@ def test_pruned_weights_stay_zero_through_training(tmp_path, setup):
             assert float(si[~mask].abs().max()) == 0.0 and float(si[mask].abs().max()) > 0.0
 
 
+def test_from_zeros_reads_the_exported_sparsity_config(tmp_path):
+    model = tiny_bert_mlm()
+    report = prune_model(model, 0.5, structure="heads", show_progress=False)  # zeroes biases too
+    export_pruned(model, tmp_path / "out", report)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "out")
+    callback = KeepSparsityCallback.from_zeros(reloaded)
+    assert set(callback.masks) == set(report.layers) and any(n.endswith(".bias") for n in callback.masks)
+    for name, mask in report.masks.items():  # every weight the pruner removed is held at zero
+        assert bool((~callback.masks[name])[~mask].all()), name
+
+
 def test_without_the_callback_pruned_weights_regrow(tmp_path):
     model = tiny_llama()
     report = prune_model(model, 0.5, show_progress=False)
