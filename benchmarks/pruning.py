@@ -67,12 +67,11 @@ import datasets
 import numpy as np
 import sklearn
 import torch
-import torch.nn.functional as F
 import transformers
+from permuted_digits import DigitsDataset, DigitsMLP  # the same MLP and dataset (this folder is on sys.path)
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.utils.data import Dataset
 
 from hf_ewc import EWCConfig, EWCTrainer
 from hf_ewc.config import build_run_config, default_config_path, read_yaml
@@ -169,34 +168,6 @@ def _quiet(**kwargs) -> dict:
 
 
 # ================================================================================================ (a) digits MLP
-class DigitsMLP(nn.Module):
-    """64-100-100-10 leaky-ReLU MLP (as in permuted_digits.py): forward takes ``labels``, returns loss and logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(64, 100), nn.Linear(100, 100), nn.Linear(100, 10)])
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        hidden = pixel_values
-        for layer in self.layers[:-1]:
-            hidden = F.leaky_relu(layer(hidden))
-        logits = self.layers[-1](hidden)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return {"loss": loss, "logits": logits}
-
-
-class DigitsDataset(Dataset):
-    def __init__(self, pixels: np.ndarray, labels: np.ndarray):
-        self.pixels = torch.as_tensor(pixels, dtype=torch.float32)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
-
-
 def digits_splits() -> dict[str, DigitsDataset]:
     """One stratified 60/20/20 train / validation / test split (fixed for every seed)."""
     digits = load_digits()

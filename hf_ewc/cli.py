@@ -43,11 +43,9 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _state(args: argparse.Namespace) -> int:
-    from .pipeline import find_ewc_state
     from .state import EWCState
 
-    # A finished `hf-ewc train` run keeps its state in ewc_state/; a checkpoint or EWCState.save() directory in itself.
-    state = EWCState.load(find_ewc_state(args.directory) or args.directory)
+    state = EWCState.load(args.directory)  # a run's ewc_state/, a checkpoint or an EWCState.save() directory
     summary = {
         "domains": [d.get("name") for d in state.domains],
         "methods": [

@@ -47,7 +47,7 @@ from .data import (
     train_tokenizer,
 )
 from .metrics import continual_metrics, format_matrix, format_summary, perplexity, plot_matrix, plot_trajectories
-from .state import STATE_WEIGHTS_NAME, EWCState
+from .state import STATE_DIR, STATE_WEIGHTS_NAME, EWCState, find_ewc_state
 from .trainer import EWCTrainer
 from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 
@@ -55,7 +55,6 @@ from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 RUN_CONFIG_NAME = "run_config.json"
 PROGRESS_NAME = "progress.json"
 RESULTS_NAME = "results.json"
-STATE_DIR = "ewc_state"
 # Keys that may differ between a run and its `--resume` (they do not change what is computed).
 _RESUME_FREE_KEYS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", "log_level", "run_name")
 
@@ -67,15 +66,6 @@ class _Prepared:
     domains: list[DomainData]
     labels: list | None
     initial_state: EWCState | None
-
-
-def find_ewc_state(directory: str | os.PathLike) -> Path | None:
-    """The EWC state of a finished run or a continual-ready checkpoint: ``DIR/ewc_state/`` or ``DIR`` itself."""
-    directory = Path(directory)
-    for candidate in (directory / STATE_DIR, directory):
-        if (candidate / STATE_WEIGHTS_NAME).is_file():
-            return candidate
-    return None
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -630,8 +620,9 @@ def _sparsity_callbacks(model) -> list:
     if not isinstance(sparsity, dict) or sparsity.get("removal") == "physical":
         return []
     params = dict(model.named_parameters())
-    names = [n for n in sparsity.get("per_layer_sparsity", {}) if n in params and bool((params[n] == 0).any())]
-    return [KeepSparsityCallback.from_zeros(model, names)] if names else []
+    if not any(bool((params[n] == 0).any()) for n in sparsity.get("per_layer_sparsity", {}) if n in params):
+        return []
+    return [KeepSparsityCallback.from_zeros(model)]  # reads the same sparsity_config
 
 
 def _is_run_artefact(name: str) -> bool:

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .importance._collect import LINEAR_TYPES
-from .state import EWCState
+from .state import EWCState, find_ewc_state
 from .utils import HfEwcError, logger, versions, write_json_atomic
 
 
@@ -146,11 +146,7 @@ def _resolve_importances(
             )
         from .importance import collect_importance
 
-        kwargs = dict(collect_kwargs or {})
-        kwargs.setdefault("estimator", "empirical")
-        if needed != "fisher":
-            kwargs.pop("estimator")
-        return collect_importance(model, data, needed, **kwargs), f"collected on data ({needed})"
+        return collect_importance(model, data, needed, **(collect_kwargs or {})), f"collected on data ({needed})"
     if importances is None:
         raise HfEwcError(
             f"criterion {criterion!r} needs {needed} importances: pass importances= an EWC state directory (an hf-ewc "
@@ -159,10 +155,8 @@ def _resolve_importances(
         )
     source = None
     if isinstance(importances, (str, os.PathLike)):
-        from .pipeline import find_ewc_state
-
         source = str(importances)
-        importances = EWCState.load(find_ewc_state(importances) or importances)
+        importances = EWCState.load(importances)
     if isinstance(importances, EWCState):
         methods = sorted({str(d.get("method")) for d in importances.domains if d.get("method")})
         if methods and methods != [needed]:
@@ -477,13 +471,15 @@ def _resize(module: nn.Module, name: str, param_name: str, dim: int, keep: Tenso
         module.out_features, module.in_features = new.shape
 
 
-def _group_scores(entries, criterion, importances) -> Tensor:
-    """Sum of scores per unit: ``entries`` = [(name, param, dim, unit_size)] each contributing along ``dim``."""
-    total = None
-    for name, param, dim, unit in entries:
+def _unit_scores(entries, criterion, importances, units: int, size: int) -> Tensor:
+    """Score of each of ``units`` structures (FFN neurons, heads): the sum of its weights' scores. ``entries`` =
+    ``[(name, param, dim, offsets)]``: along ``dim``, unit u owns ``o + u·size … o + (u + 1)·size − 1`` for every
+    offset o (GPT-2's fused q/k/v has three)."""
+    total = torch.zeros(units)
+    for name, param, dim, offsets in entries:
         s = _score(name, param, criterion, importances).movedim(dim, 0)
-        s = s.reshape(-1, unit, *s.shape[1:]).sum(dim=tuple(range(1, s.ndim + 1)))
-        total = s if total is None else total + s
+        for o in offsets:
+            total += s[o : o + units * size].reshape(units, -1).sum(1)
     return total
 
 
@@ -511,9 +507,9 @@ def _prune_ffn(model, sparsity, criterion, importances, show_progress):
             for path in paths:
                 module = block.get_submodule(path)
                 dim = _neuron_dim(module, role)
-                entries.append((f"{prefix}.{i}.{path}.weight", module.weight, dim, 1))
+                entries.append((f"{prefix}.{i}.{path}.weight", module.weight, dim, [0]))
                 if role == "in" and getattr(module, "bias", None) is not None:
-                    entries.append((f"{prefix}.{i}.{path}.bias", module.bias, 0, 1))
+                    entries.append((f"{prefix}.{i}.{path}.bias", module.bias, 0, [0]))
         plan.append((i, block, entries))
     if importances is not None:
         _check_coverage(importances, {n: p for _, _, es in plan for n, p, _, _ in es})
@@ -522,7 +518,7 @@ def _prune_ffn(model, sparsity, criterion, importances, show_progress):
     slices: dict[str, tuple[int, Tensor]] = {}
     kept_per_layer = []
     for i, block, entries in tqdm(plan, desc="scoring FFN neurons", disable=not show_progress):
-        scores = _group_scores(entries, criterion, importances)
+        scores = _unit_scores(entries, criterion, importances, width, 1)
         keep = torch.sort(torch.argsort(scores, descending=True, stable=True)[: width - removed]).values
         kept_per_layer.append(keep.tolist())
         for name, _, dim, _ in entries:
@@ -566,7 +562,7 @@ def _prune_heads(model, sparsity, criterion, importances, show_progress):
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     physical = kind == "llama" and getattr(config, "head_dim", None) is not None
-    head_dim = config.head_dim if kind == "llama" and physical else config.hidden_size // heads
+    head_dim = config.head_dim if physical else config.hidden_size // heads
     groups = heads // kv_heads
     if groups > 1:  # grouped-query attention: the same number of query heads leaves every key/value group
         per_group = round(sparsity * groups)
@@ -582,7 +578,7 @@ def _prune_heads(model, sparsity, criterion, importances, show_progress):
         kind_i, info = _attention_layout(block)
         base = f"{prefix}.{i}.{info['path']}"
         attn = info["attn"]
-        # (name, param, dim, index function: head → indices along dim)
+        # (name, param, dim, offsets): head h owns o + h·head_dim … along dim, for each offset o
         entries = []
         if kind_i == "llama":
             qkv = [("q_proj", True)] + [(p, groups == 1) for p in ("k_proj", "v_proj")]
@@ -618,11 +614,7 @@ def _prune_heads(model, sparsity, criterion, importances, show_progress):
     slices: dict[str, tuple[int, Tensor]] = {}
     removed_heads: dict[str, list[int]] = {}
     for i, block, attn, entries in tqdm(plan, desc="scoring heads", disable=not show_progress):
-        scores = torch.zeros(heads)
-        for name, param, dim, offsets in entries:
-            s = _score(name, param, criterion, importances).movedim(dim, 0)
-            for h in range(heads):
-                scores[h] += float(s[indices(h, offsets)].sum())
+        scores = _unit_scores(entries, criterion, importances, heads, head_dim)
         if groups > 1:  # rank query heads inside each key/value group
             drop = []
             for g in range(kv_heads):
@@ -648,8 +640,8 @@ def _prune_heads(model, sparsity, criterion, importances, show_progress):
                 full = mask.view(shape).expand(param.shape).clone()
                 param.mul_(full.to(param.device))
                 masks[name] = full
-        if physical:
-            attn.num_key_value_groups = (heads - removed) // (kv_heads if groups > 1 else heads - removed)
+        if physical:  # read by the attention's repeat_kv; the config is updated below
+            attn.num_key_value_groups = groups - per_group if groups > 1 else 1
     if physical:
         new_heads = heads - removed
         config.num_attention_heads = new_heads
@@ -810,13 +802,14 @@ class KeepSparsityCallback(TrainerCallback):
         if not masks:
             raise HfEwcError("KeepSparsityCallback needs at least one mask (a pruned model has them in report.masks).")
         self.masks = {n: m.bool() for n, m in masks.items()}
-        self._bound: list[tuple[Tensor, Tensor]] | None = None
+        self._bound: list[tuple[Tensor, Tensor]] | None = None  # (parameter, pruned = ~mask on its device)
         self._model_id: int | None = None
+        self.managed = False  # set by EWCTrainer for a training run: it applies the masks at the right point itself
 
     @classmethod
     def from_zeros(cls, model: nn.Module, names: Iterable[str] | None = None) -> "KeepSparsityCallback":
-        """Masks = ``θ != 0`` for ``names`` (default: the tensors the ``sparsity_config`` of the model's config lists,
-        as written by [`export_pruned`], else the default targets)."""
+        """Masks = ``θ != 0`` for those of ``names`` that hold zeros (default: the tensors the ``sparsity_config`` of
+        the model's config lists, as written by [`export_pruned`], else the default targets)."""
         params = dict(model.named_parameters())
         if names is None:
             sparsity = getattr(getattr(model, "config", None), "sparsity_config", None)
@@ -826,7 +819,8 @@ class KeepSparsityCallback(TrainerCallback):
         unknown = [n for n in names if n not in params]
         if unknown:
             raise HfEwcError(f"KeepSparsityCallback: {unknown[0]!r} is not a parameter of {type(model).__name__}.")
-        return cls({n: params[n].detach() != 0 for n in names})
+        # A tensor without zeros has nothing to keep: no mask, no work at every optimizer step.
+        return cls({n: params[n].detach() != 0 for n in names if bool((params[n] == 0).any())})
 
     @classmethod
     def from_report(cls, model: nn.Module, report: PruneReport) -> "KeepSparsityCallback | None":
@@ -853,23 +847,26 @@ class KeepSparsityCallback(TrainerCallback):
                         f"KeepSparsityCallback: mask of {name!r} has shape {tuple(mask.shape)}, the parameter "
                         f"{tuple(p.shape)}."
                     )
-                bound.append((p, mask.to(p.device)))
+                bound.append((p, ~mask.to(p.device)))
             self._bound, self._model_id = bound, id(model)
         return self._bound
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Zero the pruned weights of ``model`` now."""
-        for p, mask in self._bind(model):
-            p.masked_fill_(~mask, 0)
+        for p, pruned in self._bind(model):
+            p.masked_fill_(pruned, 0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.apply(model)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if model is not None:
+        if model is not None and not self.managed:
             self.apply(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.managed = False
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -1190,14 +1187,10 @@ def prune_pretrained(
     if push_to_hub is not None and "/" not in push_to_hub:
         raise HfEwcError(f"--push-to-hub {push_to_hub!r}: give a repository id like 'user/model-pruned'.")
     if importances is not None and not isinstance(importances, (EWCState, Mapping)):
-        from .pipeline import find_ewc_state
-
         if not os.path.exists(importances):
             raise HfEwcError(f"importances directory {str(importances)!r} does not exist.")
-        importances = EWCState.load(find_ewc_state(importances) or importances)
-    if criterion != "magnitude" and importances is None and not data_files and os.path.isdir(model_name_or_path):
-        from .pipeline import find_ewc_state
-
+        importances = EWCState.load(importances)
+    if criterion != "magnitude" and importances is None and os.path.isdir(model_name_or_path):
         found = find_ewc_state(model_name_or_path)
         if found is not None:
             print_fn(f"[hf_ewc] importances: the EWC state in {found}")

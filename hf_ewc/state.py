@@ -30,6 +30,7 @@ from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 
 STATE_WEIGHTS_NAME = "ewc_state.safetensors"
 STATE_CONFIG_NAME = "ewc_state.json"
+STATE_DIR = "ewc_state"  # where a finished `hf-ewc train` run (and a pipeline stage) keeps its state
 FORMAT_VERSION = 1
 LAMBDA_CONVENTION = (
     "penalty = sum(c * (theta - theta_star)**2); vanilla c = lambda*Omega/2; "
@@ -50,6 +51,16 @@ _KNOWN_METADATA = {
     "state_id",
     "versions",
 }
+
+
+def find_ewc_state(directory: str | os.PathLike) -> Path | None:
+    """The directory holding the EWC state of ``directory``: ``DIR/ewc_state/`` (a finished run) or ``DIR`` itself
+    (a checkpoint, `EWCState.save`); None when neither has one."""
+    directory = Path(directory)
+    for candidate in (directory / STATE_DIR, directory):
+        if (candidate / STATE_WEIGHTS_NAME).is_file():
+            return candidate
+    return None
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -354,8 +365,11 @@ class EWCState:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "EWCState":
-        """Load a state written by [`EWCState.save`] (tensors through safetensors, never pickle)."""
+        """Load a state written by [`EWCState.save`] (tensors through safetensors, never pickle) from its directory, a
+        checkpoint, or a finished `hf-ewc train` run (its ``ewc_state/``)."""
         directory = Path(directory)
+        if directory.is_dir():
+            directory = find_ewc_state(directory) or directory
         path = directory / STATE_WEIGHTS_NAME if directory.is_dir() or not directory.suffix else directory
         if not path.is_file():
             raise HfEwcError(

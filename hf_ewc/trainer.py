@@ -166,6 +166,9 @@ class EWCTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _setup_ewc(self) -> None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, KeepSparsityCallback):
+                callback.managed = True  # applied in _after_optimizer_step, not again by its own hook
         """Build the device-side penalty tensors and start SI (called on `on_train_begin`, after any resume)."""
         args: EWCConfig = self.args
         self._pending_penalties = []

@@ -36,11 +36,7 @@ from hf_ewc.utils import HfEwcError
 
 
 def llama_mha() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return tiny_llama(num_attention_heads=4, num_key_value_heads=4)
 
 
 BUILDERS = {
@@ -208,6 +204,31 @@ def test_physical_head_removal_equals_zeroing_the_heads_output(build):
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_structures_with_the_lowest_summed_magnitude_go():
+    """The score of an FFN neuron or a head is the sum of |θ| over its weights, computed here by hand."""
+    model = tiny_llama()
+    mlp = model.model.layers[1].mlp
+    ffn = mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1) + mlp.down_proj.weight.abs().sum(0)
+    report = prune_model(copy.deepcopy(model), 0.25, structure="ffn", show_progress=False)
+    assert report.structured["removed_indices"]["1"] == sorted(ffn.argsort()[:8].tolist())
+
+    gpt2 = tiny_gpt2()  # fused q/k/v in Conv1D [in, 3·hidden]: three slices per head, and the bias
+    attn, d = gpt2.transformer.h[0].attn, 8
+    w, b, o = attn.c_attn.weight.abs(), attn.c_attn.bias.abs(), attn.c_proj.weight.abs()
+    heads = [sum(float(w[:, k * 16 + h * d : k * 16 + (h + 1) * d].sum() + b[k * 16 + h * d : k * 16 + (h + 1) * d]
+                       .sum()) for k in range(3)) + float(o[h * d : (h + 1) * d].sum()) for h in range(2)]  # fmt: skip
+    report = prune_model(gpt2, 0.5, structure="heads", show_progress=False)
+    assert report.structured["removed_heads"]["0"] == [min(range(2), key=heads.__getitem__)]
+
+    mha = llama_mha()  # 4 heads, each with its q/k/v rows and o columns
+    attn, d = mha.model.layers[0].self_attn, 4
+    rows = sum(getattr(attn, p).weight.abs().sum(1) for p in ("q_proj", "k_proj", "v_proj"))
+    scores = rows.view(4, d).sum(1) + attn.o_proj.weight.abs().sum(0).view(4, d).sum(1)
+    report = prune_model(mha, 0.5, structure="heads", show_progress=False)
+    assert report.structured["removed_heads"]["0"] == sorted(scores.argsort()[:2].tolist())
+
+
 @pytest.mark.parametrize("name", ["bert_mlm", "gpt2"])
 def test_heads_are_zeroed_where_the_config_cannot_remove_them(name):
     build, _ = BUILDERS[name]
@@ -353,6 +374,9 @@ def test_pruned_weights_stay_zero_through_training(tmp_path, setup):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     old_importances = {n: t.clone() for n, t in state.importances.items()}
     callback = KeepSparsityCallback(report.masks)
+    applied = []
+    real_apply = callback.apply
+    callback.apply = lambda m, **kw: (applied.append(1), real_apply(m, **kw))[1]
     if setup == "trainer":
         trainer = _train(Trainer, model, tmp_path, [callback])
     elif setup == "stabilized":
@@ -364,6 +388,7 @@ def test_pruned_weights_stay_zero_through_training(tmp_path, setup):
     for name, mask in report.masks.items():
         assert torch.equal(params[name] == 0, ~mask), name  # no regrowth, and the kept weights are not stuck at 0
         assert not torch.equal(params[name], before[name]), name  # they trained
+    assert len(applied) == 1 + trainer.state.global_step  # at train begin, then once per optimizer step
     if setup == "proximal_si":  # SI saw no movement of the pruned weights: their path integral is exactly 0
         new_state = trainer.consolidate(domain="b")  # Ω = Ω_fisher + Ω_si
         for name, mask in report.masks.items():

@@ -27,10 +27,11 @@ def tiny_gpt2(dropout: float = 0.0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(num_attention_heads: int = 2, num_key_value_heads: int = 1) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     return LlamaForCausalLM(config)
 
