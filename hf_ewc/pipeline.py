@@ -47,6 +47,7 @@ from .data import (
     train_tokenizer,
 )
 from .metrics import continual_metrics, format_matrix, format_summary, perplexity, plot_matrix, plot_trajectories
+from .importance._collect import check_world_size
 from .state import STATE_DIR, STATE_WEIGHTS_NAME, EWCState, find_ewc_state
 from .trainer import EWCTrainer
 from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
@@ -124,10 +125,14 @@ class Pipeline:
         self.overwrite = overwrite
         self.from_dir = str(Path(from_dir).resolve()) if from_dir is not None else None
         self.out = Path(run.output_dir)
-        self.print = print_fn or (lambda *a, **k: None)
+        # The first domain's EWCConfig sets up the process group exactly as its Trainer will (`use_cpu`,
+        # ACCELERATE_USE_CPU, the launcher's environment); `PartialState` then shares that state.
+        self._eval_batch_size = run.training_args(0, str(self.out)).per_device_eval_batch_size
         self.accel = PartialState()
+        check_world_size(self.accel)
+        quiet = print_fn is None or not self.accel.is_main_process  # progress tables once, not once per process
+        self.print = (lambda *a, **k: None) if quiet else print_fn
         self._metrics: dict[str, Any] = {}
-        self._eval_batch_size: int | None = None
         self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -288,8 +293,6 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, model, data: DomainData, tokenizer) -> dict[str, float]:
         """Token-weighted loss (and perplexity) for LMs, accuracy and loss for classification, on ``data.eval``."""
-        if self._eval_batch_size is None:  # building an EWCConfig is not free: once per run, not per cell
-            self._eval_batch_size = self.run.training_args(0, str(self.out)).per_device_eval_batch_size
         spec = next(d for d in self.run.domains if d.name == data.name)
         module = self._metric_module(spec.metric) if spec.metric else None
         return evaluate_model(
@@ -380,6 +383,7 @@ class Pipeline:
             progress["finished"] = False  # interrupted while finishing: finish again (the stage is still there)
         started = time.perf_counter()
         prepared = self._prepare(progress)
+        self.accel.wait_for_everyone()  # every process has read output_dir before the main one writes to it
         if self.accel.is_main_process:
             if self.overwrite and self.out.exists():
                 for entry in self.out.iterdir():  # only what a run writes (checked in _check_output_dir)

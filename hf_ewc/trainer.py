@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import EWCConfig
 from .importance import SIAccumulator, collect
+from .importance._collect import check_world_size
 from .importance.si import SI_STATE_NAME
 from .penalty import ewc_penalty, penalty_coefficients, proximal_step_, proximal_weights
 from .pruning import KeepSparsityCallback
@@ -135,6 +136,7 @@ class EWCTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self._apply_log_level()
+        check_world_size(self.accelerator.state)
         if isinstance(ewc_state, (str, os.PathLike)):
             ewc_state = EWCState.load(ewc_state)
         self.ewc_state: EWCState | None = ewc_state

@@ -199,14 +199,15 @@ def prepare_inputs(
     return inputs
 
 
-def check_world_size(state: PartialState) -> None:
-    """Refuse the silent misconfiguration where the launcher started N processes that each believe they are alone."""
+def check_world_size(state) -> None:
+    """Refuse the silent misconfiguration where the launcher started N processes that each believe they are alone
+    (on CPU, `accelerate launch --multi_gpu` without ACCELERATE_USE_CPU): each would train, collect and write alone."""
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if env_world > 1 and state.num_processes == 1:
         raise HfEwcError(
-            f"WORLD_SIZE={env_world} but accelerate sees a single process, so each process would collect alone. On "
-            "CPU launch with `accelerate launch --multi_gpu --num_processes N` and ACCELERATE_USE_CPU=1 (or "
-            "torchrun)."
+            f"WORLD_SIZE={env_world} but accelerate sees a single process, so every process would train, collect and "
+            "write alone. On CPU set ACCELERATE_USE_CPU=1 (or `use_cpu: true` in the config) with `accelerate launch "
+            "--multi_gpu --num_processes N`; on GPUs check that CUDA is visible to every process."
         )
 
 

@@ -1,0 +1,179 @@
+"""What the multi-process tests run, once in the test process and once per rank under `accelerate launch`.
+
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/mp_worker.py importances OUT
+    … mp_worker.py train OUT PER_DEVICE_BATCH_SIZE
+    … mp_worker.py cli LOG_PREFIX ROOT -- train run.yaml     (hf-ewc's CLI, every write under ROOT logged per rank)
+
+Each rank writes ``OUT/rank<i>.safetensors`` (and ``.json``), so a test can compare the ranks with each other and
+with a 1-process run of the same function.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from testing_utils import cls_samples, lm_samples, tiny_bert_classifier, tiny_gpt2, tiny_llama  # noqa: E402
+from transformers import default_data_collator  # noqa: E402
+
+from hf_ewc import EWCConfig, EWCTrainer  # noqa: E402
+from hf_ewc.importance import collect  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------------- importances
+# 13 samples over 2 ranks: 7 + 6, batches of 4 → uneven shards and a short last batch on each rank.
+IMPORTANCE_CASES = {
+    "gpt2_fisher_empirical": (tiny_gpt2, lambda: lm_samples(13, pad_last=3), "fisher", {"estimator": "empirical"}),
+    "gpt2_fisher_exact": (tiny_gpt2, lambda: lm_samples(13), "fisher", {"estimator": "exact", "max_backward_per_batch": 1200}),
+    "gpt2_mas": (tiny_gpt2, lambda: lm_samples(13, pad_last=3), "mas", {}),
+    "bert_cls_fisher_empirical": (tiny_bert_classifier, lambda: cls_samples(13), "fisher", {}),
+    "bert_cls_signal": (tiny_bert_classifier, lambda: cls_samples(13), "signal", {}),
+    # a DataLoader: whole batches go round-robin to the ranks, max_samples cuts the 4th batch short (11 = 3+3+3+2)
+    "gpt2_loader_fisher": (
+        tiny_gpt2,
+        lambda: DataLoader(lm_samples(13), batch_size=3, collate_fn=default_data_collator),
+        "fisher",
+        {"max_samples": 11},
+    ),
+}
+
+
+def collect_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    tensors, counts = {}, {}
+    for case, (factory, data, method, options) in IMPORTANCE_CASES.items():
+        torch.manual_seed(0)
+        model = factory()
+        result = collect(model, data(), method, batch_size=4, show_progress=False, **options)
+        counts[case] = result.num_samples
+        tensors.update({f"{case}/{name}": value for name, value in result.importances.items()})
+    return tensors, counts
+
+
+# ------------------------------------------------------------------------------------------------------- training
+def train_sequence(out: str, per_device_batch_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Two domains with SI importances and the stabilized penalty on the second: the parameters after each domain,
+    SI's importances, the logged penalties and losses."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    domains = {"a": lm_samples(32, seed=1, high=20), "b": lm_samples(32, seed=2, low=20)}
+    tensors: dict[str, torch.Tensor] = {}
+    logs: dict[str, list] = {}
+    state = None
+    for name, data in domains.items():
+        args = EWCConfig(
+            output_dir=os.path.join(out, name), per_device_train_batch_size=per_device_batch_size,
+            num_train_epochs=2, learning_rate=0.02, optim="adamw_torch", lr_scheduler_type="constant",
+            max_grad_norm=0.5, weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True,
+            logging_steps=1, seed=0, use_cpu=True, importance_method="si", ewc_lambda=300.0,
+        )  # fmt: skip
+        trainer = EWCTrainer(model=model, args=args, train_dataset=data, ewc_state=state)
+        trainer.train()
+        state = trainer.consolidate(domain=name)
+        model = trainer._plain_model()
+        tensors.update({f"{name}/param/{n}": p.detach().clone() for n, p in model.named_parameters()})
+        tensors.update({f"{name}/omega/{n}": t.clone() for n, t in state.importances.items()})
+        logs[name] = [
+            {k: v for k, v in log.items() if k in ("loss", "ewc/penalty", "grad_norm")}
+            for log in trainer.state.log_history
+            if "loss" in log
+        ]
+        logs[f"{name}/steps"] = trainer.state.global_step
+    return tensors, logs
+
+
+# ------------------------------------------------------------------------------------------------------- writes
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def record_writes(root: str, log_path: str) -> None:
+    """Log every file-system change under ``root`` this process makes (Python audit events), to ``log_path`` at
+    exit. Rust writers (safetensors) are seen through the `os.replace`/`os.mkdir` around them."""
+    import atexit
+
+    root = os.path.realpath(root)
+    events: list[tuple[str, str]] = []
+
+    def under(path) -> str | None:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return None
+        path = os.path.realpath(os.fsdecode(path))
+        return path if path == root or path.startswith(root + os.sep) else None
+
+    def hook(event: str, args: tuple) -> None:
+        paths = []
+        if event == "open":
+            path, mode, flags = args
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
+            if writes:
+                paths = [path]
+        elif event in ("os.rename", "os.replace", "shutil.copyfile", "shutil.move", "torch.save", "safetensors.save_file"):
+            paths = [args[1]]
+        elif event in ("os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate"):
+            paths = [args[0]]
+        for path in paths:
+            hit = under(path)
+            if hit is not None:
+                events.append((event, os.path.relpath(hit, root)))
+
+    def dump() -> None:
+        with open(log_path, "w", encoding="utf-8") as f:
+            json.dump(events, f)
+
+    def traced(original, event):
+        def wrapper(obj, path, *args, **kwargs):
+            hook(event, (obj, path))
+            return original(obj, path, *args, **kwargs)
+
+        return wrapper
+
+    # torch.save and safetensors write from C++/Rust, out of the audit hooks' sight: wrap them wherever imported.
+    import safetensors.torch
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.trainer  # noqa: F401
+
+    import hf_ewc.cli  # noqa: F401
+
+    for original, event in ((torch.save, "torch.save"), (safetensors.torch.save_file, "safetensors.save_file")):
+        wrapper = traced(original, event)
+        for module in list(sys.modules.values()):
+            for attr, value in list(getattr(module, "__dict__", {}).items()):
+                if value is original:
+                    setattr(module, attr, wrapper)
+    sys.addaudithook(hook)
+    atexit.register(dump)
+
+
+def main(argv: list[str]) -> int:
+    command, rest = argv[0], argv[1:]
+    if command == "cli":
+        log_prefix, root, _, *cli_argv = rest
+        rank = int(os.environ.get("RANK", "0"))
+        record_writes(root, f"{log_prefix}.{rank}.json")
+        from hf_ewc.cli import main as cli_main
+
+        return cli_main(cli_argv)
+    out = rest[0]
+    if command == "importances":
+        tensors, info = collect_all()
+    elif command == "train":
+        tensors, info = train_sequence(out, int(rest[1]))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+    state = PartialState()
+    info = {"world": state.num_processes, "rank": state.process_index, **info}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"rank{state.process_index}.safetensors"))
+    with open(os.path.join(out, f"rank{state.process_index}.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

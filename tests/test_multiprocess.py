@@ -1,0 +1,149 @@
+"""Two real CPU processes (gloo) under `accelerate launch` against one process on the same samples.
+
+- importances: sharded, reduced, counted exactly (uneven shards, no padded duplicates) — equal to 1 process;
+- training with SI and the stabilized penalty: the same on both ranks, equal to 1 process at the same global batch;
+  the penalty is neither multiplied nor divided by the world size;
+- `hf-ewc train`: every file under output_dir is written by the main process only (rank 1 writes its own RNG state
+  into checkpoints, as the Trainer does), and the results equal a 1-process run;
+- a launch whose processes each believe they are alone is refused before anything is written.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mp_worker import collect_all, train_sequence
+from safetensors.torch import load_file
+from test_pipeline import make_config, run_cli, write_yaml
+
+from hf_ewc import EWCState
+
+
+pytestmark = pytest.mark.multiprocess
+WORKER = Path(__file__).resolve().parent / "mp_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str, cpu: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 ARGS`` (a script path, or ``-m module``) on CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+
+
+def ranks(out: Path) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    return [
+        (load_file(out / f"rank{r}.safetensors"), json.loads((out / f"rank{r}.json").read_text())) for r in (0, 1)
+    ]
+
+
+def assert_close_to(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float) -> float:
+    """``max|Δ| ≤ rel · max|want|`` per tensor (tensors that are 0 up to rounding, like BERT's key bias whose Fisher
+    is exactly 0 in theory, compared absolutely); returns the largest relative difference seen."""
+    assert set(got) == set(want)
+    worst = 0.0
+    for name, value in want.items():
+        scale = float(value.abs().max())
+        diff = float((got[name] - value).abs().max())
+        if scale < 1e-20:
+            assert diff < 1e-20, name
+            continue
+        worst = max(worst, diff / scale)
+        assert diff <= rel * scale, f"{name}: max |Δ| {diff:.3g} vs max |Ω| {scale:.3g}"
+    return worst
+
+
+def test_importances_of_two_processes_equal_one_process(tmp_path):
+    done = launch(str(WORKER), "importances", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (r0, info0), (r1, info1) = ranks(tmp_path)
+    assert info0["world"] == info1["world"] == 2 and {info0["rank"], info1["rank"]} == {0, 1}
+    # after the reduction both ranks hold the same importances, counted over every sample exactly once
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    counts = {k: v for k, v in info0.items() if k not in ("world", "rank")}
+    assert counts == {**dict.fromkeys(counts, 13), "gpt2_loader_fisher": 11}
+    one, one_counts = collect_all()
+    assert one_counts == counts
+    assert assert_close_to(r0, one, rel=1e-5) < 1e-5
+
+
+def test_training_on_two_processes_equals_one_process_si_and_penalty(tmp_path):
+    """2 ranks × batch 4 against 1 process × batch 8: the same samples in every optimizer step."""
+    done = launch(str(WORKER), "train", str(tmp_path), "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (r0, logs0), (r1, logs1) = ranks(tmp_path)
+    # DDP keeps the parameters identical, so SI's path integral is bit-identical on both ranks
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert logs0["a"] == logs1["a"] and logs0["b"] == logs1["b"]
+    one, logs = train_sequence(str(tmp_path / "one"), 8)
+    assert logs0["a/steps"] == logs["a/steps"] == 8 and logs0["b/steps"] == logs["b/steps"] == 8
+    omegas = {k: v for k, v in one.items() if "/omega/" in k}
+    assert sum(float(v.sum()) for v in omegas.values()) > 0
+    assert_close_to({k: r0[k] for k in omegas}, omegas, rel=1e-3)
+    assert_close_to({k: v for k, v in r0.items() if k not in omegas}, {k: v for k, v in one.items() if k not in omegas},
+                    rel=1e-3)  # fmt: skip
+    # the logged penalty of every step of the second domain: not scaled by the world size
+    penalties = [log["ewc/penalty"] for log in logs0["b"]]
+    assert max(penalties) > 0.1
+    assert penalties == pytest.approx([log["ewc/penalty"] for log in logs["b"]], rel=1e-4, abs=1e-7)
+    assert [log["loss"] for log in logs0["b"]] == pytest.approx([log["loss"] for log in logs["b"]], rel=1e-4)
+
+
+def test_cli_on_two_processes_writes_once_and_equals_one_process(tmp_path, capsys):
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    config = write_yaml(two / "run.yaml", make_config(two, per_device_train_batch_size=2, save_steps=3))
+    done = launch(str(WORKER), "cli", str(two / "writes"), str(two / "run"), "--", "train", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("after tools, loss") == 1  # progress printed by the main process only
+
+    writes = {r: json.loads((two / f"writes.{r}.json").read_text()) for r in (0, 1)}
+    # rank 1 only saves its own RNG state into the Trainer's checkpoints (and makes sure the folder exists)
+    assert writes[1], "the write log of rank 1 is empty: the tracing saw nothing"
+    for event, path in writes[1]:
+        assert (event == "os.mkdir" and Path(path).name.startswith("checkpoint-")) or (
+            event == "torch.save" and Path(path).name == "rng_state_1.pth"
+        ), (event, path)
+    replaced = [path for event, path in writes[0] if event == "os.rename"]  # os.replace audits as os.rename
+    assert replaced.count("results.json") == 1 and replaced.count("ewc_state/ewc_state.safetensors") == 1
+    assert any(p.endswith("checkpoint-3/ewc_state.safetensors") for p in replaced)  # checkpoints carry the state
+
+    rc, _, err = run_cli(["train", str(write_yaml(one / "run.yaml", make_config(one, per_device_train_batch_size=4)))],
+                         capsys)  # fmt: skip
+    assert rc == 0, err
+    results = [json.loads((d / "run" / "results.json").read_text()) for d in (two, one)]
+    assert [d["train"]["steps"] for d in results[0]["domains_detail"]] == [12, 12]
+    assert [d["train"]["steps"] for d in results[1]["domains_detail"]] == [12, 12]
+    for a, b in zip(results[0]["matrix"]["loss"], results[1]["matrix"]["loss"]):
+        assert a == pytest.approx(b, rel=1e-4)
+    states = [EWCState.load(d / "run") for d in (two, one)]
+    assert states[0].domains[-1]["num_samples"] == states[1].domains[-1]["num_samples"] == 8
+    assert_close_to(states[0].importances, states[1].importances, rel=1e-3)
+    assert_close_to(states[0].anchors, states[1].anchors, rel=1e-3)
+
+
+def test_launch_where_every_process_thinks_it_is_alone_is_refused(tmp_path):
+    """On CPU without ACCELERATE_USE_CPU each process reports 1 process: stop before writing, with the fix."""
+    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
+    done = launch("-m", "hf_ewc", "train", str(config), cpu=False, cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("hf-ewc train: error: WORLD_SIZE=2 but accelerate sees a single process") == 2
+    assert "ACCELERATE_USE_CPU=1" in done.stderr
+    assert not (tmp_path / "run").exists()
