@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from testing_utils import MLP, lm_samples, tiny_gpt2, vec_samples
+from testing_utils import MLP, lm_samples, tiny_gpt2, tiny_llama, vec_samples
 from transformers import TrainerCallback
 
 from hf_ewc import EWCConfig, EWCState, EWCTrainer, HfEwcError, collect_importance
@@ -123,7 +123,8 @@ def test_penalty_gradient_and_logs_match_hand_computation(tmp_path, mode):
 
 @pytest.mark.parametrize("factory,data", [(MLP, vec_samples), (tiny_gpt2, lm_samples)], ids=["unscaled", "scaled"])
 def test_gradient_accumulation_invariance(tmp_path, factory, data):
-    """GA=4 × bs2 and GA=1 × bs8 (dropout off): same penalty gradient, same parameters after training.
+    """GA=4 × bs2 and GA=1 × bs8 (dropout off, clipping on, SI collecting): same penalty gradient, same parameters
+    after training, same SI importances.
 
     The MLP's forward takes no **kwargs, so the Trainer divides its loss by the GA steps; GPT-2 takes
     num_items_in_batch and the Trainer does not — the penalty must come out right in both branches."""
@@ -135,12 +136,14 @@ def test_gradient_accumulation_invariance(tmp_path, factory, data):
         model = copy.deepcopy(base)
         rec = Recorder(model)
         args = make_args(
-            tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, ewc_lambda=300.0
-        )
-        trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state, callbacks=[rec])
+            tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, ewc_lambda=300.0,
+            importance_method="si", max_grad_norm=0.5,
+        )  # fmt: skip
+        trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=copy.deepcopy(state),
+                             callbacks=[rec])  # fmt: skip
         trainer.train()
         assert trainer.state.global_step == 4
-        runs[name] = (model, rec)
+        runs[name] = (model, rec, trainer.consolidate(domain="b"))
     off_grads = {}
     for name, (bs, ga) in {"ga4": (2, 4), "ga1": (8, 1)}.items():
         model = copy.deepcopy(base)
@@ -155,6 +158,12 @@ def test_gradient_accumulation_invariance(tmp_path, factory, data):
         torch.testing.assert_close(pen_ga4, pen_ga1, rtol=1e-4, atol=1e-6)
         assert float(pen_ga1.abs().max()) > 0 or float(state.importances[n].max()) == 0
         torch.testing.assert_close(dict(runs["ga4"][0].named_parameters())[n], p, rtol=1e-4, atol=1e-6)
+    # SI (task gradient, clipping undone) sums the accumulated gradient of each real optimizer step: the same
+    si_ga4, si_ga1 = runs["ga4"][2], runs["ga1"][2]
+    assert si_ga4.domains[-1]["num_samples"] == si_ga1.domains[-1]["num_samples"] == 4  # optimizer steps, not batches
+    assert sum(float(t.sum()) for t in si_ga1.importances.values()) > 0
+    for n in si_ga1.importances:
+        torch.testing.assert_close(si_ga4.importances[n], si_ga1.importances[n], rtol=1e-3, atol=1e-6)
 
 
 def test_proximal_step_is_exact_and_outside_the_loss(tmp_path):
@@ -363,10 +372,12 @@ def test_pinned_two_domain_run(tmp_path):
 PINNED = (3.04842472076416, 0.038253478705883026, 0.11791206896305084)
 
 
-def test_world_size_mismatch_is_refused(monkeypatch):
+def test_world_size_mismatch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(HfEwcError, match="accelerate launch --multi_gpu"):
         collect_importance(MLP(), vec_samples(4), show_progress=False)
+    with pytest.raises(HfEwcError, match="WORLD_SIZE=2 but accelerate sees a single process"):
+        EWCTrainer(model=MLP(), args=make_args(tmp_path, use_cpu=False), train_dataset=vec_samples(4))
 
 
 def test_checkpoint_holds_si_running_sums_only_while_a_domain_is_in_progress(tmp_path):
@@ -430,3 +441,45 @@ def test_si_running_sums_from_another_model_are_refused(tmp_path):
     other = SIAccumulator(dict(MLP(sizes=(6, 12, 10, 4)).named_parameters()))
     with pytest.raises(HfEwcError, match="belongs to another model"):
         other.load(tmp_path)
+
+
+def test_bf16_on_cpu_trains_collects_and_keeps_fp32_importances(tmp_path, hf_logs):
+    """`bf16: true` on CPU: the forward runs under autocast, importances, SI sums and the state stay float32 and
+    finite, the penalty is logged finite, and the bf16 Fisher is close to the fp32 one."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    data = {"a": lm_samples(32, seed=1, high=20), "b": lm_samples(32, seed=2, low=20)}
+    reference = collect_importance(copy.deepcopy(model), data["a"], show_progress=False)  # fp32, before training
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = None
+    for name, method in (("a", "fisher"), ("b", "si")):
+        args = make_args(tmp_path / name, bf16=True, importance_method=method, optim="adamw_torch",
+                         learning_rate=1e-2, per_device_train_batch_size=8, ewc_lambda=100.0)  # fmt: skip
+        trainer = EWCTrainer(model=model, args=args, train_dataset=data[name], ewc_state=state)
+        if name == "a":
+            # measured under the same autocast as training: close to fp32, no fallback of the per-sample engine
+            trainer.accelerator.prepare_model(trainer.model)
+            bf16 = collect_importance(trainer.model, data["a"], show_progress=False)
+            for n, omega in reference.items():
+                assert bf16[n].dtype == torch.float32
+                assert float((bf16[n] - omega).norm()) <= 0.05 * float(omega.norm()) + 1e-12, n
+            assert not any("batch-size-1 loop" in r.getMessage() for r in hf_logs)
+        trainer.train()
+        assert trainer.accelerator.mixed_precision == "bf16"
+        assert getattr(trainer.model, "_original_forward", None) is not None  # the forward is autocast-wrapped
+        if method == "si":
+            assert {t.dtype for t in trainer._si.omega} == {torch.float32}
+        state = trainer.consolidate(domain=name)
+        assert {t.dtype for t in state.importances.values()} == {torch.float32}
+        assert all(bool(torch.isfinite(t).all()) for t in state.importances.values())
+        assert sum(float(t.sum()) for t in state.importances.values()) > 0
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        assert logs and all(math.isfinite(log["loss"]) for log in logs)
+    penalties = [log["ewc/penalty"] for log in trainer.state.log_history if "ewc/penalty" in log]
+    assert max(penalties) > 0 and all(math.isfinite(v) for v in penalties)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+    # a model held in bf16 collects fp32 importances too
+    half = collect_importance(copy.deepcopy(model).to(torch.bfloat16), data["b"], show_progress=False)
+    assert {t.dtype for t in half.values()} == {torch.float32}
+    assert all(bool(torch.isfinite(t).all()) for t in half.values())

@@ -364,6 +364,9 @@ class PerSampleGradients:
                     if start <= n < start + len(block):
                         got[n][name] = block[n - start].clone()
                 start += len(block)
+        # A model prepared by accelerate for mixed precision runs its forward under autocast (its `_original_forward`
+        # is kept): the rounding is that of bf16/fp16, whatever the parameters' dtype.
+        autocast = getattr(self.model, "_original_forward", None) is not None
         for key, grads in expected.items():
             reference = {n: torch.zeros_like(self.sums[n]) if g is None else g.float() for n, g in zip(names, grads)}
             norms = {n: float(g.norm()) for n, g in reference.items()}
@@ -376,7 +379,8 @@ class PerSampleGradients:
                 # Relative error of the whole tensor: a wrong attribution is off by O(1), rounding by a few ulps
                 # (more in half precision). Gradients that are 0 in exact arithmetic (attention key biases) hold
                 # rounding noise on both sides, hence the floor relative to the largest gradient.
-                tol = max(1e-3, 4 * torch.finfo(self.params[name].dtype).eps)
+                eps = torch.finfo(torch.bfloat16 if autocast else self.params[name].dtype).eps
+                tol = max(1e-3, 4 * eps)
                 if error > tol * norms[name] + 1e-2 * tol * largest:
                     what = (
                         "do not add up to the batch gradient"
