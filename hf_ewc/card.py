@@ -32,6 +32,47 @@ def _method(training: dict) -> str:
     return f"{mode} EWC, λ = {lam:g}, importances: {method}, consolidation: {training.get('consolidation', 'sum')}"
 
 
+def _protected(state: dict, parameters: dict | None) -> str:
+    """Which parameters the EWC state protects, in words."""
+    count = state.get("num_parameters")
+    if not count:
+        return "none (no EWC state)"
+    tensors = state.get("num_tensors")
+    where = f"{count:,} in {tensors} tensors" if tensors else f"{count:,}"
+    lora = (parameters or {}).get("peft")
+    if not lora:
+        return f"{where}: every trainable parameter (full fine-tuning)"
+    targets = lora["target_modules"]
+    targets = ", ".join(targets) if isinstance(targets, list) else targets
+    saved = f" and the fully trained {', '.join(lora['modules_to_save'])}" if lora["modules_to_save"] else ""
+    frozen = parameters["total_parameters"] - parameters["trainable_parameters"]
+    return (
+        f"{where}: the LoRA adapter (r = {lora['r']}, α = {lora['alpha']:g}, on {targets}){saved}. The base model's "
+        f"{frozen:,} parameters are frozen (in `base_model/`) and need no protection"
+    )
+
+
+def _usage(out_dir: Path, auto_class: str, lora: bool) -> str:
+    if not lora:
+        return f"""```python
+from transformers import {auto_class}, AutoTokenizer
+
+model = {auto_class}.from_pretrained("{out_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
+```"""
+    return f"""The adapter is at the top of this folder, the frozen base model in `base_model/`:
+
+```python
+from peft import PeftModel
+from transformers import {auto_class}, AutoTokenizer
+
+base = {auto_class}.from_pretrained("{out_dir}/base_model")
+model = PeftModel.from_pretrained(base, "{out_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
+merged = model.merge_and_unload()  # one plain model (what `hf-ewc prune {out_dir}` starts from)
+```"""
+
+
 def write_model_card(
     out_dir: str | os.PathLike,
     *,
@@ -61,7 +102,11 @@ def write_model_card(
         tags=["hf-ewc", "continual-learning", "elastic-weight-consolidation", "domain-adaptation"],
     )
     state = results.get("ewc_state") or {}
-    protected = state.get("num_parameters")
+    protected = _protected(state, results.get("parameters"))
+    lora = (results.get("parameters") or {}).get("peft")
+    if lora:
+        data.library_name = "peft"
+        data.tags = [*data.tags, "lora"]
     detail = {d["name"]: d for d in results["domains_detail"]}
     rows = [
         "| # | domain | data | training examples | evaluation examples | steps |",
@@ -106,8 +151,7 @@ A {run.task.replace("_", " ")} model adapted to {len(run.domains)} domain(s) in 
 ## Method
 
 - {_method(run.training)}
-- Protected parameters: {f"{protected:,} (every trainable parameter)" if protected else "none (no EWC state)"}; the
-  importances and anchors are in `ewc_state/` (safetensors).
+- Protected parameters: {protected}; the importances and anchors are in `ewc_state/` (safetensors).
 - Learning rate {run.training.get("learning_rate", 5e-5):g}, seed {run.seed}; the full configuration is in
   `results.json` (`config`).{pruned}
 
@@ -119,12 +163,7 @@ A {run.task.replace("_", " ")} model adapted to {len(run.domains)} domain(s) in 
 
 ## Use it, or continue the sequence
 
-```python
-from transformers import {auto_class}, AutoTokenizer
-
-model = {auto_class}.from_pretrained("{out_dir}")
-tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
-```
+{_usage(out_dir, auto_class, bool(lora))}
 
 To teach it further domains without forgetting these (no old data needed):
 

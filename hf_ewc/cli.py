@@ -67,11 +67,12 @@ def _train(args: argparse.Namespace) -> int:
     from .config import load_run_config, training_fields
 
     if args.fields:
-        from .config import PIPELINE_KEYS, DomainSpec, ModelSpec, PruneSpec, _describe
+        from .config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec, PruneSpec, _describe
 
         print("top level: " + ", ".join(PIPELINE_KEYS))
         print("model: " + ", ".join(ModelSpec.__dataclass_fields__))
         print("prune (optional): " + ", ".join(PruneSpec.__dataclass_fields__))
+        print("peft (optional, LoRA): " + ", ".join(PeftSpec.__dataclass_fields__))
         print("domains[i]: " + ", ".join(DomainSpec.__dataclass_fields__))
         print("EWCConfig / TrainingArguments fields (top level, or per domain under `training:`):")
         for name, tp in sorted(training_fields().items()):

@@ -234,6 +234,19 @@ class PruneSpec:
     exclude: list | None = None
 
 
+@dataclass
+class PeftSpec:
+    """The optional `peft:` block: train a LoRA adapter on a frozen base model; EWC protects the adapter."""
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list | None = None  # None: PEFT's default for the model type; "all-linear" for every Linear
+    modules_to_save: list | None = None  # None: PEFT's default (the classification head for sequence classification)
+    bias: str = "none"
+
+
 _MODEL_HELP = {
     "name_or_path": "Hub id or local directory of a pretrained model (or use `config`)",
     "config": "mapping with `model_type` and config fields: a model built from scratch, with a tokenizer trained on "
@@ -259,6 +272,7 @@ class RunConfig:
     source: str | None = None  # the YAML file it came from (None: built in Python)
     raw: dict = field(default_factory=dict)  # the merged mapping before defaults: what resume compares
     prune: PruneSpec | None = None
+    peft: PeftSpec | None = None
 
     @property
     def prune_after(self) -> int | None:
@@ -287,6 +301,7 @@ class RunConfig:
             "output_dir": self.output_dir,
             "seed": self.seed,
             **({"prune": asdict(self.prune)} if self.prune is not None else {}),
+            **({"peft": asdict(self.peft)} if self.peft is not None else {}),
             **self.training,
         }
 
@@ -408,7 +423,7 @@ def _spec(cls, raw: Any, where: str):
     return cls(**values)
 
 
-PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed", "prune")
+PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed", "prune", "peft")
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -611,7 +626,15 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
     args = _build_ewc_config({**_PIPELINE_TRAINING_DEFAULTS, **training}, output_dir)
     _check_report_to(args.report_to)
     prune = _prune_spec(raw["prune"], domains) if raw.get("prune") is not None else None
-    config = RunConfig(task, model, domains, output_dir, seed, training, source=source, raw=raw, prune=prune)
+    peft = _peft_spec(raw["peft"]) if raw.get("peft") is not None else None
+    if peft is not None and prune is not None:
+        raise HfEwcError(
+            "prune: and peft: exclude each other (pruning an adapter prunes nothing of the model); after the run, "
+            "prune the merged model with `hf-ewc prune OUTPUT_DIR`."
+        )
+    config = RunConfig(
+        task, model, domains, output_dir, seed, training, source=source, raw=raw, prune=prune, peft=peft
+    )
     for i, domain in enumerate(domains):  # every domain's EWCConfig is valid before anything runs
         domain_args = config.training_args(i, output_dir)
         _check_report_to(domain_args.report_to)
@@ -640,6 +663,14 @@ def _prune_spec(raw: Any, domains: list[DomainSpec]) -> PruneSpec:
         check_prune_arguments(spec.sparsity, spec.criterion, spec.structure, spec.scope, spec.include, spec.exclude)
     except HfEwcError as err:
         raise HfEwcError(f"prune: {err}") from None
+    return spec
+
+
+def _peft_spec(raw: Any) -> PeftSpec:
+    from .adapters import check_peft_spec
+
+    spec = _spec(PeftSpec, raw, "peft")
+    check_peft_spec(spec)
     return spec
 
 

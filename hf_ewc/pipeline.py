@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
+from .adapters import BASE_MODEL_DIR, check_adapter_matches, check_wraps, is_adapter_dir, parameter_summary, wrap_model
 from .config import RunConfig
 from .data import (
     AUTO_MODELS,
@@ -46,8 +47,8 @@ from .data import (
     train_collator,
     train_tokenizer,
 )
-from .metrics import continual_metrics, format_matrix, format_summary, perplexity, plot_matrix, plot_trajectories
 from .importance._collect import check_world_size
+from .metrics import continual_metrics, format_matrix, format_summary, perplexity, plot_matrix, plot_trajectories
 from .state import STATE_DIR, STATE_WEIGHTS_NAME, EWCState, find_ewc_state
 from .trainer import EWCTrainer
 from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
@@ -67,6 +68,7 @@ class _Prepared:
     domains: list[DomainData]
     labels: list | None
     initial_state: EWCState | None
+    base_source: Path | None = None  # a `peft:` run: the base model to copy to output_dir/base_model (else: save it)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -236,7 +238,7 @@ class Pipeline:
         model = None
         if self.from_dir is not None:
             state_dir = find_ewc_state(self.from_dir)
-            if not (Path(self.from_dir) / "config.json").is_file():
+            if not ((Path(self.from_dir) / "config.json").is_file() or is_adapter_dir(self.from_dir)):
                 raise HfEwcError(
                     f"--from {self.from_dir}: no model there (config.json missing); give a finished run's output_dir."
                 )
@@ -260,15 +262,40 @@ class Pipeline:
                 task=run.task,
             )
         domains = self._tokenize(raws, labels, tokenizer)
+        base_source = None
+        if self.from_dir is not None and is_adapter_dir(self.from_dir) != (run.peft is not None):
+            raise HfEwcError(
+                f"--from {self.from_dir} is a "
+                + (
+                    "LoRA run: continue it with the same peft: block in the config."
+                    if run.peft is None
+                    else "full fine-tuning run whose EWC state protects weights LoRA would freeze: drop the peft: "
+                    "block, or start the LoRA sequence from its model with `model.name_or_path`."
+                )
+            )
         if resumed_stage is None:
             if self.from_dir is not None:
                 model = self._load_model(self.from_dir, labels)
+                if run.peft is not None:
+                    check_adapter_matches(model, run.peft, f"--from {self.from_dir}")
+                    base_source = Path(self.from_dir) / BASE_MODEL_DIR
                 initial_state.validate(model, strict=False)
             else:
                 model = build_model(run, tokenizer, labels)
-        return _Prepared(tokenizer, model, domains, labels, initial_state)
+                if run.peft is not None:
+                    check_wraps(model, run.peft, run.task)
+        return _Prepared(tokenizer, model, domains, labels, initial_state, base_source)
 
     def _load_model(self, directory: str | os.PathLike, labels: list | None = None):
+        """The model saved in ``directory``; an adapter (a `peft:` run's stage or output) is loaded trainable onto the
+        frozen base model next to it (``--from``) or in this run's ``base_model/``."""
+        if is_adapter_dir(directory):
+            from .adapters import load_adapter
+
+            base_dir = Path(directory) / BASE_MODEL_DIR
+            if not (base_dir / "config.json").is_file():
+                base_dir = self.out / BASE_MODEL_DIR
+            return load_adapter(self._load_model(base_dir, labels), directory, trainable=True)
         from transformers import AutoConfig
 
         try:
@@ -335,6 +362,26 @@ class Pipeline:
         shutil.rmtree(final, ignore_errors=True)  # left by an attempt interrupted before progress.json said so
         os.replace(tmp, final)
 
+    def _save_base_model(self, prepared: _Prepared) -> None:
+        """A `peft:` run keeps its frozen base model once, in ``output_dir/base_model``; stages hold adapters only.
+        The model is wrapped after the base is saved (LoRA's initialisation seeded, the same on every process)."""
+        from transformers import set_seed
+
+        if self.accel.is_main_process:
+            final = self.out / BASE_MODEL_DIR
+            tmp = final.with_name(f".{final.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if prepared.base_source is not None:
+                shutil.copytree(prepared.base_source, tmp)
+            else:
+                prepared.model.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.accel.wait_for_everyone()
+        if prepared.base_source is None:
+            set_seed(self.run.seed)
+            prepared.model = wrap_model(prepared.model, self.run.peft, self.run.task)
+
     def _load_stage(self, index: int | None, prepared: _Prepared) -> tuple[Any, EWCState | None]:
         stage = self._stage_dir(index)
         model = self._load_model(stage, prepared.labels)
@@ -398,6 +445,8 @@ class Pipeline:
         metric, _ = self.primary_metric
 
         if progress.get("initial") is None:
+            if run.peft is not None:
+                self._save_base_model(prepared)
             t0 = time.perf_counter()
             row = self._row(prepared.model, prepared)
             self._save_stage(None, prepared.model, prepared.tokenizer, prepared.initial_state)
@@ -465,6 +514,7 @@ class Pipeline:
         self.accel.wait_for_everyone()
         train_logs = [log for log in trainer.state.log_history if "loss" in log or "ewc/penalty" in log]
         return {
+            "parameters": parameter_summary(trainer._plain_model()),
             **({"pruning": pruning} if pruning is not None else {}),
             "domain": spec.name,
             "row": row,
@@ -553,6 +603,7 @@ class Pipeline:
                 {"name": c["domain"], "train": c["train"], "timings": c["timings"]} for c in progress["completed"]
             ],
             "ewc_state": (state.metadata | state.summary()) if state is not None else None,
+            "parameters": progress["completed"][-1].get("parameters"),
             "pruning": next(
                 ({"after": c["domain"], **c["pruning"]} for c in progress["completed"] if "pruning" in c), None
             ),
@@ -611,7 +662,8 @@ class Pipeline:
 _RUN_ARTEFACTS = (
     "run_config.json", "progress.json", "results.json", "results.md", "matrix.png", "trajectories.png", "README.md",
     "ewc_state", "stages", "domains", "config.json", "generation_config.json", "special_tokens_map.json",
-    "merges.txt", "vocab.json", "vocab.txt", "chat_template.jinja", "added_tokens.json",
+    "merges.txt", "vocab.json", "vocab.txt", "chat_template.jinja", "added_tokens.json", BASE_MODEL_DIR,
+    "adapter_config.json",
 )  # fmt: skip
 
 

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .adapters import base_model_of, is_adapter_dir, load_adapter
 from .importance._collect import LINEAR_TYPES
 from .state import EWCState, find_ewc_state
 from .utils import HfEwcError, logger, versions, write_json_atomic
@@ -1121,7 +1122,14 @@ def export_pruned(
 
 # ------------------------------------------------------------------------------------------------ from a directory
 def _load_pretrained(name: str, *, revision: str | None, trust_remote_code: bool):
+    """A model by Hub id or directory; an adapter directory (a LoRA `hf-ewc train` run) is merged into its base
+    model (`merge_and_unload`), so that what is pruned and exported is one plain model."""
     from transformers import AutoConfig
+
+    if os.path.isdir(name) and is_adapter_dir(name):
+        base, auto_name = _load_pretrained(base_model_of(name), revision=revision, trust_remote_code=trust_remote_code)
+        merged = load_adapter(base, name, trainable=False).merge_and_unload()
+        return merged.requires_grad_(True), auto_name  # a plain model again: every weight counts
 
     looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.rstrip("/")
     if not os.path.exists(name) and looks_local:
@@ -1190,9 +1198,18 @@ def prune_pretrained(
         if not os.path.exists(importances):
             raise HfEwcError(f"importances directory {str(importances)!r} does not exist.")
         importances = EWCState.load(importances)
+    adapter = os.path.isdir(model_name_or_path) and is_adapter_dir(model_name_or_path)
     if criterion != "magnitude" and importances is None and os.path.isdir(model_name_or_path):
         found = find_ewc_state(model_name_or_path)
-        if found is not None:
+        if found is not None and adapter:
+            if not data_files:
+                raise HfEwcError(
+                    f"{model_name_or_path} is a LoRA run: its EWC state covers the adapter, not the merged weights "
+                    f"that are pruned; pass --data FILE to measure {IMPORTANCE_OF[criterion]} importances on the "
+                    "merged model, or use --criterion magnitude."
+                )
+            print_fn("[hf_ewc] importances: measured on --data (the run's EWC state covers the LoRA adapter only)")
+        elif found is not None:
             print_fn(f"[hf_ewc] importances: the EWC state in {found}")
             importances = EWCState.load(found)
     model, auto_name = _load_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -1240,7 +1257,8 @@ def prune_pretrained(
             "before": before,
             "after": after,
         }
-    base = model_name_or_path if not os.path.exists(model_name_or_path) else None
+    base = base_model_of(model_name_or_path) if adapter else model_name_or_path
+    base = base if not os.path.exists(base) else None
     verification = export_pruned(
         model, out, report, tokenizer=tokenizer, push_to_hub=push_to_hub is not None, repo_id=push_to_hub,
         overwrite=overwrite, base_model=base,

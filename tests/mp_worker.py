@@ -21,18 +21,23 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from testing_utils import cls_samples, lm_samples, tiny_bert_classifier, tiny_gpt2, tiny_llama  # noqa: E402
-from transformers import default_data_collator  # noqa: E402
+from testing_utils import cls_samples, lm_samples, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from transformers import default_data_collator
 
-from hf_ewc import EWCConfig, EWCTrainer  # noqa: E402
-from hf_ewc.importance import collect  # noqa: E402
+from hf_ewc import EWCConfig, EWCTrainer
+from hf_ewc.importance import collect
 
 
 # ------------------------------------------------------------------------------------------------------- importances
 # 13 samples over 2 ranks: 7 + 6, batches of 4 → uneven shards and a short last batch on each rank.
 IMPORTANCE_CASES = {
     "gpt2_fisher_empirical": (tiny_gpt2, lambda: lm_samples(13, pad_last=3), "fisher", {"estimator": "empirical"}),
-    "gpt2_fisher_exact": (tiny_gpt2, lambda: lm_samples(13), "fisher", {"estimator": "exact", "max_backward_per_batch": 1200}),
+    "gpt2_fisher_exact": (
+        tiny_gpt2,
+        lambda: lm_samples(13),
+        "fisher",
+        {"estimator": "exact", "max_backward_per_batch": 1200},
+    ),
     "gpt2_mas": (tiny_gpt2, lambda: lm_samples(13, pad_last=3), "mas", {}),
     "bert_cls_fisher_empirical": (tiny_bert_classifier, lambda: cls_samples(13), "fisher", {}),
     "bert_cls_signal": (tiny_bert_classifier, lambda: cls_samples(13), "signal", {}),
@@ -114,7 +119,7 @@ def record_writes(root: str, log_path: str) -> None:
             writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
             if writes:
                 paths = [path]
-        elif event in ("os.rename", "os.replace", "shutil.copyfile", "shutil.move", "torch.save", "safetensors.save_file"):
+        elif event in ("os.rename", "shutil.copyfile", "shutil.move", "torch.save", "safetensors.save_file"):
             paths = [args[1]]
         elif event in ("os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate"):
             paths = [args[0]]
@@ -136,7 +141,7 @@ def record_writes(root: str, log_path: str) -> None:
 
     # torch.save and safetensors write from C++/Rust, out of the audit hooks' sight: wrap them wherever imported.
     import safetensors.torch
-    import transformers.modeling_utils  # noqa: F401
+    import transformers.modeling_utils
     import transformers.trainer  # noqa: F401
 
     import hf_ewc.cli  # noqa: F401
@@ -169,7 +174,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"unknown command {command!r}")
     state = PartialState()
     info = {"world": state.num_processes, "rank": state.process_index, **info}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"rank{state.process_index}.safetensors"))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(out, f"rank{state.process_index}.safetensors"))
     with open(os.path.join(out, f"rank{state.process_index}.json"), "w", encoding="utf-8") as f:
         json.dump(info, f)
     return 0
