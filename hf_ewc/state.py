@@ -65,8 +65,32 @@ def find_ewc_state(directory: str | os.PathLike) -> Path | None:
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``{name: parameter}`` for the parameters with ``requires_grad``, named as ``model.named_parameters()`` names
-    them (tied parameters appear once, under their first name)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    them (tied parameters appear once, under their first name).
+
+    Sharded parameters (FSDP, DeepSpeed ZeRO-3) are refused here, where every importance method, the state and the
+    trainer get their parameters: each process would hold a slice and the state would pair slices with whole names.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, p in params.items():
+        kind = sharding_of(p)
+        if kind is not None:
+            raise HfEwcError(
+                f"EWC over sharded parameters is not supported: {name!r} is a {kind} shard. Importances, anchors and "
+                "the penalty need whole parameters: use one process, DDP (`accelerate launch --multi_gpu`) or "
+                "DeepSpeed ZeRO-1/2 (see the README's support matrix)."
+            )
+    return params
+
+
+def sharding_of(p: torch.Tensor) -> str | None:
+    """``"FSDP2 (DTensor)"``, ``"FSDP"``, ``"DeepSpeed ZeRO-3"`` for a parameter split across processes, else None."""
+    if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):  # DeepSpeed's partitioned parameters
+        return "DeepSpeed ZeRO-3"
+    if type(p).__name__ == "DTensor":
+        return "FSDP2 (DTensor)"
+    if type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False):
+        return "FSDP"
+    return None
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -137,6 +137,7 @@ class EWCTrainer(Trainer):
         )
         self._apply_log_level()
         check_world_size(self.accelerator.state)
+        self._refuse_unsupported_setups()  # before training starts, not at its first step
         if isinstance(ewc_state, (str, os.PathLike)):
             ewc_state = EWCState.load(ewc_state)
         self.ewc_state: EWCState | None = ewc_state
@@ -244,8 +245,10 @@ class EWCTrainer(Trainer):
             return
         if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
             raise HfEwcError(
-                "EWC over sharded parameters (FSDP, DeepSpeed ZeRO-3) is not supported yet; use DDP or DeepSpeed "
-                "ZeRO-1/2, or ewc_mode='off' with an importance method other than 'si'."
+                f"EWC over sharded parameters ({'FSDP' if self.is_fsdp_enabled else 'DeepSpeed ZeRO-3'}) is not "
+                "supported: importances, anchors and the penalty need whole parameters. Use one process, DDP "
+                "(`accelerate launch --multi_gpu`) or DeepSpeed ZeRO-1/2 (see the README's support matrix), or "
+                "ewc_mode='off' with an importance method other than 'si'."
             )
         if self.is_deepspeed_enabled and (args.ewc_mode == "proximal" or args.importance_method == "si"):
             # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull on the

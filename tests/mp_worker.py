@@ -156,6 +156,35 @@ def record_writes(root: str, log_path: str) -> None:
     atexit.register(dump)
 
 
+def sharded_refusals() -> dict[str, str]:
+    """FSDP2 (`fully_shard`, DTensor parameters) on the gloo group: what each EWC entry point says."""
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_ewc import EWCState, HfEwcError
+    from hf_ewc.importance import SIAccumulator
+    from hf_ewc.state import trainable_parameters
+
+    PartialState(cpu=True)  # the process group
+    torch.manual_seed(0)
+    model = tiny_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    attempts = {
+        "collect": lambda: collect(model, lm_samples(4), "fisher", show_progress=False),
+        "consolidate": lambda: EWCState().consolidate(model, {}),
+        "si": lambda: SIAccumulator(trainable_parameters(model)),
+    }
+    out = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            out[name] = "no error"
+        except HfEwcError as err:
+            out[name] = str(err)
+    return out
+
+
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "cli":
@@ -168,6 +197,8 @@ def main(argv: list[str]) -> int:
     out = rest[0]
     if command == "importances":
         tensors, info = collect_all()
+    elif command == "fsdp":
+        tensors, info = {"none": torch.zeros(1)}, sharded_refusals()
     elif command == "train":
         tensors, info = train_sequence(out, int(rest[1]))
     else:

@@ -5,6 +5,7 @@
   the penalty is neither multiplied nor divided by the world size;
 - `hf-ewc train`: every file under output_dir is written by the main process only (rank 1 writes its own RNG state
   into checkpoints, as the Trainer does), and the results equal a 1-process run;
+- FSDP2-sharded (DTensor) parameters are refused by collection, consolidation and SI;
 - a launch whose processes each believe they are alone is refused before anything is written.
 """
 
@@ -135,6 +136,18 @@ def test_cli_on_two_processes_writes_once_and_equals_one_process(tmp_path, capsy
     assert states[0].domains[-1]["num_samples"] == states[1].domains[-1]["num_samples"] == 8
     assert_close_to(states[0].importances, states[1].importances, rel=1e-3)
     assert_close_to(states[0].anchors, states[1].anchors, rel=1e-3)
+
+
+def test_fsdp2_sharded_parameters_are_refused_by_every_entry_point(tmp_path):
+    """`fully_shard` on 2 CPU processes: collection, consolidation and SI name the sharded parameter and what is
+    supported instead of pairing slices with whole names."""
+    done = launch(str(WORKER), "fsdp", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for _, info in ranks(tmp_path):
+        for entry in ("collect", "consolidate", "si"):
+            message = info[entry]
+            assert "EWC over sharded parameters is not supported" in message, (entry, message)
+            assert "is a FSDP2 (DTensor) shard" in message and "DDP" in message
 
 
 def test_launch_where_every_process_thinks_it_is_alone_is_refused(tmp_path):

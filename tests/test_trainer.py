@@ -483,3 +483,33 @@ def test_bf16_on_cpu_trains_collects_and_keeps_fp32_importances(tmp_path, hf_log
     half = collect_importance(copy.deepcopy(model).to(torch.bfloat16), data["b"], show_progress=False)
     assert {t.dtype for t in half.values()} == {torch.float32}
     assert all(bool(torch.isfinite(t).all()) for t in half.values())
+
+
+def test_sharded_setups_are_refused_before_training(tmp_path, monkeypatch):
+    """DeepSpeed ZeRO-3 and FSDP: the trainer refuses at construction; ZeRO-3's partitioned parameters (marked
+    `ds_id`) are refused by collection and consolidation. Plain fine-tuning (ewc_mode off, no SI) is not refused."""
+    import transformers.integrations.deepspeed as ds
+
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(HfEwcError, match=r"sharded parameters \(DeepSpeed ZeRO-3\) is not supported.*DDP"):
+        EWCTrainer(model=MLP(), args=make_args(tmp_path), train_dataset=vec_samples(4))
+    EWCTrainer(model=MLP(), args=make_args(tmp_path, ewc_mode="off"), train_dataset=vec_samples(4))
+    monkeypatch.undo()
+
+    original = EWCTrainer.create_accelerator_and_postprocess
+
+    def with_fsdp(self):
+        original(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(EWCTrainer, "create_accelerator_and_postprocess", with_fsdp)
+    with pytest.raises(HfEwcError, match=r"sharded parameters \(FSDP\) is not supported"):
+        EWCTrainer(model=MLP(), args=make_args(tmp_path, importance_method="si"), train_dataset=vec_samples(4))
+    monkeypatch.undo()
+
+    model = MLP()
+    model.net[0].weight.ds_id = 7  # how DeepSpeed marks a ZeRO-3 partitioned parameter
+    with pytest.raises(HfEwcError, match=r"'net.0.weight' is a DeepSpeed ZeRO-3 shard"):
+        collect_importance(model, vec_samples(4), show_progress=False)
+    with pytest.raises(HfEwcError, match="DeepSpeed ZeRO-3 shard"):
+        EWCState().consolidate(model, {})
