@@ -15,7 +15,7 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
-from .utils import HfEwcError
+from .utils import HfEwcError, refuse_sharded_launch
 
 
 EWC_MODES = ("stabilized", "vanilla", "proximal", "off")
@@ -579,6 +579,7 @@ def _check_report_to(report_to: list[str] | None) -> None:
 
 def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
     """Validate a merged config mapping (YAML + overrides) into a `RunConfig`."""
+    refuse_sharded_launch()  # before any EWCConfig: under ZeRO-3 building one needs deepspeed
     raw = copy.deepcopy(raw)
     valid_training = training_fields()
     for key in raw:

@@ -23,7 +23,7 @@ from .importance.si import SI_STATE_NAME
 from .penalty import ewc_penalty, penalty_coefficients, proximal_step_, proximal_weights
 from .pruning import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState, trainable_parameters
-from .utils import HfEwcError, logger
+from .utils import HfEwcError, logger, sharded_setup
 
 
 @dataclass
@@ -237,18 +237,14 @@ class EWCTrainer(Trainer):
             )
 
     def _refuse_unsupported_setups(self) -> None:
-        """Name what is not supported yet instead of silently doing nothing (see the README's support matrix)."""
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
+        """Name what is not supported instead of silently doing nothing (see the README's support matrix)."""
         args: EWCConfig = self.args
-        if args.ewc_mode == "off" and args.importance_method != "si":
-            return
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+        sharded = "FSDP" if self.is_fsdp_enabled else sharded_setup(args)
+        if sharded is not None:
             raise HfEwcError(
-                f"EWC over sharded parameters ({'FSDP' if self.is_fsdp_enabled else 'DeepSpeed ZeRO-3'}) is not "
-                "supported: importances, anchors and the penalty need whole parameters. Use one process, DDP "
-                "(`accelerate launch --multi_gpu`) or DeepSpeed ZeRO-1/2 (see the README's support matrix), or "
-                "ewc_mode='off' with an importance method other than 'si'."
+                f"EWC over sharded parameters ({sharded}) is not supported: importances, anchors and the penalty "
+                "need whole parameters. Use one process, DDP (`accelerate launch --multi_gpu`) or DeepSpeed "
+                "ZeRO-1/2 (see the README's support matrix)."
             )
         if self.is_deepspeed_enabled and (args.ewc_mode == "proximal" or args.importance_method == "si"):
             # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull on the

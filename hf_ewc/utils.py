@@ -94,3 +94,28 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def sharded_setup(args: Any = None) -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the `accelerate launch` environment (or ``args``) shards the
+    parameters across processes, else None — known before any Trainer or model is built."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    env = os.environ
+    if (args is not None and args.fsdp) or env.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "FSDP"
+    deepspeed_env = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    if is_deepspeed_zero3_enabled() or (deepspeed_env and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def refuse_sharded_launch(args: Any = None) -> None:
+    """`hf-ewc train` under FSDP or ZeRO-3: one clear error before anything is built or written."""
+    sharded = sharded_setup(args)
+    if sharded is not None:
+        raise HfEwcError(
+            f"hf-ewc train under {sharded}: EWC over sharded parameters is not supported (importances, anchors and "
+            "the penalty need whole parameters); launch with DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed "
+            "ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
+        )

@@ -569,3 +569,42 @@ def test_embedded_default_runs_from_any_directory(tmp_path):
     assert results["config"]["model"]["config"]["model_type"] == "llama"
     assert "after man_pages" in done.stdout and "BWT" in done.stdout
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "env,kind",
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+    ],
+)
+def test_sharded_launch_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, env, kind):
+    """What `accelerate launch` with an FSDP or ZeRO-3 config sets in the environment."""
+    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli(["train", str(config)], capsys)
+    assert rc == 2 and f"hf-ewc train under {kind}: EWC over sharded parameters is not supported" in err, err
+    assert "configs/accelerate/multi_gpu.yaml" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_accelerate_configs_open_with_their_command():
+    root = Path(__file__).resolve().parents[1]
+    expected = {"cpu_2proc": "MULTI_GPU", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+    for name, distributed_type in expected.items():
+        path = root / "configs" / "accelerate" / f"{name}.yaml"
+        first = path.read_text().splitlines()[0]
+        command = f"accelerate launch --config_file configs/accelerate/{name}.yaml -m hf_ewc train configs/"
+        assert first.startswith("# ") and command in first, first
+        assert (root / first.split()[-1]).is_file(), first  # the hf-ewc config it runs exists
+        config = yaml.safe_load(path.read_text())
+        assert config["distributed_type"] == distributed_type and config["num_processes"] == 2
+    assert yaml.safe_load((root / "configs/accelerate/cpu_2proc.yaml").read_text())["use_cpu"] is True
+    assert (
+        yaml.safe_load((root / "configs/accelerate/deepspeed_zero2.yaml").read_text())["deepspeed_config"][
+            "zero_stage"
+        ]
+        == 2
+    )

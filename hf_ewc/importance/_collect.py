@@ -206,8 +206,8 @@ def check_world_size(state) -> None:
     if env_world > 1 and state.num_processes == 1:
         raise HfEwcError(
             f"WORLD_SIZE={env_world} but accelerate sees a single process, so every process would train, collect and "
-            "write alone. On CPU set ACCELERATE_USE_CPU=1 (or `use_cpu: true` in the config) with `accelerate launch "
-            "--multi_gpu --num_processes N`; on GPUs check that CUDA is visible to every process."
+            "write alone. On CPU set ACCELERATE_USE_CPU=1 (or `use_cpu: true` in the hf-ewc config) with "
+            "`accelerate launch --multi_gpu --num_processes N`; on GPUs check that CUDA is visible to every process."
         )
 
 
