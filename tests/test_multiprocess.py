@@ -83,16 +83,17 @@ def test_importances_of_two_processes_equal_one_process(tmp_path):
     assert assert_close_to(r0, one, rel=1e-5) < 1e-5
 
 
-def test_training_on_two_processes_equals_one_process_si_and_penalty(tmp_path):
-    """2 ranks × batch 4 against 1 process × batch 8: the same samples in every optimizer step."""
+def test_training_on_two_processes_equals_one_process_si_penalty_proximal(tmp_path):
+    """2 ranks × batch 4 against 1 process × batch 8: the same samples in every optimizer step; stabilized penalty
+    on the second domain, proximal step on the third, SI throughout."""
     done = launch(str(WORKER), "train", str(tmp_path), "4")
     assert done.returncode == 0, done.stderr[-3000:]
     (r0, logs0), (r1, logs1) = ranks(tmp_path)
     # DDP keeps the parameters identical, so SI's path integral is bit-identical on both ranks
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert logs0["a"] == logs1["a"] and logs0["b"] == logs1["b"]
+    assert all(logs0[d] == logs1[d] for d in ("a", "b", "c"))
     one, logs = train_sequence(str(tmp_path / "one"), 8)
-    assert logs0["a/steps"] == logs["a/steps"] == 8 and logs0["b/steps"] == logs["b/steps"] == 8
+    assert all(logs0[f"{d}/steps"] == logs[f"{d}/steps"] == 8 for d in ("a", "b", "c"))
     omegas = {k: v for k, v in one.items() if "/omega/" in k}
     assert sum(float(v.sum()) for v in omegas.values()) > 0
     assert_close_to({k: r0[k] for k in omegas}, omegas, rel=1e-3)
@@ -103,6 +104,10 @@ def test_training_on_two_processes_equals_one_process_si_and_penalty(tmp_path):
     assert max(penalties) > 0.1
     assert penalties == pytest.approx([log["ewc/penalty"] for log in logs["b"]], rel=1e-4, abs=1e-7)
     assert [log["loss"] for log in logs0["b"]] == pytest.approx([log["loss"] for log in logs["b"]], rel=1e-4)
+    # the proximal domain (c): the pull happened on both ranks alike and as in one process (its logged quadratic)
+    proximal = [log["ewc/penalty"] for log in logs0["c"]]
+    assert max(proximal) > 0
+    assert proximal == pytest.approx([log["ewc/penalty"] for log in logs["c"]], rel=1e-3, abs=1e-7)
 
 
 def test_cli_on_two_processes_writes_once_and_equals_one_process(tmp_path, capsys):
