@@ -214,9 +214,12 @@ def _matrices_close(a: dict, b: dict) -> None:
         )
 
 
-@pytest.mark.parametrize("method", ["fisher", "si"])
-def test_resume_after_interrupted_consolidation_matches_uninterrupted(tmp_path, monkeypatch, method):
-    raw = make_config(tmp_path, domains=("animals", "tools", "colours"), importance_method=method)
+@pytest.mark.parametrize(
+    "method,lora", [("fisher", False), ("si", False), ("si", True)], ids=["fisher", "si", "si-lora"]
+)
+def test_resume_after_interrupted_consolidation_matches_uninterrupted(tmp_path, monkeypatch, method, lora):
+    peft = {"peft": {"r": 4, "alpha": 8}} if lora else {}
+    raw = make_config(tmp_path, domains=("animals", "tools", "colours"), importance_method=method, **peft)
     reference, ref_state = _uninterrupted(tmp_path, raw)
 
     original = EWCTrainer.consolidate
