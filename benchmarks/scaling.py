@@ -1,6 +1,6 @@
 """Data-parallel importance collection (P4) and the size of the EWC state over a sequence (P3).
 
-    python benchmarks/scaling.py          # ~3 min on 2 CPU cores; writes benchmarks/results/scaling.{json,md}
+    python benchmarks/scaling.py          # ~1.5 min on 2 CPU cores; writes benchmarks/results/scaling.{json,md}
     python benchmarks/scaling.py --quick  # fewer samples and repeats: a smoke test (*_quick.* files)
 
 Model: the embedded default's architecture (Llama-style, hidden 128, 2 layers, vocabulary 4096, tied embeddings:

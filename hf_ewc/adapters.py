@@ -86,7 +86,13 @@ def check_wraps(model: nn.Module, spec, task: str) -> None:
 
     with torch.device("meta"):
         skeleton = AUTO_MODELS[task].from_config(model.config)
-    wrap_model(skeleton, spec, task)
+    wrapped = wrap_model(skeleton, spec, task)
+    missing = sorted(set(spec.modules_to_save or []) - set(trained_heads(wrapped)))
+    if missing:
+        raise HfEwcError(
+            f"peft.modules_to_save: {', '.join(missing)} is not a module of this model, so nothing of it would "
+            "train; name modules the model has (e.g. its head) or drop the key."
+        )
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -102,21 +108,44 @@ def load_adapter(base: nn.Module, adapter_dir: str | os.PathLike, *, trainable: 
 
 
 def check_adapter_matches(model: nn.Module, spec, where: str) -> None:
-    """A loaded adapter continues a run only with the same LoRA shape as the `peft:` block asks for."""
+    """A loaded adapter continues a run only with the LoRA settings the `peft:` block asks for: the adapter keeps its
+    own, so a block that says otherwise would be recorded but not applied."""
     config = model.peft_config[model.active_adapter]
-    targets = config.target_modules
-    mine = {"r": spec.r, "alpha": spec.alpha}
-    theirs = {"r": config.r, "alpha": config.lora_alpha}
-    if spec.target_modules is not None:
-        mine["target_modules"] = _sorted(spec.target_modules)
-        theirs["target_modules"] = _sorted(targets)
+    mine = {"r": spec.r, "alpha": float(spec.alpha), "dropout": float(spec.dropout), "bias": spec.bias}
+    theirs = {
+        "r": config.r,
+        "alpha": float(config.lora_alpha),
+        "dropout": float(config.lora_dropout),
+        "bias": config.bias,
+    }
+    targets = module_names(spec.target_modules)
+    if isinstance(targets, list):  # None (PEFT's default for the model type) and "all-linear" are what PEFT expanded
+        mine["target_modules"], theirs["target_modules"] = targets, module_names(config.target_modules)
+    if spec.modules_to_save is not None:
+        mine["modules_to_save"] = sorted(spec.modules_to_save)
+        theirs["modules_to_save"] = trained_heads(model)
     differ = [f"{k}: {theirs[k]!r} there, {mine[k]!r} in the config" for k in mine if mine[k] != theirs[k]]
     if differ:
         raise HfEwcError(f"The adapter in {where} does not match the peft: block ({'; '.join(differ)}).")
 
 
-def _sorted(targets):
-    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+def module_names(targets) -> list[str] | str | None:
+    """Target modules as the short names a config uses (``q_proj``), whether PEFT saved names or full paths
+    (``model.layers.0.self_attn.q_proj``, what "all-linear" expands to); a string such as "all-linear" as is."""
+    if targets is None or isinstance(targets, str):
+        return targets
+    return sorted({t.rsplit(".", 1)[-1] for t in targets})
+
+
+def trained_heads(model: nn.Module) -> list[str]:
+    """The `modules_to_save` this model really trains (PEFT's default list names every known head)."""
+    return sorted(
+        {
+            n.split(".modules_to_save.")[0].rsplit(".", 1)[-1]
+            for n, p in model.named_parameters()
+            if p.requires_grad and ".modules_to_save." in n
+        }
+    )
 
 
 def parameter_summary(model: nn.Module) -> dict[str, Any]:
@@ -135,13 +164,19 @@ def parameter_summary(model: nn.Module) -> dict[str, Any]:
             "method": str(getattr(config.peft_type, "value", config.peft_type)).lower(),
             "r": config.r,
             "alpha": config.lora_alpha,
-            "target_modules": _sorted(config.target_modules),
-            # PEFT's default list names every known head (classifier, score, …): keep those this model has
-            "modules_to_save": sorted(
-                {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n, _ in trainable if ".modules_to_save." in n}
-            ),
+            "target_modules": module_names(config.target_modules),
+            "modules_to_save": trained_heads(model),
         }
     return out
+
+
+def hub_base_of(adapter_dir: str | os.PathLike) -> str | None:
+    """The Hub id an adapter's config names as its base (None for a local path or none)."""
+    try:
+        name = _import_peft().PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    except (OSError, ValueError, TypeError):
+        return None
+    return name if name and not os.path.exists(name) else None
 
 
 def base_model_of(adapter_dir: str | os.PathLike) -> str:
@@ -151,7 +186,10 @@ def base_model_of(adapter_dir: str | os.PathLike) -> str:
     local = Path(adapter_dir) / BASE_MODEL_DIR
     if (local / "config.json").is_file():
         return str(local)
-    name = peft.PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    try:
+        name = peft.PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    except (OSError, ValueError, TypeError) as err:  # JSON errors are ValueErrors
+        raise HfEwcError(f"Cannot read the adapter config in {adapter_dir}: {str(err).splitlines()[0]}") from None
     if not name:
         raise HfEwcError(
             f"{adapter_dir} holds an adapter but no base model ({BASE_MODEL_DIR}/ is missing and the adapter config "

@@ -30,7 +30,15 @@ from torch.utils.data import DataLoader
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
-from .adapters import BASE_MODEL_DIR, check_adapter_matches, check_wraps, is_adapter_dir, parameter_summary, wrap_model
+from .adapters import (
+    BASE_MODEL_DIR,
+    check_adapter_matches,
+    check_wraps,
+    hub_base_of,
+    is_adapter_dir,
+    parameter_summary,
+    wrap_model,
+)
 from .config import RunConfig
 from .data import (
     AUTO_MODELS,
@@ -139,6 +147,7 @@ class Pipeline:
         quiet = print_fn is None or not self.accel.is_main_process  # progress tables once, not once per process
         self.print = (lambda *a, **k: None) if quiet else print_fn
         self._metrics: dict[str, Any] = {}
+        self._hub_base: str | None = None
         self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -277,12 +286,23 @@ class Pipeline:
                     "block, or start the LoRA sequence from its model with `model.name_or_path`."
                 )
             )
+        if run.peft is not None:  # what the adapters' configs name as their base (a local path never leaves here)
+            name = run.model.name_or_path
+            self._hub_base = (
+                hub_base_of(self.from_dir) if self.from_dir else (name if name and not os.path.exists(name) else None)
+            )
+        if self.from_dir is not None and run.peft is not None:
+            base_source = Path(self.from_dir) / BASE_MODEL_DIR
+            if not (base_source / "config.json").is_file():
+                raise HfEwcError(
+                    f"--from {self.from_dir}: the adapter's base model is missing ({BASE_MODEL_DIR}/config.json); "
+                    "give the output_dir of a finished LoRA run of hf-ewc, which keeps its base model there."
+                )
         if resumed_stage is None:
             if self.from_dir is not None:
-                model = self._load_model(self.from_dir, labels)
+                model = self._load_model(self.from_dir, labels, base_dir=base_source)
                 if run.peft is not None:
                     check_adapter_matches(model, run.peft, f"--from {self.from_dir}")
-                    base_source = Path(self.from_dir) / BASE_MODEL_DIR
                 initial_state.validate(model, strict=False)
             else:
                 model = build_model(run, tokenizer, labels)
@@ -290,15 +310,13 @@ class Pipeline:
                     check_wraps(model, run.peft, run.task)
         return _Prepared(tokenizer, model, domains, labels, initial_state, base_source)
 
-    def _load_model(self, directory: str | os.PathLike, labels: list | None = None):
+    def _load_model(self, directory: str | os.PathLike, labels: list | None = None, base_dir: Path | None = None):
         """The model saved in ``directory``; an adapter (a `peft:` run's stage or output) is loaded trainable onto the
-        frozen base model next to it (``--from``) or in this run's ``base_model/``."""
+        frozen base model in ``base_dir`` (this run's ``base_model/`` for stages, the old run's for ``--from``)."""
         if is_adapter_dir(directory):
             from .adapters import load_adapter
 
-            base_dir = Path(directory) / BASE_MODEL_DIR
-            if not (base_dir / "config.json").is_file():
-                base_dir = self.out / BASE_MODEL_DIR
+            base_dir = base_dir if base_dir is not None else self.out / BASE_MODEL_DIR
             return load_adapter(self._load_model(base_dir, labels), directory, trainable=True)
         from transformers import AutoConfig
 
@@ -359,6 +377,8 @@ class Pipeline:
         final = self._stage_dir(index)
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        for config in getattr(model, "peft_config", {}).values():  # else PEFT records this run's base_model/ path
+            config.base_model_name_or_path = self._hub_base
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if state is not None and not state.is_empty:

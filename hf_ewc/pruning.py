@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .adapters import base_model_of, is_adapter_dir, load_adapter
+from .adapters import base_model_of, hub_base_of, is_adapter_dir, load_adapter
 from .importance._collect import LINEAR_TYPES
 from .state import EWCState, find_ewc_state
 from .utils import HfEwcError, logger, versions, write_json_atomic
@@ -1257,8 +1257,8 @@ def prune_pretrained(
             "before": before,
             "after": after,
         }
-    base = base_model_of(model_name_or_path) if adapter else model_name_or_path
-    base = base if not os.path.exists(base) else None
+    base = hub_base_of(model_name_or_path) if adapter else model_name_or_path
+    base = base if base is not None and not os.path.exists(base) else None
     verification = export_pruned(
         model, out, report, tokenizer=tokenizer, push_to_hub=push_to_hub is not None, repo_id=push_to_hub,
         overwrite=overwrite, base_model=base,

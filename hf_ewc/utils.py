@@ -99,14 +99,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def sharded_setup(args: Any = None) -> str | None:
     """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the `accelerate launch` environment (or ``args``) shards the
     parameters across processes, else None — known before any Trainer or model is built."""
+    from accelerate.utils import parse_flag_from_env
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    env = os.environ
-    if (args is not None and args.fsdp) or env.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+    if (args is not None and args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return "FSDP"
-    deepspeed_env = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-    if is_deepspeed_zero3_enabled() or (deepspeed_env and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+    if is_deepspeed_zero3_enabled():
         return "DeepSpeed ZeRO-3"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if stage is None and config_file and os.path.isfile(config_file):  # `deepspeed_config_file:` in the config
+            with contextlib.suppress(OSError, ValueError), open(config_file, encoding="utf-8") as f:
+                stage = (json.load(f).get("zero_optimization") or {}).get("stage")
+        if str(stage) == "3":
+            return "DeepSpeed ZeRO-3"
     return None
 
 

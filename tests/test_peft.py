@@ -2,6 +2,7 @@
 sequence, `hf-ewc prune` merges the adapter and exports one plain model, bad blocks fail before anything is written."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def load_run(run_dir, task):
     return PeftModel.from_pretrained(base, str(run_dir), is_trainable=True)
 
 
-@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+@pytest.mark.parametrize("task", ["causal_lm", "masked_lm", "sequence_classification"])
 def test_lora_run_protects_the_adapter_only_and_the_state_survives_save_load(tmp_path, task, capsys):
     peft = {**LORA, "target_modules": ["q_proj", "v_proj", "down_proj"]} if task == "causal_lm" else LORA
     raw = make_config(tmp_path, task, peft=peft)
@@ -66,7 +67,7 @@ def test_lora_run_protects_the_adapter_only_and_the_state_survives_save_load(tmp
     assert "PeftModel.from_pretrained" in card
 
 
-def test_lora_run_continues_with_from_and_resume(tmp_path, capsys):
+def test_lora_run_continues_with_from(tmp_path, capsys):
     first = make_config(tmp_path, peft=LORA)
     assert run_cli(["train", str(write_yaml(tmp_path / "a.yaml", first))], capsys)[0] == 0
     old = EWCState.load(tmp_path / "run")
@@ -83,16 +84,25 @@ def test_lora_run_continues_with_from_and_resume(tmp_path, capsys):
     assert new.validate(model) == []
 
     # a different LoRA shape, a full run continued with LoRA, a LoRA run continued without: refused, nothing written
+    # an adapter folder without its base model (copied without base_model/)
+    (tmp_path / "bare").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "run" / name, tmp_path / "bare" / name)
+    shutil.copytree(tmp_path / "run" / "ewc_state", tmp_path / "bare" / "ewc_state")
+    colours = {"domains": ("colours",)}
     cases = {
-        "r8": (make_config(tmp_path, domains=("colours",), peft={**LORA, "r": 8}), "r: 4 there, 8 in the config"),
-        "nolora": (make_config(tmp_path, domains=("colours",)), "continue it with the same peft: block"),
-    }
-    for name, (raw, message) in cases.items():
+        "r8": (make_config(tmp_path, **colours, peft={**LORA, "r": 8}), "run", "r: 4 there, 8 in the config"),
+        "dropout": (make_config(tmp_path, **colours, peft={**LORA, "dropout": 0.3}), "run",
+                    "dropout: 0.0 there, 0.3 in the config"),
+        "nolora": (make_config(tmp_path, **colours), "run", "continue it with the same peft: block"),
+        "from_bare": (make_config(tmp_path, **colours, peft=LORA), "bare", "the adapter's base model is missing"),
+    }  # fmt: skip
+    for name, (raw, source, message) in cases.items():
         raw["output_dir"] = str(tmp_path / name)
         config = write_yaml(tmp_path / f"{name}.yaml", raw)
         before = snapshot(tmp_path)
-        rc, _, err = run_cli(["train", str(config), "--from", str(tmp_path / "run")], capsys)
-        assert rc == 2 and message in err, err
+        rc, _, err = run_cli(["train", str(config), "--from", str(tmp_path / source)], capsys)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert snapshot(tmp_path) == before
 
     full = make_config(tmp_path, domains=("animals",), output_dir=str(tmp_path / "full"))
@@ -101,6 +111,21 @@ def test_lora_run_continues_with_from_and_resume(tmp_path, capsys):
     rc, _, err = run_cli(["train", str(write_yaml(tmp_path / "mixed.yaml", raw)), "--from", str(tmp_path / "full")],
                          capsys)  # fmt: skip
     assert rc == 2 and "full fine-tuning run" in err and not (tmp_path / "mixed").exists()
+
+
+def test_all_linear_lora_run_continues_with_from(tmp_path, capsys):
+    """PEFT saves "all-linear" expanded to every module path; the block still matches its own adapter."""
+    lora = {**LORA, "target_modules": "all-linear"}
+    first = make_config(tmp_path, domains=("animals",), peft=lora, num_train_epochs=1)
+    assert run_cli(["train", str(write_yaml(tmp_path / "a.yaml", first))], capsys)[0] == 0
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(saved, list) and len(saved) > 1  # expanded by PEFT
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["parameters"]["peft"]["target_modules"] == sorted({t.rsplit(".", 1)[-1] for t in saved})
+    second = make_config(tmp_path, domains=("tools",), peft=lora, num_train_epochs=1, output_dir=str(tmp_path / "b"))
+    rc, _, err = run_cli(["train", str(write_yaml(tmp_path / "b.yaml", second)), "--from", str(tmp_path / "run")],
+                         capsys)  # fmt: skip
+    assert rc == 0, err
 
 
 def test_lora_run_merged_then_pruned_and_exported(tmp_path, capsys):
@@ -137,6 +162,13 @@ def test_lora_run_merged_then_pruned_and_exported(tmp_path, capsys):
                             str(tmp_path / "animals.jsonl"), "--out", str(tmp_path / "obd")], capsys)  # fmt: skip
     assert rc == 0, err
     assert "measured on --data" in out and (tmp_path / "obd" / "model.safetensors").is_file()
+    # a broken adapter folder: one line, nothing written
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"r": 4')
+    rc, _, err = run_cli(["prune", str(tmp_path / "broken"), "--sparsity", "0.5", "--out", str(tmp_path / "pb")],
+                         capsys)  # fmt: skip
+    assert rc == 2 and "Cannot read the adapter config" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pb").exists()
 
 
 @pytest.mark.parametrize(
@@ -147,6 +179,7 @@ def test_lora_run_merged_then_pruned_and_exported(tmp_path, capsys):
         ({"dropout": 1.0}, "peft.dropout must be in [0, 1)"),
         ({"rank": 4}, "Unknown key 'peft.rank'"),
         ({"target_modules": ["no_such_module"]}, "Set peft.target_modules to module names of this model"),
+        ({"modules_to_save": ["no_such_head"]}, "peft.modules_to_save: no_such_head is not a module of this model"),
     ],
 )
 def test_bad_peft_block_fails_before_anything_is_written(tmp_path, capsys, peft, message):

@@ -579,13 +579,17 @@ def test_embedded_default_runs_from_any_directory(tmp_path):
     [
         ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "DeepSpeed ZeRO-3"),
     ],
+    ids=["fsdp", "zero3-stage", "zero3-config-file"],
 )
 def test_sharded_launch_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, env, kind):
-    """What `accelerate launch` with an FSDP or ZeRO-3 config sets in the environment."""
+    """What `accelerate launch` with an FSDP or ZeRO-3 config sets in the environment (a `deepspeed_config_file:`
+    sets only the file's path)."""
     config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}))
     for key, value in env.items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, str(tmp_path / value) if value.endswith(".json") else value)
     before = snapshot(tmp_path)
     rc, _, err = run_cli(["train", str(config)], capsys)
     assert rc == 2 and f"hf-ewc train under {kind}: EWC over sharded parameters is not supported" in err, err
