@@ -639,6 +639,7 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
     for i, domain in enumerate(domains):  # every domain's EWCConfig is valid before anything runs
         domain_args = config.training_args(i, output_dir)
         _check_report_to(domain_args.report_to)
+        refuse_sharded_launch(domain_args)  # `fsdp:` in the config
         if domain_args.importance_method == "si" and (
             domain_args.max_steps == 0 or (domain_args.max_steps < 0 and domain_args.num_train_epochs == 0)
         ):

@@ -59,7 +59,7 @@ from .importance._collect import check_world_size
 from .metrics import continual_metrics, format_matrix, format_summary, perplexity, plot_matrix, plot_trajectories
 from .state import STATE_DIR, STATE_WEIGHTS_NAME, EWCState, find_ewc_state
 from .trainer import EWCTrainer
-from .utils import HfEwcError, atomic_path, logger, refuse_sharded_launch, versions, write_json_atomic
+from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 
 
 RUN_CONFIG_NAME = "run_config.json"
@@ -136,12 +136,9 @@ class Pipeline:
         self.from_dir = str(Path(from_dir).resolve()) if from_dir is not None else None
         self.out = Path(run.output_dir)
         # The first domain's EWCConfig sets up the process group exactly as its Trainer will (`use_cpu`,
-        # ACCELERATE_USE_CPU, the launcher's environment); `PartialState` then shares that state. A sharded launch is
-        # refused before anything is written.
-        refuse_sharded_launch()  # the environment first: a ZeRO-3 launch cannot build the args without deepspeed
-        args = run.training_args(0, str(self.out))
-        refuse_sharded_launch(args)
-        self._eval_batch_size = args.per_device_eval_batch_size
+        # ACCELERATE_USE_CPU, the launcher's environment); `PartialState` then shares that state. (A sharded launch
+        # was refused when the config was validated, before anything is written.)
+        self._eval_batch_size = run.training_args(0, str(self.out)).per_device_eval_batch_size
         self.accel = PartialState()
         check_world_size(self.accel)
         quiet = print_fn is None or not self.accel.is_main_process  # progress tables once, not once per process

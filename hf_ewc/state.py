@@ -28,6 +28,15 @@ from torch import nn
 from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 
 
+try:  # public since torch 2.4
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch 2.3, or a build without torch.distributed
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = ()  # isinstance(x, ()) is always False
+
+
 STATE_WEIGHTS_NAME = "ewc_state.safetensors"
 STATE_CONFIG_NAME = "ewc_state.json"
 STATE_DIR = "ewc_state"  # where a finished `hf-ewc train` run (and a pipeline stage) keeps its state
@@ -86,7 +95,7 @@ def sharding_of(p: torch.Tensor) -> str | None:
     """``"FSDP2 (DTensor)"``, ``"FSDP"``, ``"DeepSpeed ZeRO-3"`` for a parameter split across processes, else None."""
     if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):  # DeepSpeed's partitioned parameters
         return "DeepSpeed ZeRO-3"
-    if type(p).__name__ == "DTensor":
+    if isinstance(p, DTensor):
         return "FSDP2 (DTensor)"
     if type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False):
         return "FSDP"

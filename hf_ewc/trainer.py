@@ -179,7 +179,6 @@ class EWCTrainer(Trainer):
         self._si_penalty = None
         model = self._plain_model()
         params = trainable_parameters(model)
-        self._refuse_unsupported_setups()
         if args.importance_method == "si" and self._si is None:
             self._si = SIAccumulator(params, damping=args.si_damping)
         state = self.ewc_state
