@@ -4,11 +4,11 @@ Public API: [`EWCConfig`], [`EWCTrainer`], [`EWCState`], [`collect_importance`],
 [`export_pruned`], [`KeepSparsityCallback`], [`PruneReport`]) and the penalty maths in `hf_ewc.penalty`.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import EWCConfig
 from .importance import collect_importance
-from .pruning import KeepSparsityCallback, PruneReport, export_pruned, prune_model
+from .pruning import PruneReport, export_pruned, prune_model
+from .sparsity import KeepSparsityCallback
 from .state import EWCState
 from .trainer import EWCTrainer
 from .utils import HfEwcError

@@ -19,16 +19,21 @@ import json
 import platform
 import sys
 
-from . import __version__
-from .utils import HfEwcError
+import datasets
+import torch
+import transformers
+from accelerate import PartialState
+
+from ._version import __version__
+from .pipeline import Pipeline, load_run_config, prune_pretrained
+from .pipeline.config_io import describe_type
+from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec, PruneSpec, training_fields
+from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
+from .state import EWCState
+from .utils import HfEwcError, versions
 
 
 def _env(args: argparse.Namespace) -> int:
-    import torch
-    from accelerate import PartialState
-
-    from .utils import versions
-
     info = dict(versions())
     info["python"] = platform.python_version()
     info["platform"] = platform.platform()
@@ -43,8 +48,6 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _state(args: argparse.Namespace) -> int:
-    from .state import EWCState
-
     state = EWCState.load(args.directory)  # a run's ewc_state/, a checkpoint or an EWCState.save() directory
     summary = {
         "domains": [d.get("name") for d in state.domains],
@@ -64,11 +67,7 @@ def _state(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_run_config, training_fields
-
     if args.fields:
-        from .config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec, PruneSpec, _describe
-
         print("top level: " + ", ".join(PIPELINE_KEYS))
         print("model: " + ", ".join(ModelSpec.__dataclass_fields__))
         print("prune (optional): " + ", ".join(PruneSpec.__dataclass_fields__))
@@ -76,14 +75,9 @@ def _train(args: argparse.Namespace) -> int:
         print("domains[i]: " + ", ".join(DomainSpec.__dataclass_fields__))
         print("EWCConfig / TrainingArguments fields (top level, or per domain under `training:`):")
         for name, tp in sorted(training_fields().items()):
-            print(f"  {name}: {_describe(tp)}")
+            print(f"  {name}: {describe_type(tp)}")
         return 0
     run = load_run_config(args.config, args.overrides)
-    import datasets
-    import transformers
-
-    from .pipeline import Pipeline
-
     # The Trainer's own progress bar stays (disable_tqdm); the per-file bars of datasets and of model saving go.
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -93,10 +87,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    import transformers
-
-    from .pruning import prune_pretrained
-
     transformers.utils.logging.disable_progress_bar()  # loading/saving bars; the scoring bar stays
     prune_pretrained(
         args.model,
@@ -160,8 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_prune_parser(sub) -> None:
-    from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
-
     prune = sub.add_parser(
         "prune",
         help="Prune a saved model by magnitude or by its importances; export it in Hub format, verified by reloading.",

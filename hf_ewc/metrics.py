@@ -287,7 +287,7 @@ def format_summary(
 def _pyplot_free_figure(figsize: tuple[float, float]):
     """A `Figure` on its own Agg canvas: no pyplot, no global backend, nothing to leak when it goes out of scope."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (~0.5 s): only when a plot is drawn
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("Plotting needs matplotlib (a dependency of hf-ewc): `pip install matplotlib`.") from err
@@ -318,7 +318,7 @@ def _cell_format(values: np.ndarray) -> str:
 
 
 def _line_colours(count: int) -> list:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # heavy (~0.5 s): only when a plot is drawn
 
     palette = colormaps["tab10" if count <= 10 else "tab20"]
     return [palette(k % palette.N) for k in range(count)]

@@ -15,7 +15,8 @@ Conventions (one λ for every mode, see ``../shared/research/methods.md`` §3.4)
   Euler) step of the vanilla quadratic ``½·λ·Ω·(θ − θ*)²`` with step η.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 
 __all__ = [
+    "Penalty",
     "ewc_penalty",
     "penalty_coefficients",
     "proximal_step_",
@@ -212,3 +214,90 @@ def proximal_step_(params: Sequence[Tensor], anchors: Sequence[Tensor], weights:
     touch it, and it contracts towards the anchor at any λ.
     """
     torch._foreach_lerp_(list(params), list(anchors), list(weights))
+
+
+@dataclass
+class Penalty:
+    r"""The penalty of one training run: anchors and coefficients on the parameters' devices, aligned with ``params``.
+
+    Built once per `train()` by [`Penalty.build`] from name-keyed anchors θ* and importances Ω; then every step costs
+    the fused kernels of [`ewc_penalty`] (into a reused ``workspace``) or of [`proximal_step_`].
+
+    - ``mode="stabilized"`` / ``"vanilla"``: ``sqrt_coefficients`` = √c; [`Penalty.value`] is the loss term;
+    - ``mode="proximal"``: ``proximal_weights`` = ηλΩ/(1 + ηλΩ); [`Penalty.proximal_step_`] runs after each step.
+
+    ``coef_max`` is ``max η·2c`` (penalized) or the largest proximal weight: the share of the distance to the anchor
+    one step removes (< 1 for stabilized and proximal; > 1 means vanilla EWC overshoots the anchor under SGD).
+    ``overshoot`` is ``η·λ·max Ω``.
+    """
+
+    names: list[str]
+    params: list[Tensor]
+    anchors: list[Tensor]
+    importances: list[Tensor]  # Ω as given (not copied): for the monitoring value of the proximal mode
+    ewc_lambda: float
+    coef_max: float
+    overshoot: float
+    sqrt_coefficients: list[Tensor] | None = None
+    proximal_weights: list[Tensor] | None = None
+    workspace: list[Tensor] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        params: Mapping[str, Tensor],
+        anchors: Mapping[str, Tensor],
+        importances: Mapping[str, Tensor],
+        *,
+        mode: str,
+        ewc_lambda: float,
+        lr: float,
+    ) -> "Penalty | None":
+        """The penalty over the parameters of ``params`` that ``anchors`` covers (in ``params``' order); None when it
+        covers none. Anchors take each parameter's device and dtype; coefficients are computed in float32."""
+        names = [n for n in params if n in anchors]
+        if not names:
+            return None
+        plist = [params[n] for n in names]
+        anchor_list = [anchors[n].to(p.device, p.dtype) for n, p in zip(names, plist)]
+        omega = [importances[n].to(p.device, torch.float32) for n, p in zip(names, plist)]
+        overshoot = lr * ewc_lambda * max(float(t.max()) for t in omega if t.numel())
+        penalty = cls(names, plist, anchor_list, [importances[n] for n in names], ewc_lambda, 0.0, overshoot)
+        if mode == "proximal":
+            weights = proximal_weights(omega, ewc_lambda, lr)
+            penalty.coef_max = max(float(w.max()) for w in weights if w.numel())
+            penalty.proximal_weights = [w.to(p.dtype) for w, p in zip(weights, plist)]
+        else:
+            coefficients = penalty_coefficients(omega, ewc_lambda, mode=mode, lr=lr)
+            penalty.coef_max = 2 * lr * max(float(c.max()) for c in coefficients if c.numel())
+            penalty.sqrt_coefficients = [c.sqrt_().to(p.dtype) for c, p in zip(coefficients, plist)]
+            penalty.workspace = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in plist]
+        return penalty
+
+    @property
+    def penalized(self) -> bool:
+        """True for a loss term (stabilized, vanilla), False for the proximal step."""
+        return self.sqrt_coefficients is not None
+
+    def value(self) -> Tensor:
+        """``Σ c·(θ − θ*)²``, differentiable (one backward per call: it writes into the workspace)."""
+        return ewc_penalty(
+            self.params, self.anchors, sqrt_coefficients=self.sqrt_coefficients, workspace=self.workspace
+        )
+
+    def proximal_step_(self) -> None:
+        """``θ ← θ* + (θ − θ*)/(1 + η·λ·Ω)`` in place."""
+        proximal_step_(self.params, self.anchors, self.proximal_weights)
+
+    def two_c(self) -> dict[str, Tensor]:
+        """``2c`` per parameter name (the penalty gradient is ``2c·(θ − θ*)``), for penalized modes."""
+        return {n: 2 * s.square() for n, s in zip(self.names, self.sqrt_coefficients)}
+
+    @torch.no_grad()
+    def quadratic_value(self) -> float:
+        """``Σ ½·λ·Ω·(θ − θ*)²`` on the CPU: the quadratic the proximal step minimises, for monitoring only."""
+        total = 0.0
+        for p, anchor, omega in zip(self.params, self.anchors, self.importances):
+            diff = (p.detach() - anchor).float().cpu()
+            total += float((omega.float() * diff.square()).sum())
+        return 0.5 * self.ewc_lambda * total

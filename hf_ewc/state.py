@@ -25,16 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .distributed import trainable_parameters
 from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
-
-
-try:  # public since torch 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch 2.3, or a build without torch.distributed
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = ()  # isinstance(x, ()) is always False
 
 
 STATE_WEIGHTS_NAME = "ewc_state.safetensors"
@@ -69,36 +61,6 @@ def find_ewc_state(directory: str | os.PathLike) -> Path | None:
     for candidate in (directory / STATE_DIR, directory):
         if (candidate / STATE_WEIGHTS_NAME).is_file():
             return candidate
-    return None
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{name: parameter}`` for the parameters with ``requires_grad``, named as ``model.named_parameters()`` names
-    them (tied parameters appear once, under their first name).
-
-    Sharded parameters (FSDP, DeepSpeed ZeRO-3) are refused here, where every importance method, the state and the
-    trainer get their parameters: each process would hold a slice and the state would pair slices with whole names.
-    """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    for name, p in params.items():
-        kind = sharding_of(p)
-        if kind is not None:
-            raise HfEwcError(
-                f"EWC over sharded parameters is not supported: {name!r} is a {kind} shard. Importances, anchors and "
-                "the penalty need whole parameters: use one process, DDP (`accelerate launch --multi_gpu`) or "
-                "DeepSpeed ZeRO-1/2 (see the README's support matrix)."
-            )
-    return params
-
-
-def sharding_of(p: torch.Tensor) -> str | None:
-    """``"FSDP2 (DTensor)"``, ``"FSDP"``, ``"DeepSpeed ZeRO-3"`` for a parameter split across processes, else None."""
-    if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):  # DeepSpeed's partitioned parameters
-        return "DeepSpeed ZeRO-3"
-    if isinstance(p, DTensor):
-        return "FSDP2 (DTensor)"
-    if type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False):
-        return "FSDP"
     return None
 
 

@@ -7,7 +7,6 @@ Trainer still holds the step's gradients.
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,32 +14,24 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.training_args import trainer_log_levels
 
 from .config import EWCConfig
-from .importance import SIAccumulator, collect
-from .importance._collect import check_world_size
-from .importance.si import SI_STATE_NAME
-from .penalty import ewc_penalty, penalty_coefficients, proximal_step_, proximal_weights
-from .pruning import KeepSparsityCallback
-from .state import STATE_WEIGHTS_NAME, EWCState, trainable_parameters
-from .utils import HfEwcError, logger, sharded_setup
+from .distributed import check_world_size, sharded_setup, sharding_refusal, trainable_parameters
+from .importance import SI_STATE_NAME, SIAccumulator, collect_importance
+from .penalty import Penalty
+from .sparsity import KeepSparsityCallback
+from .state import STATE_WEIGHTS_NAME, EWCState
+from .utils import HfEwcError, logger
 
 
-@dataclass
-class _Regularizer:
-    """Device-side tensors of the active penalty, aligned with ``params`` (built once per `train()` call)."""
-
-    names: list[str]
-    params: list[nn.Parameter]
-    anchors: list[Tensor]
-    sqrt_coefficients: list[Tensor] | None  # stabilized / vanilla
-    proximal_weights: list[Tensor] | None  # proximal
-    coef_max: float  # max η·2c (the share of the distance to the anchor one SGD step on the penalty removes)
-    workspace: list[Tensor] | None = None  # reused by every penalty evaluation: no allocation in the forward
-
-    @property
-    def penalized(self) -> bool:
-        return self.sqrt_coefficients is not None
+def _subsample(dataset, n: int | None, seed: int):
+    """At most ``n`` samples of ``dataset``, a random subset seeded with ``seed`` in dataset order (a DataLoader, or
+    a dataset of unknown length, as is: the collector caps those)."""
+    if isinstance(dataset, DataLoader) or n is None or not hasattr(dataset, "__len__") or len(dataset) <= n:
+        return dataset
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+    return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
 
 
 class _EWCCallback(TrainerCallback):
@@ -145,7 +136,7 @@ class EWCTrainer(Trainer):
             uncovered = ewc_state.validate(self._plain_model(), strict=False)
             if uncovered and not ewc_state.is_empty:
                 logger.info(f"{len(uncovered)} trainable parameter(s) are not in the EWC state and train unprotected.")
-        self._regularizer: _Regularizer | None = None
+        self._penalty: Penalty | None = None
         self._si: SIAccumulator | None = None
         self._si_penalty: tuple[list[Tensor], list[Tensor]] | None = None
         self._pending_penalties: list[Tensor] = []
@@ -159,8 +150,6 @@ class EWCTrainer(Trainer):
     # ------------------------------------------------------------------ setup
     def _apply_log_level(self) -> None:
         """`log_level` (main process) / `log_level_replica` (others) set the hf_ewc logger too, unless "passive"."""
-        from transformers.training_args import trainer_log_levels
-
         level = trainer_log_levels[self.args.log_level if self.args.should_log else self.args.log_level_replica]
         if level != -1:
             logger.setLevel(level)
@@ -168,14 +157,16 @@ class EWCTrainer(Trainer):
     def _plain_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def _sparsity_callbacks(self) -> list[KeepSparsityCallback]:
+        return [c for c in self.callback_handler.callbacks if isinstance(c, KeepSparsityCallback)]
+
     def _setup_ewc(self) -> None:
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, KeepSparsityCallback):
-                callback.managed = True  # applied in _after_optimizer_step, not again by its own hook
-        """Build the device-side penalty tensors and start SI (called on `on_train_begin`, after any resume)."""
+        """Build the device-side penalty and start SI (called on `on_train_begin`, after any resume)."""
+        for callback in self._sparsity_callbacks():
+            callback.managed = True  # applied in _after_optimizer_step, not again by its own hook
         args: EWCConfig = self.args
         self._pending_penalties = []
-        self._regularizer = None
+        self._penalty = None
         self._si_penalty = None
         model = self._plain_model()
         params = trainable_parameters(model)
@@ -193,46 +184,26 @@ class EWCTrainer(Trainer):
                 self._told_no_state = True
             return
         state.validate(model, strict=False)
-        names = [n for n in params if n in state.anchors]  # the model's order, as SI's buffers
-        if not names:
+        penalty = Penalty.build(
+            params, state.anchors, state.importances, mode=args.ewc_mode, ewc_lambda=args.ewc_lambda,
+            lr=args.ewc_step_size,
+        )  # fmt: skip
+        if penalty is None:
             logger.warning("None of the parameters protected by the EWC state is trainable now: penalty is 0.")
             return
-        plist = [params[n] for n in names]
-        anchors = [state.anchors[n].to(p.device, p.dtype) for n, p in zip(names, plist)]
-        importances = [state.importances[n].to(p.device, torch.float32) for n, p in zip(names, plist)]
-        eta, lam = args.ewc_step_size, args.ewc_lambda
-        omega_max = max(float(t.max()) for t in importances if t.numel())
-        sqrt_c = prox = None
-        if args.ewc_mode == "proximal":
-            weights = proximal_weights(importances, lam, eta)
-            coef_max = max(float(w.max()) for w in weights if w.numel())
-            prox = [w.to(p.dtype) for w, p in zip(weights, plist)]
-        else:
-            coefficients = penalty_coefficients(importances, lam, mode=args.ewc_mode, lr=eta)
-            coef_max = 2 * eta * max(float(c.max()) for c in coefficients if c.numel())
-            sqrt_c = [c.sqrt_().to(p.dtype) for c, p in zip(coefficients, plist)]
-            if args.ewc_mode == "vanilla" and eta * lam * omega_max > 1 and not self._warned_overshoot:
-                logger.warning(
-                    f"Vanilla EWC with η·λ·Ω_max = {eta * lam * omega_max:.3g} > 1: an SGD step on the penalty "
-                    "overshoots the anchor (and diverges above 2). Use ewc_mode='stabilized' (same λ) to keep every "
-                    "step bounded."
-                )
-                self._warned_overshoot = True
-        del importances
-        workspace = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in plist] if sqrt_c else None
-        self._regularizer = _Regularizer(names, plist, anchors, sqrt_c, prox, coef_max, workspace)
-        if self._si is not None and args.si_gradient == "task" and sqrt_c is not None:
+        if args.ewc_mode == "vanilla" and penalty.overshoot > 1 and not self._warned_overshoot:
+            logger.warning(
+                f"Vanilla EWC with η·λ·Ω_max = {penalty.overshoot:.3g} > 1: an SGD step on the penalty overshoots the "
+                "anchor (and diverges above 2). Use ewc_mode='stabilized' (same λ) to keep every step bounded."
+            )
+            self._warned_overshoot = True
+        self._penalty = penalty
+        if self._si is not None and args.si_gradient == "task" and penalty.penalized:
             # SI's task-only gradient subtracts 2c·(θ − θ*); aligned with SI's parameters (0 for unprotected ones).
-            index = {n: i for i, n in enumerate(names)}
+            anchors, two_c = dict(zip(penalty.names, penalty.anchors)), penalty.two_c()
             self._si_penalty = (
-                [
-                    anchors[index[n]] if n in index else torch.zeros_like(p)
-                    for n, p in zip(self._si.names, self._si.params)
-                ],
-                [
-                    2 * sqrt_c[index[n]].square() if n in index else torch.zeros_like(p)
-                    for n, p in zip(self._si.names, self._si.params)
-                ],
+                [anchors[n] if n in anchors else torch.zeros_like(p) for n, p in zip(self._si.names, self._si.params)],
+                [two_c[n] if n in two_c else torch.zeros_like(p) for n, p in zip(self._si.names, self._si.params)],
             )
 
     def _refuse_unsupported_setups(self) -> None:
@@ -240,11 +211,7 @@ class EWCTrainer(Trainer):
         args: EWCConfig = self.args
         sharded = "FSDP" if self.is_fsdp_enabled else sharded_setup(args)
         if sharded is not None:
-            raise HfEwcError(
-                f"EWC over sharded parameters ({sharded}) is not supported: importances, anchors and the penalty "
-                "need whole parameters. Use one process, DDP (`accelerate launch --multi_gpu`) or DeepSpeed "
-                "ZeRO-1/2 (see the README's support matrix)."
-            )
+            raise sharding_refusal(sharded)
         if self.is_deepspeed_enabled and (args.ewc_mode == "proximal" or args.importance_method == "si"):
             # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull on the
             # module's parameters would be overwritten, and SI would read no gradient.
@@ -277,11 +244,8 @@ class EWCTrainer(Trainer):
         setting.
         """
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        reg = self._regularizer
-        if reg is not None and reg.penalized and model.training:
-            penalty = ewc_penalty(
-                reg.params, reg.anchors, sqrt_coefficients=reg.sqrt_coefficients, workspace=reg.workspace
-            )
+        if self._penalty is not None and self._penalty.penalized and model.training:
+            penalty = self._penalty.value()
             self._last_penalty = penalty.detach()
             if self._loss_scaled_for_ga(num_items_in_batch):
                 penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
@@ -301,35 +265,24 @@ class EWCTrainer(Trainer):
             self._si.before_step()
 
     def _after_optimizer_step(self) -> None:
-        reg = self._regularizer
+        penalty = self._penalty
         skipped = bool(getattr(self.accelerator, "optimizer_step_was_skipped", False))
         if not skipped:
-            if reg is not None and reg.proximal_weights is not None:
-                proximal_step_(reg.params, reg.anchors, reg.proximal_weights)
+            if penalty is not None and not penalty.penalized:
+                penalty.proximal_step_()
             # Pruned weights go back to zero before SI reads the update (the callback's own hook comes later).
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, KeepSparsityCallback):
-                    callback.apply(self.model)
+            for callback in self._sparsity_callbacks():
+                callback.apply(self.model)
             if self._si is not None:
                 anchors, two_c = self._si_penalty if self._si_penalty is not None else (None, None)
                 self._si.after_step(grad_scale=1.0 / self._clip_coef, penalty_anchors=anchors, penalty_two_c=two_c)
-        if reg is not None and reg.penalized and self._last_penalty is not None:
+        if penalty is not None and penalty.penalized and self._last_penalty is not None:
             self._pending_penalties.append(self._last_penalty)
         self._clip_coef = 1.0
 
     # ------------------------------------------------------------------ logging
-    @torch.no_grad()
-    def _proximal_penalty_value(self) -> float:
-        """``Σ ½·λ·Ω·(θ − θ*)²``: the quadratic the proximal step minimises, for monitoring only."""
-        reg, state = self._regularizer, self.ewc_state
-        total = 0.0
-        for name, p, anchor in zip(reg.names, reg.params, reg.anchors):
-            diff = (p.detach() - anchor).float().cpu()
-            total += float((state.importances[name].float() * diff.square()).sum())
-        return 0.5 * self.args.ewc_lambda * total
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        reg = self._regularizer
+        reg = self._penalty
         if reg is not None and "loss" in logs:
             if reg.penalized and self._pending_penalties:
                 penalty = float(torch.stack(self._pending_penalties).float().mean())
@@ -343,8 +296,8 @@ class EWCTrainer(Trainer):
                     )
                     logger.warning(f"The EWC penalty is {penalty}: training has diverged.{hint}")
                     self._warned_nonfinite = True
-            elif reg.proximal_weights is not None:
-                penalty, task = self._proximal_penalty_value(), logs["loss"]
+            elif not reg.penalized:
+                penalty, task = reg.quadratic_value(), logs["loss"]
             else:
                 penalty = task = None
             if penalty is not None:
@@ -356,14 +309,6 @@ class EWCTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ consolidation
-    def _importance_data(self, dataset):
-        n = self.args.importance_max_samples
-        if isinstance(dataset, DataLoader) or n is None or not hasattr(dataset, "__len__") or len(dataset) <= n:
-            return dataset
-        generator = torch.Generator().manual_seed(self.args.seed)
-        indices = torch.randperm(len(dataset), generator=generator)[:n].sort().values.tolist()
-        return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
-
     def consolidate(self, dataset=None, *, domain: str | None = None) -> EWCState:
         """Measure importances on the domain just learned, fold them into the EWC state and move the anchors.
 
@@ -395,12 +340,10 @@ class EWCTrainer(Trainer):
                     "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
                     "train_dataset."
                 )
-            options = {}
-            if args.importance_method == "mas":
-                options["output"] = args.mas_output
-            result = collect(
+            options = {"output": args.mas_output} if args.importance_method == "mas" else {}
+            result = collect_importance(
                 model,
-                self._importance_data(data) if data is not None else None,
+                _subsample(data, args.importance_max_samples, args.seed) if data is not None else None,
                 args.importance_method,
                 estimator=args.fisher_estimator,
                 max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,
@@ -410,12 +353,7 @@ class EWCTrainer(Trainer):
                 show_progress=not args.disable_tqdm,
                 **options,
             )
-            importances, num_samples, estimator, options = (
-                result.importances,
-                result.num_samples,
-                result.estimator,
-                result.options,
-            )
+            importances, num_samples, estimator, options = result, result.num_samples, result.estimator, result.options
         state = self.ewc_state if self.ewc_state is not None else EWCState(dtype=args.ewc_state_dtype)
         state.consolidate(
             model,
@@ -429,7 +367,7 @@ class EWCTrainer(Trainer):
             options=options,
         )
         self.ewc_state = state
-        self._regularizer = None
+        self._penalty = None
         self._si = None
         self._si_penalty = None
         return state

@@ -1,14 +1,22 @@
-"""Small shared helpers: version stamps, atomic file writes, the library logger."""
+"""Small shared helpers: the library logger and error type, version stamps, atomic writes of files and folders."""
 
 import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import accelerate
+import safetensors
+import torch
+import transformers
+
+from ._version import __version__
 
 
 def _library_logger() -> logging.Logger:
@@ -32,15 +40,14 @@ class HfEwcError(ValueError):
     """A user-facing error: the message names what is wrong and how to fix it (the CLI prints it on one line)."""
 
 
+def error_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what one-line errors quote."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def versions() -> dict[str, str]:
     """Versions of hf_ewc and the libraries whose behaviour the saved artefacts depend on."""
-    import accelerate
-    import safetensors
-    import torch
-    import transformers
-
-    from . import __version__
-
     stamp = {
         "hf_ewc": __version__,
         "torch": torch.__version__,
@@ -89,40 +96,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new, empty temporary folder next to ``path``; on success it takes the name ``path``.
+
+    Whatever was at ``path`` is removed just before the rename (callers decide beforehand whether it may be
+    replaced). On failure the temporary folder is removed and ``path`` is left as it was. A process killed inside
+    the block leaves a hidden ``.<name>.*.tmp`` folder, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON with sorted keys, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def sharded_setup(args: Any = None) -> str | None:
-    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the `accelerate launch` environment (or ``args``) shards the
-    parameters across processes, else None — known before any Trainer or model is built."""
-    from accelerate.utils import parse_flag_from_env
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if (args is not None and args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        return "FSDP"
-    if is_deepspeed_zero3_enabled():
-        return "DeepSpeed ZeRO-3"
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if stage is None and config_file and os.path.isfile(config_file):  # `deepspeed_config_file:` in the config
-            with contextlib.suppress(OSError, ValueError), open(config_file, encoding="utf-8") as f:
-                stage = (json.load(f).get("zero_optimization") or {}).get("stage")
-        if str(stage) == "3":
-            return "DeepSpeed ZeRO-3"
-    return None
-
-
-def refuse_sharded_launch(args: Any = None) -> None:
-    """`hf-ewc train` under FSDP or ZeRO-3: one clear error before anything is built or written."""
-    sharded = sharded_setup(args)
-    if sharded is not None:
-        raise HfEwcError(
-            f"hf-ewc train under {sharded}: EWC over sharded parameters is not supported (importances, anchors and "
-            "the penalty need whole parameters); launch with DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed "
-            "ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
-        )

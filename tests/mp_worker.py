@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from testing_utils import cls_samples, lm_samples, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from transformers import default_data_collator
 
-from hf_ewc import EWCConfig, EWCTrainer
-from hf_ewc.importance import collect
+from hf_ewc import EWCConfig, EWCTrainer, collect_importance
 
 
 # ------------------------------------------------------------------------------------------------------- importances
@@ -56,9 +55,9 @@ def collect_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     for case, (factory, data, method, options) in IMPORTANCE_CASES.items():
         torch.manual_seed(0)
         model = factory()
-        result = collect(model, data(), method, batch_size=4, show_progress=False, **options)
+        result = collect_importance(model, data(), method, batch_size=4, show_progress=False, **options)
         counts[case] = result.num_samples
-        tensors.update({f"{case}/{name}": value for name, value in result.importances.items()})
+        tensors.update({f"{case}/{name}": value for name, value in result.items()})
     return tensors, counts
 
 
@@ -163,7 +162,7 @@ def sharded_refusals() -> dict[str, str]:
 
     from hf_ewc import EWCState, HfEwcError
     from hf_ewc.importance import SIAccumulator
-    from hf_ewc.state import trainable_parameters
+    from hf_ewc.distributed import trainable_parameters
 
     PartialState(cpu=True)  # the process group
     torch.manual_seed(0)
@@ -172,7 +171,7 @@ def sharded_refusals() -> dict[str, str]:
         fully_shard(layer)
     fully_shard(model)
     attempts = {
-        "collect": lambda: collect(model, lm_samples(4), "fisher", show_progress=False),
+        "collect": lambda: collect_importance(model, lm_samples(4), "fisher", show_progress=False),
         "consolidate": lambda: EWCState().consolidate(model, {}),
         "si": lambda: SIAccumulator(trainable_parameters(model)),
     }

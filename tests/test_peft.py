@@ -12,8 +12,7 @@ from test_pipeline import AUTO, make_config, run_cli, snapshot, write_yaml
 from transformers import AutoTokenizer
 
 from hf_ewc import EWCState
-from hf_ewc.config import build_run_config
-from hf_ewc.pipeline import Pipeline
+from hf_ewc.pipeline import Pipeline, build_run_config
 
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}

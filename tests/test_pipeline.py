@@ -21,9 +21,8 @@ from transformers import (
 
 from hf_ewc import EWCState
 from hf_ewc.cli import main
-from hf_ewc.config import build_run_config, load_run_config
-from hf_ewc.data import DomainData
-from hf_ewc.pipeline import Pipeline, config_differences
+from hf_ewc.pipeline import Pipeline, build_run_config, config_differences, load_run_config
+from hf_ewc.pipeline.data import DomainData
 from hf_ewc.trainer import EWCTrainer
 
 
@@ -592,7 +591,7 @@ def test_sharded_launch_is_refused_before_anything_is_written(tmp_path, capsys, 
         monkeypatch.setenv(key, str(tmp_path / value) if value.endswith(".json") else value)
     before = snapshot(tmp_path)
     rc, _, err = run_cli(["train", str(config)], capsys)
-    assert rc == 2 and f"hf-ewc train under {kind}: EWC over sharded parameters is not supported" in err, err
+    assert rc == 2 and f"hf-ewc train: error: EWC over sharded parameters ({kind}) is not supported" in err, err
     assert "configs/accelerate/multi_gpu.yaml" in err and len(err.strip().splitlines()) == 1
     assert snapshot(tmp_path) == before
 

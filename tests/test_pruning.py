@@ -22,9 +22,9 @@ from transformers import (
 
 from hf_ewc import EWCConfig, EWCState, EWCTrainer, collect_importance
 from hf_ewc.cli import main
-from hf_ewc.config import _yaml_load, build_run_config
-from hf_ewc.data import train_tokenizer
-from hf_ewc.pipeline import Pipeline
+from hf_ewc.pipeline import Pipeline, build_run_config
+from hf_ewc.pipeline.config_io import yaml_load
+from hf_ewc.pipeline.prepare import train_tokenizer
 from hf_ewc.pruning import (
     KeepSparsityCallback,
     PruneReport,
@@ -143,9 +143,9 @@ def test_importances_from_a_saved_state_are_used_without_recollecting(tmp_path, 
     state = EWCState()
     state.consolidate(model, collect_importance(model, lm_samples(8), "fisher", show_progress=False), domain="a")
     state.save(tmp_path / "state")
-    from hf_ewc import importance
+    from hf_ewc.pruning import masks
 
-    monkeypatch.setattr(importance, "collect", lambda *a, **k: pytest.fail("recollected"))
+    monkeypatch.setattr(masks, "collect_importance", lambda *a, **k: pytest.fail("recollected"))
     by_dir, by_state = copy.deepcopy(model), copy.deepcopy(model)
     report = prune_model(by_dir, 0.5, criterion="obd", importances=tmp_path / "state", show_progress=False)
     prune_model(by_state, 0.5, criterion="obd", importances=state.importances, show_progress=False)
@@ -310,9 +310,9 @@ def test_export_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp_
     with pytest.raises(HfEwcError, match="already exists"):
         export_pruned(model, tmp_path / "taken", report)
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    from hf_ewc import pruning
+    from hf_ewc.pruning import export
 
-    real = pruning.verify_export
+    real = export.verify_export
 
     def corrupt(model_, directory, report_):  # a checkpoint whose weights changed on disk must fail loudly
         from safetensors.torch import load_file, save_file
@@ -322,7 +322,7 @@ def test_export_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp_
         save_file(weights, Path(directory) / "model.safetensors", metadata={"format": "pt"})
         return real(model_, directory, report_)
 
-    monkeypatch.setattr(pruning, "verify_export", corrupt)
+    monkeypatch.setattr(export, "verify_export", corrupt)
     with pytest.raises(HfEwcError, match="reload verification failed: .*up_proj"):
         export_pruned(model, tmp_path / "new", report)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
@@ -630,7 +630,7 @@ def test_cli_bad_input_gives_one_line_exit_2_and_writes_nothing(saved_model, tmp
 
 # ------------------------------------------------------------------------------------------------ pipeline prune:
 def test_yaml_keeps_n_m_as_a_string():
-    assert _yaml_load("structure: 2:4\nx: 1e-3\ny: off\nz: 12") == {"structure": "2:4", "x": 1e-3, "y": "off", "z": 12}
+    assert yaml_load("structure: 2:4\nx: 1e-3\ny: off\nz: 12") == {"structure": "2:4", "x": 1e-3, "y": "off", "z": 12}
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "ffn"])

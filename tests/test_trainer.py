@@ -176,7 +176,7 @@ def test_proximal_step_is_exact_and_outside_the_loss(tmp_path):
     rec = Recorder(model)
     trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state, callbacks=[rec])
     trainer.train()
-    assert not trainer._regularizer.penalized  # no loss term
+    assert not trainer._penalty.penalized  # no loss term
     assert len(rec.stepped) == trainer.state.global_step == 4
     for stepped, end in zip(rec.stepped, rec.end):
         for n in state.anchors:
@@ -272,7 +272,7 @@ def test_consolidate_uses_a_seeded_sample_of_the_train_set(tmp_path):
     again = EWCTrainer(model=model, args=args, train_dataset=samples).consolidate()
     assert all(torch.equal(again.importances[n], state.importances[n]) for n in state.importances)
     assert state.domains[0]["options"]["seed"] == 0
-    assert trainer.ewc_state is state and trainer._regularizer is None
+    assert trainer.ewc_state is state and trainer._penalty is None
 
 
 def test_consolidate_errors(tmp_path):

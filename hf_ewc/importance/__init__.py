@@ -12,34 +12,30 @@
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
-from ..state import check_importances, trainable_parameters
+from ..distributed import trainable_parameters
 from ..utils import HfEwcError
-from . import fisher, mas, signal
-from ._collect import (
-    ImportanceResult,
-    check_world_size,
-    collection_mode,
-    iterate_batches,
-    model_shifts_labels,
-    reduce_across_processes,
-)
-from .si import SIAccumulator
+from ._loop import ImportanceMethod, ImportanceResult, run_collection
+from .fisher import ESTIMATORS, Fisher
+from .mas import MAS
+from .si import SI_STATE_NAME, SIAccumulator
+from .signal import Signal
+from .uniform import Uniform
 
 
-__all__ = ["METHODS", "ImportanceResult", "SIAccumulator", "collect", "collect_importance"]
+__all__ = [
+    "ESTIMATORS",
+    "METHODS",
+    "SI_STATE_NAME",
+    "ImportanceMethod",
+    "ImportanceResult",
+    "SIAccumulator",
+    "collect_importance",
+]
 
-METHODS: dict[str, tuple[str, ...]] = {
-    "fisher": fisher.OPTIONS,
-    "mas": mas.OPTIONS,
-    "signal": signal.OPTIONS,
-    "uniform": (),
-}
+# name → method; `si` is not here: it is accumulated by `EWCTrainer` on the training trajectory (`SIAccumulator`).
+METHODS: dict[str, type[ImportanceMethod]] = {m.name: m for m in (Fisher, MAS, Signal, Uniform)}
 
 
 def collect_importance(
@@ -52,7 +48,7 @@ def collect_importance(
     batch_size: int = 8,
     data_collator: Callable | None = None,
     **method_options: Any,
-) -> dict[str, Tensor]:
+) -> ImportanceResult:
     r"""Per-parameter importances Ω of ``model`` on ``data``.
 
     Args:
@@ -85,7 +81,8 @@ def collect_importance(
             `shift_labels`, `per_sample`; `signal`: `bias` (`"abs"` | `"output"`).
 
     Returns:
-        `dict[str, torch.Tensor]`: float32 importances keyed by parameter name, on the parameters' devices.
+        [`ImportanceResult`]: a ``dict`` of float32 importances keyed by parameter name, on the parameters' devices,
+        which also says how they were obtained (``num_samples``, ``method``, ``estimator``, ``options``).
 
     Under `accelerate launch` with N processes, every process must call this with the same data: samples are split
     round-robin, summed with `accelerate.utils.reduce` and divided by the global count, so the result equals a
@@ -93,32 +90,6 @@ def collect_importance(
     depends on which samples share a minibatch and `sampled` on the label draws, so those two differ by sampling
     noise.
     """
-    return collect(
-        model,
-        data,
-        method,
-        estimator=estimator,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        data_collator=data_collator,
-        **method_options,
-    ).importances
-
-
-def collect(
-    model: nn.Module,
-    data: Any,
-    method: str = "fisher",
-    *,
-    estimator: str = "empirical",
-    max_samples: int | None = None,
-    batch_size: int = 8,
-    data_collator: Callable | None = None,
-    seed: int | None = 0,
-    show_progress: bool = True,
-    **options: Any,
-) -> ImportanceResult:
-    """[`collect_importance`] returning an [`ImportanceResult`] (importances + sample count + settings)."""
     if method == "si":
         raise HfEwcError(
             "method 'si' is accumulated during training, not collected afterwards: train with "
@@ -126,53 +97,28 @@ def collect(
         )
     if method not in METHODS:
         raise HfEwcError(f"Unknown importance method {method!r}; choose one of: {', '.join(METHODS)}, si.")
-    unknown = sorted(set(options) - set(METHODS[method]))
+    cls = METHODS[method]
+    seed = method_options.pop("seed", 0)
+    show_progress = method_options.pop("show_progress", True)
+    accepted = [o for o in cls.options if o != "estimator"]  # the estimator has its own argument
+    unknown = sorted(set(method_options) - set(accepted))
     if unknown:
-        accepted = ", ".join(METHODS[method]) or "none"
-        raise HfEwcError(f"Unknown option(s) {unknown} for method {method!r}; it accepts: {accepted}.")
-    if method == "fisher" and estimator not in fisher.ESTIMATORS:
-        raise HfEwcError(f"Unknown fisher estimator {estimator!r}; choose one of: {', '.join(fisher.ESTIMATORS)}.")
+        raise HfEwcError(
+            f"Unknown option(s) {unknown} for method {method!r}; it accepts: {', '.join(accepted) or 'none'}."
+        )
+    if method == "fisher" and estimator not in ESTIMATORS:
+        raise HfEwcError(f"Unknown fisher estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
     params = trainable_parameters(model)
     if not params:
         raise HfEwcError("The model has no trainable parameters (requires_grad=True): nothing to measure.")
-    recorded = dict(options)
-    recorded.update({"batch_size": batch_size, "max_samples": max_samples, "seed": seed})
-
-    if method == "uniform":
-        importances = {n: torch.ones(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-        return ImportanceResult(importances, 0, method, None, recorded)
-
-    # Without an Accelerator around, PartialState reads no ACCELERATE_USE_CPU: pass it, or a CPU launch of N processes
-    # would not initialise the process group.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    check_world_size(state)
-    batches, num_batches = iterate_batches(
-        data, model, batch_size=batch_size, data_collator=data_collator, max_samples=max_samples, state=state
-    )
-    label = f"importance: {method}" + (f"/{estimator}" if method == "fisher" else "")
-    batches = tqdm(batches, total=num_batches, desc=label, disable=not (show_progress and state.is_main_process))
-    if method in ("fisher", "mas") and options.get("shift_labels") is None:
-        options["shift_labels"] = model_shifts_labels(model)
-        recorded["shift_labels"] = options["shift_labels"]
-
-    plan = None
-    with collection_mode(model, seed):
-        if method == "fisher":
-            sums, count = fisher.accumulate(model, batches, params, estimator=estimator, seed=seed, **options)
-        elif method == "mas":
-            sums, count = mas.accumulate(model, batches, params, **options)
-        else:
-            sums, count, plan = signal.accumulate(model, batches, params, **options)
-    sums, count = reduce_across_processes(sums, count, state)
-    if count == 0:
-        raise HfEwcError(
-            "No sample counted: every sample had all its labels masked (-100). Check the data collator and the labels."
-        )
-    if method == "signal":
-        importances = signal.finalize(sums, count, plan, params)
-    else:
-        importances = {n: s / count for n, s in sums.items()}
-    check_importances(importances)
-    if method == "fisher":
-        recorded["count_unit"] = "minibatches" if estimator == "batched" else "samples"
-    return ImportanceResult(importances, count, method, estimator if method == "fisher" else None, recorded)
+    recorded = {**method_options, "batch_size": batch_size, "max_samples": max_samples, "seed": seed}
+    fisher_estimator = estimator if "estimator" in cls.options else None
+    options = {**method_options, **({"estimator": estimator} if fisher_estimator else {})}
+    if not cls.needs_data:
+        return ImportanceResult(cls(model, params, seed=seed, **options).finalize({}, 0), 0, method, None, recorded)
+    label = f"importance: {method}" + (f"/{estimator}" if fisher_estimator else "")
+    importances, count, resolved = run_collection(
+        cls, model, data, params, options=options, batch_size=batch_size, data_collator=data_collator,
+        max_samples=max_samples, seed=seed, show_progress=show_progress, label=label,
+    )  # fmt: skip
+    return ImportanceResult(importances, count, method, fisher_estimator, {**recorded, **resolved})

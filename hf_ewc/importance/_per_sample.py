@@ -19,6 +19,7 @@ per-sample gradients add up to the batch gradient; if they do not, it warns and 
 """
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,9 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
 
+from ..models import LINEAR_TYPES
 from ..utils import HfEwcError, logger
-from ._collect import LINEAR_TYPES, batch_size_of, outputs_logits, slice_batch
+from ._loop import batch_size_of, slice_batch
+from ._targets import outputs_logits
 
 
 SCRATCH_ELEMENTS = 1 << 24  # 64 MB of float32
@@ -135,8 +139,6 @@ class PerSampleGradients:
         """Call the model without ``labels`` from now on: its own loss (a second log-softmax over the vocabulary for a
         language model) is not needed once the label layout has been checked. Kept where the forward requires them,
         and for encoder-decoder models, which build their decoder inputs from the labels."""
-        import inspect
-
         config = getattr(self.model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
             return
@@ -250,8 +252,6 @@ class PerSampleGradients:
 
     def _generic(self, record: _Record, grad_out: Tensor, batch: int, attrs: dict[str, str]) -> dict[str, Tensor]:
         """Any other leaf module: ``vmap`` over samples of the ``vjp`` of the module's own forward."""
-        from torch.func import functional_call, vjp, vmap
-
         module = record.module
         args = record.args
         batched = [torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == batch for a in args]

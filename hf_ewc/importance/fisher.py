@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models import model_shifts_labels
 from ..utils import HfEwcError
-from ._collect import Targets, build_targets, check_loss_convention, prepare_inputs
+from ._loop import ImportanceMethod
 from ._per_sample import PerSampleGradients
+from ._targets import Targets, build_targets, check_loss_convention
 
 
 ESTIMATORS = ("empirical", "sampled", "exact", "batched")
-OPTIONS = ("shift_labels", "per_sample", "max_backward_per_batch")
 
 
 def _sample_log_likelihood(targets: Targets, labels: Tensor) -> Tensor:
@@ -59,78 +60,86 @@ def _exact_objectives(targets: Targets):
             yield weight[:, t, c] * logp[:, t, c]
 
 
-def accumulate(
-    model: nn.Module,
-    batches,
-    params: dict[str, nn.Parameter],
-    *,
-    estimator: str = "empirical",
-    shift_labels: bool,
-    per_sample: str = "auto",
-    max_backward_per_batch: int = 256,
-    seed: int | None = 0,
-) -> tuple[dict[str, Tensor], int]:
-    """Sums of squared gradients and the count to divide them by (samples; minibatches for ``batched``)."""
-    if estimator not in ESTIMATORS:
-        raise HfEwcError(f"Unknown fisher estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
-    device = next(iter(params.values())).device
-    method = f"fisher_estimator={estimator!r}"
-    # Label draws get their own generator: reproducible from `seed` alone, whatever else consumes the global RNG.
-    generator = torch.Generator(device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    first = True
+class Fisher(ImportanceMethod):
+    """Sums of squared gradients; the count is of samples (of minibatches for ``batched``)."""
 
-    if estimator == "batched":
-        names = list(params)
-        sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-        count = 0
-        for batch in batches:
-            inputs = prepare_inputs(batch, model, device, categorical=True)
-            outputs = model(**inputs)
-            targets = build_targets(outputs, inputs, shift_labels=shift_labels, need_labels=True, method=method)
-            if first:
-                check_loss_convention(outputs, inputs, targets, shift_labels=shift_labels)
-                first = False
-            if targets.num_valid == 0:
-                continue
-            mean_ll = _sample_log_likelihood(targets, targets.labels)[targets.valid].mean()
-            grads = torch.autograd.grad(mean_ll, [params[n] for n in names], allow_unused=True)
-            for name, grad in zip(names, grads):
-                if grad is not None:
-                    sums[name] += grad.float().square()
-            count += 1
-        return sums, count
+    name = "fisher"
+    options = ("estimator", "shift_labels", "per_sample", "max_backward_per_batch")
 
-    engine = PerSampleGradients(model, params, "square", per_sample)
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        *,
+        seed: int | None = 0,
+        estimator: str = "empirical",
+        shift_labels: bool | None = None,
+        per_sample: str = "auto",
+        max_backward_per_batch: int = 256,
+    ):
+        super().__init__(model, params, seed=seed)
+        if estimator not in ESTIMATORS:
+            raise HfEwcError(f"Unknown fisher estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
+        self.estimator = estimator
+        self.shift_labels = model_shifts_labels(model) if shift_labels is None else shift_labels
+        self.max_backward_per_batch = max_backward_per_batch
+        self.recorded = {
+            "shift_labels": self.shift_labels,
+            "count_unit": "minibatches" if estimator == "batched" else "samples",
+        }
+        self.method = f"fisher_estimator={estimator!r}"
+        # Label draws get their own generator: reproducible from `seed` alone, whatever else consumes the global RNG.
+        self.generator = torch.Generator(next(iter(params.values())).device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self.first = True
+        if estimator == "batched":
+            self.engine = None
+            self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        else:
+            self.engine = PerSampleGradients(model, params, "square", per_sample)
+            self.sums = self.engine.sums
 
-    def make_objectives(outputs: Any, inputs: dict[str, Any]):
-        nonlocal first
+    def _targets(self, outputs: Any, inputs: dict[str, Any]) -> Targets:
+        need_labels = self.estimator in ("empirical", "batched")  # sampled and exact draw or sum over labels
         targets = build_targets(
-            outputs, inputs, shift_labels=shift_labels, need_labels=estimator == "empirical", method=method
+            outputs, inputs, shift_labels=self.shift_labels, need_labels=need_labels, method=self.method
         )
-        if first:
-            check_loss_convention(outputs, inputs, targets, shift_labels=shift_labels)
-            first = False
-            engine.skip_model_loss()
-        if estimator == "empirical":
+        if self.first:
+            check_loss_convention(outputs, inputs, targets, shift_labels=self.shift_labels)
+            self.first = False
+            if self.engine is not None:
+                self.engine.skip_model_loss()
+        return targets
+
+    def accumulate(self, inputs: dict[str, Any]) -> int:
+        if self.engine is not None:
+            return self.engine.run(inputs, self._objectives)
+        targets = self._targets(self.model(**inputs), inputs)
+        if targets.num_valid == 0:
+            return 0
+        mean_ll = _sample_log_likelihood(targets, targets.labels)[targets.valid].mean()
+        names = list(self.params)
+        grads = torch.autograd.grad(mean_ll, [self.params[n] for n in names], allow_unused=True)
+        for name, grad in zip(names, grads):
+            if grad is not None:
+                self.sums[name] += grad.float().square()
+        return 1
+
+    def _objectives(self, outputs: Any, inputs: dict[str, Any]):
+        targets = self._targets(outputs, inputs)
+        if self.estimator == "empirical":
             return targets.num_valid, [_sample_log_likelihood(targets, targets.labels)]
-        if estimator == "sampled":
-            return targets.num_valid, [_sample_log_likelihood(targets, _draw_labels(targets, generator))]
-        # exact
+        if self.estimator == "sampled":
+            return targets.num_valid, [_sample_log_likelihood(targets, _draw_labels(targets, self.generator))]
         positions = int(targets.mask.any(0).sum())
         needed = positions * targets.logits.shape[-1]
-        if needed > max_backward_per_batch:
+        if needed > self.max_backward_per_batch:
             raise HfEwcError(
                 f"The exact Fisher needs {positions} positions × {targets.logits.shape[-1]} classes = {needed} "
-                f"backward passes for this batch (limit max_backward_per_batch={max_backward_per_batch}); use "
+                f"backward passes for this batch (limit max_backward_per_batch={self.max_backward_per_batch}); use "
                 "fisher_estimator='sampled' (an unbiased one-draw estimate of the same quantity) or raise the limit."
             )
         return targets.num_valid, _exact_objectives(targets)
-
-    count = 0
-    for batch in batches:
-        count += engine.run(prepare_inputs(batch, model, device, categorical=True), make_objectives)
-    return engine.sums, count

@@ -11,40 +11,50 @@ position; a classifier has one position) and output f = softmax probabilities (`
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
+from ..models import model_shifts_labels
 from ..utils import HfEwcError
-from ._collect import build_targets, prepare_inputs
+from ._loop import ImportanceMethod
 from ._per_sample import PerSampleGradients
+from ._targets import build_targets
 
 
 OUTPUTS = ("probs", "logits")
-OPTIONS = ("output", "shift_labels", "per_sample")
 
 
-def accumulate(
-    model: nn.Module,
-    batches,
-    params: dict[str, nn.Parameter],
-    *,
-    output: str = "probs",
-    shift_labels: bool,
-    per_sample: str = "auto",
-) -> tuple[dict[str, Tensor], int]:
-    if output not in OUTPUTS:
-        raise HfEwcError(f"Unknown MAS output {output!r}; choose one of: {', '.join(OUTPUTS)}.")
-    device = next(iter(params.values())).device
-    engine = PerSampleGradients(model, params, "abs", per_sample)
-    engine.skip_model_loss()  # MAS reads the labels only to know which positions count
+class MAS(ImportanceMethod):
+    """Sums of per-sample absolute gradients of the mean squared output norm; the count is of samples."""
 
-    def make_objectives(outputs: Any, inputs: dict[str, Any]):
-        targets = build_targets(outputs, inputs, shift_labels=shift_labels, need_labels=False, method="mas")
+    name = "mas"
+    options = ("output", "shift_labels", "per_sample")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        *,
+        seed: int | None = 0,
+        output: str = "probs",
+        shift_labels: bool | None = None,
+        per_sample: str = "auto",
+    ):
+        super().__init__(model, params, seed=seed)
+        if output not in OUTPUTS:
+            raise HfEwcError(f"Unknown MAS output {output!r}; choose one of: {', '.join(OUTPUTS)}.")
+        self.output = output
+        self.shift_labels = model_shifts_labels(model) if shift_labels is None else shift_labels
+        self.recorded = {"shift_labels": self.shift_labels}
+        self.engine = PerSampleGradients(model, params, "abs", per_sample)
+        self.engine.skip_model_loss()  # MAS reads the labels only to know which positions count
+        self.sums = self.engine.sums
+
+    def accumulate(self, inputs: dict[str, Any]) -> int:
+        return self.engine.run(inputs, self._objectives)
+
+    def _objectives(self, outputs: Any, inputs: dict[str, Any]):
+        targets = build_targets(outputs, inputs, shift_labels=self.shift_labels, need_labels=False, method="mas")
         values = targets.logits.float()
-        if output == "probs":
+        if self.output == "probs":
             values = values.softmax(-1)
         return targets.num_valid, [targets.per_sample_mean(values.square().sum(-1))]
-
-    count = 0
-    for batch in batches:
-        count += engine.run(prepare_inputs(batch, model, device, categorical=True), make_objectives)
-    return engine.sums, count

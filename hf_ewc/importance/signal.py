@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models import LINEAR_TYPES
 from ..utils import HfEwcError, logger
-from ._collect import LINEAR_TYPES, batch_size_of, prepare_inputs
+from ._loop import ImportanceMethod, batch_size_of
 
 
 BIAS_RULES = ("abs", "output")
-OPTIONS = ("bias",)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -64,54 +64,64 @@ def _per_sample_mean_abs(x: Tensor, batch: int, mask: Tensor | None) -> Tensor:
     return x.reshape(batch, -1, x.shape[-1]).mean(1)
 
 
-def accumulate(
-    model: nn.Module, batches, params: dict[str, nn.Parameter], *, bias: str = "abs"
-) -> tuple[dict[str, Tensor], int, list[tuple[str, str, str]]]:
-    """Per-feature sums of mean absolute signals; returns ``(sums, samples, plan)`` where ``plan`` lists
-    ``(rule, parameter name, sums key)`` for [`finalize`]."""
-    if bias not in BIAS_RULES:
-        raise HfEwcError(f"Unknown signal bias rule {bias!r}; choose one of: {', '.join(BIAS_RULES)}.")
-    name_of = {id(p): n for n, p in params.items()}
-    device = next(iter(params.values())).device
-    plan: list[tuple[str, str, str]] = []
-    sums: dict[str, Tensor] = {}
-    hooks = []
-    covered: set[str] = set()
-    context: dict[str, Any] = {}
+class Signal(ImportanceMethod):
+    """Forward hooks sum the mean absolute signals per feature (``self.sums``, keyed by module); `finalize` turns
+    them into Ω by the rules above (``plan`` lists ``(rule, parameter name, sums key)``)."""
 
-    def add(key: str, value: Tensor) -> None:
-        sums[key] += value
+    name = "signal"
+    options = ("bias",)
+    categorical = False
 
-    def zeros(size: int) -> Tensor:
-        return torch.zeros(size, dtype=torch.float32, device=device)
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], *, seed: int | None = 0, bias: str = "abs"):
+        super().__init__(model, params, seed=seed)
+        if bias not in BIAS_RULES:
+            raise HfEwcError(f"Unknown signal bias rule {bias!r}; choose one of: {', '.join(BIAS_RULES)}.")
+        self.bias = bias
+        self.plan: list[tuple[str, str, str]] = []
+        self.hooks = []
+        self.context: dict[str, Any] = {}
+        self.device = next(iter(params.values())).device
+        name_of = {id(p): n for n, p in params.items()}
+        covered: set[str] = set()
+        for index, module in enumerate(model.modules()):
+            own = {attr: name_of[id(p)] for attr, p in module.named_parameters(recurse=False) if id(p) in name_of}
+            if own and self._watch(module, str(index), own):
+                covered.update(own.values())
+        uncovered = [n for n in params if n not in covered]
+        if uncovered:
+            logger.warning(
+                f"signal importance has no rule for {len(uncovered)} trainable parameter(s) (e.g. {uncovered[0]!r}); "
+                "they get importance 0 and are not protected. Freeze them or use another method to protect them."
+            )
 
-    for index, module in enumerate(model.modules()):
-        own = {attr: name_of[id(p)] for attr, p in module.named_parameters(recurse=False) if id(p) in name_of}
-        if not own:
-            continue
-        key = f"{index}"
+    def _zeros(self, size: int) -> Tensor:
+        return torch.zeros(size, dtype=torch.float32, device=self.device)
+
+    def _watch(self, module: nn.Module, key: str, own: dict[str, str]) -> bool:
+        """Register the rule of ``module`` (its parameters ``own``: attribute → name); False when it has none."""
+        sums, plan, context, bias = self.sums, self.plan, self.context, self.bias
         if isinstance(module, LINEAR_TYPES):
             kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
             fan_in, fan_out = (module.weight.shape[1], module.weight.shape[0])
             if kind == "conv1d":
                 fan_in, fan_out = fan_out, fan_in
-            sums[key + ".in"], sums[key + ".out"] = zeros(fan_in), zeros(fan_out)
+            sums[key + ".in"], sums[key + ".out"] = self._zeros(fan_in), self._zeros(fan_out)
             if "weight" in own:
                 plan.append((kind, own["weight"], key + ".in"))
             if "bias" in own:
                 plan.append(("bias_" + bias, own["bias"], key + ".out"))
 
-            def hook(mod, args, output, key=key):
+            def hook(mod, args, output):
                 batch = context["batch"]
-                add(key + ".in", _per_sample_mean_abs(args[0], batch, context["mask"]).sum(0))
+                sums[key + ".in"] += _per_sample_mean_abs(args[0], batch, context["mask"]).sum(0)
                 if bias == "output" and "bias" in dict(mod.named_parameters(recurse=False)):
-                    add(key + ".out", _per_sample_mean_abs(output, batch, context["mask"]).sum(0))
+                    sums[key + ".out"] += _per_sample_mean_abs(output, batch, context["mask"]).sum(0)
 
         elif isinstance(module, nn.Embedding):
             plan.append(("embedding", own["weight"], key + ".rows"))
-            sums[key + ".rows"] = zeros(module.num_embeddings)
+            sums[key + ".rows"] = self._zeros(module.num_embeddings)
 
-            def hook(mod, args, output, key=key):
+            def hook(mod, args, output):
                 batch = context["batch"]
                 ids = args[0]
                 if ids.shape[0] == 1 and batch > 1:  # position ids shared across the batch
@@ -126,62 +136,51 @@ def accumulate(
                 weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
                 rows = torch.zeros(mod.num_embeddings, dtype=torch.float32, device=ids.device)
                 rows.index_add_(0, ids.reshape(-1), weight.reshape(-1))
-                add(key + ".rows", rows)
+                sums[key + ".rows"] += rows
 
         elif _is_norm(module):
-            sums[key + ".out"] = zeros(module.weight.shape[0])
+            sums[key + ".out"] = self._zeros(module.weight.shape[0])
             if "weight" in own:
                 plan.append(("norm_weight", own["weight"], key + ".out"))
             if "bias" in own:
                 plan.append(("bias_abs", own["bias"], key + ".out"))
 
-            def hook(mod, args, output, key=key):
+            def hook(mod, args, output):
                 y = output.detach().float()
                 b = getattr(mod, "bias", None)
                 if b is not None:
                     y = y - b.detach().float()
-                add(key + ".out", _per_sample_mean_abs(y, context["batch"], context["mask"]).sum(0))
+                sums[key + ".out"] += _per_sample_mean_abs(y, context["batch"], context["mask"]).sum(0)
 
         else:
-            continue
-        covered.update(own.values())
-        hooks.append(module.register_forward_hook(hook))
+            return False
+        self.hooks.append(module.register_forward_hook(hook))
+        return True
 
-    uncovered = [n for n in params if n not in covered]
-    if uncovered:
-        logger.warning(
-            f"signal importance has no rule for {len(uncovered)} trainable parameter(s) (e.g. {uncovered[0]!r}); they "
-            "get importance 0 and are not protected. Freeze them or use another method to protect them."
-        )
-    count = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = prepare_inputs(batch, model, device)
-                context["batch"] = batch_size_of(inputs)
-                mask = inputs.get("attention_mask")
-                context["mask"] = mask if torch.is_tensor(mask) and mask.ndim == 2 else None
-                model(**inputs)
-                count += context["batch"]
-    finally:
-        for h in hooks:
-            h.remove()
-    return sums, count, plan
+    @torch.no_grad()
+    def accumulate(self, inputs: dict[str, Any]) -> int:
+        self.context["batch"] = batch_size_of(inputs)
+        mask = inputs.get("attention_mask")
+        self.context["mask"] = mask if torch.is_tensor(mask) and mask.ndim == 2 else None
+        self.model(**inputs)
+        return self.context["batch"]
 
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
-def finalize(
-    sums: dict[str, Tensor], count: int, plan: list[tuple[str, str, str]], params: dict[str, nn.Parameter]
-) -> dict[str, Tensor]:
-    out = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-    for rule, name, key in plan:
-        weight = params[name].detach().float()
-        mean = sums[key] / max(count, 1)
-        if rule == "linear":
-            out[name] += weight.abs() * mean.unsqueeze(0)
-        elif rule in ("conv1d", "embedding"):
-            out[name] += weight.abs() * mean.unsqueeze(1)
-        elif rule in ("norm_weight", "bias_output"):
-            out[name] += mean
-        elif rule == "bias_abs":
-            out[name] += weight.abs()
-    return out
+    def finalize(self, sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+        out = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        for rule, name, key in self.plan:
+            weight = self.params[name].detach().float()
+            mean = sums[key] / max(count, 1)
+            if rule == "linear":
+                out[name] += weight.abs() * mean.unsqueeze(0)
+            elif rule in ("conv1d", "embedding"):
+                out[name] += weight.abs() * mean.unsqueeze(1)
+            elif rule in ("norm_weight", "bias_output"):
+                out[name] += mean
+            elif rule == "bias_abs":
+                out[name] += weight.abs()
+        return out

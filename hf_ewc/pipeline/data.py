@@ -1,12 +1,10 @@
-"""Domain datasets for `hf-ewc train`: loading (Hub or local files), splitting, tokenizing, and the model to train.
+"""Domain datasets for `hf-ewc train`: loading (Hub or local files), splitting, tokenizing, collators.
 
 Causal and masked LM domains are tokenized, concatenated and cut into blocks of `model.max_length` tokens (as in
 transformers' `run_clm.py` / `run_mlm.py`); classification domains are truncated to `max_length`. Masked-LM
 evaluation sets are masked once, with a fixed seed, so every cell of the evaluation matrix sees the same masks.
 """
 
-import difflib
-import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,39 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, load_dataset
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorForLanguageModeling,
-    DataCollatorWithPadding,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    default_data_collator,
-    set_seed,
-)
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-)
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, default_data_collator
 
-from .config import DomainSpec, RunConfig
-from .utils import HfEwcError
+from ..utils import HfEwcError, error_line
+from .run_config import DomainSpec
 
 
-AUTO_MODELS = {
-    "causal_lm": AutoModelForCausalLM,
-    "masked_lm": AutoModelForMaskedLM,
-    "sequence_classification": AutoModelForSequenceClassification,
-}
-_TASK_MAPPINGS = {
-    "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    "masked_lm": MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    "sequence_classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-}
 _LOADERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 MLM_PROBABILITY = 0.15
@@ -127,9 +98,8 @@ def _load_split(domain: DomainSpec, split: str, data_files: Any, where: str) -> 
     except HfEwcError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFound, DatasetNotFound, Connection…)
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         what = f"dataset {domain.dataset!r}" if data_files is None else "data_files"
-        raise HfEwcError(f"{where}: cannot load {what} (split {split!r}): {message}") from None
+        raise HfEwcError(f"{where}: cannot load {what} (split {split!r}): {error_line(err)}") from None
 
 
 def _check_columns(ds: Dataset, domain: DomainSpec, where: str, task: str) -> None:
@@ -208,65 +178,11 @@ def label_names(raws: list[RawDomain], domains: list[DomainSpec]) -> list:
     return sorted(labels)
 
 
-# ------------------------------------------------------------------------------------------------------ tokenizer
-def _texts(raws: list[RawDomain], domains: list[DomainSpec]) -> Iterator[str]:
+def training_texts(raws: list[RawDomain], domains: list[DomainSpec]) -> Iterator[str]:
+    """Every training text of the domains, in order (what a tokenizer trained from scratch learns from)."""
     for raw, spec in zip(raws, domains):
         for batch in raw.train.iter(batch_size=1000):
             yield from batch[spec.text_column]
-
-
-def train_tokenizer(task: str, texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer trained from scratch: byte-level BPE for causal LMs, WordPiece with [CLS]/[SEP]/[MASK] otherwise."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    if task == "causal_lm":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<|endoftext|>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer)
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<pad>"
-        )
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
-def load_tokenizer(name: str, *, revision: str | None, trust_remote_code: bool, task: str) -> PreTrainedTokenizerBase:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear line
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HfEwcError(f"Cannot load the tokenizer {name!r}: {message}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style tokenizers ship without one
-    if task == "masked_lm" and tokenizer.mask_token is None:
-        raise HfEwcError(f"Tokenizer {name!r} has no mask token: it cannot be used for task 'masked_lm'.")
-    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------------------ tokenization
@@ -345,100 +261,3 @@ def train_collator(task: str, tokenizer):
 
 def eval_collator(task: str, tokenizer):
     return DataCollatorWithPadding(tokenizer) if task == "sequence_classification" else default_data_collator
-
-
-# ------------------------------------------------------------------------------------------------------ the model
-def _check_task(task: str, config, where: str) -> None:
-    if getattr(config, "auto_map", None):  # custom code: its own Auto mapping decides
-        return
-    if config.model_type not in _TASK_MAPPINGS[task]:
-        able = [t for t, mapping in _TASK_MAPPINGS.items() if config.model_type in mapping]
-        hint = f"this model can do: {', '.join(able)}" if able else "choose another model"
-        raise HfEwcError(f"{where}: model type {config.model_type!r} cannot do task {task!r}; {hint}.")
-
-
-def check_max_length(config, max_length: int, where: str) -> None:
-    """Blocks longer than the model's position table would fail inside the first forward, after the run started."""
-    limit = next(
-        (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)), None
-    )
-    offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0  # their padding offset
-    if limit is not None and max_length > limit - offset:
-        raise HfEwcError(
-            f"{where}: model.max_length={max_length} exceeds the model's {limit - offset} positions; lower "
-            "model.max_length (or raise max_position_embeddings for a model built from config)."
-        )
-
-
-def _check_config_keys(model_type: str, values: dict) -> None:
-    from transformers import CONFIG_MAPPING
-
-    if model_type not in CONFIG_MAPPING:
-        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise HfEwcError(f"model.config: unknown model_type {model_type!r}; {hint}use a transformers model type.")
-    config_class = CONFIG_MAPPING[model_type]
-    known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
-    known |= set(inspect.signature(config_class.__init__).parameters)
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise HfEwcError(
-                f"Unknown key 'model.config.{key}' for model_type {model_type!r}; {hint}use a field of "
-                f"{config_class.__name__}."
-            )
-
-
-def build_model(run: RunConfig, tokenizer, labels: list | None = None):
-    """The model the sequence starts from: pretrained (`model.name_or_path`) or built from `model.config`."""
-    spec, task = run.model, run.task
-    extra: dict[str, Any] = {}
-    if labels is not None:
-        extra = {
-            "num_labels": len(labels),
-            "id2label": {i: str(v) for i, v in enumerate(labels)},
-            "label2id": {str(v): i for i, v in enumerate(labels)},
-        }
-    if spec.config is not None:
-        values = dict(spec.config)
-        model_type = values.pop("model_type")
-        _check_config_keys(model_type, values)
-        values.setdefault("vocab_size", len(tokenizer))
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            token_id = getattr(tokenizer, key, None)
-            if token_id is None and key != "pad_token_id":
-                token_id = tokenizer.cls_token_id if key == "bos_token_id" else tokenizer.sep_token_id
-            values.setdefault(key, token_id)
-        try:
-            config = AutoConfig.for_model(model_type, **values, **extra)
-        except (ValueError, TypeError) as err:
-            raise HfEwcError(f"model.config: {str(err).splitlines()[0]}") from None
-        if getattr(config, "vocab_size", len(tokenizer)) < len(tokenizer):
-            raise HfEwcError(
-                f"model.config.vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)."
-            )
-        _check_task(task, config, "model.config")
-        check_max_length(config, spec.max_length, "model.config")
-        set_seed(run.seed)
-        try:
-            return AUTO_MODELS[task].from_config(config)
-        except (ValueError, TypeError, AttributeError, RuntimeError) as err:
-            raise HfEwcError(f"model.config cannot build a model: {str(err).splitlines()[0]}") from None
-    kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    try:
-        config = AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
-    except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear line
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HfEwcError(f"Cannot load the model config {spec.name_or_path!r}: {message}") from None
-    _check_task(task, config, f"model {spec.name_or_path!r}")
-    check_max_length(config, spec.max_length, f"model {spec.name_or_path!r}")
-    set_seed(run.seed)
-    try:
-        model = AUTO_MODELS[task].from_pretrained(spec.name_or_path, **kwargs, **extra)
-    except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear line
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HfEwcError(f"Cannot load the model {spec.name_or_path!r}: {message}") from None
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model

@@ -6,9 +6,10 @@ from pathlib import Path
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import __version__
-from .config import RunConfig
-from .utils import atomic_path
+from .._version import __version__
+from ..models import auto_model_class, pipeline_tag
+from ..utils import atomic_path
+from .run_config import RunConfig
 
 
 _LOADERS = set(_PACKAGED_DATASETS_MODULES)  # datasets' own builders (json, csv, text, …): not Hub datasets
@@ -88,17 +89,12 @@ def write_model_card(
     )
     name = run.model.name_or_path
     base_model = name if name and not os.path.exists(name) else None
-    auto_class = {
-        "causal_lm": "AutoModelForCausalLM",
-        "masked_lm": "AutoModelForMaskedLM",
-        "sequence_classification": "AutoModelForSequenceClassification",
-    }[run.task]
-    pipeline_tag = {"causal_lm": "text-generation", "masked_lm": "fill-mask"}.get(run.task, "text-classification")
+    auto_class = auto_model_class(run.task).__name__
     data = ModelCardData(
         library_name="transformers",
         base_model=base_model,
         datasets=hub_datasets or None,
-        pipeline_tag=pipeline_tag,
+        pipeline_tag=pipeline_tag(run.task),
         tags=["hf-ewc", "continual-learning", "elastic-weight-consolidation", "domain-adaptation"],
     )
     state = results.get("ewc_state") or {}

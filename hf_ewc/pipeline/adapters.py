@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .utils import HfEwcError
+from ..models import auto_model_class
+from ..utils import HfEwcError, error_line
 
 
 BASE_MODEL_DIR = "base_model"
@@ -26,7 +27,7 @@ _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "
 
 def _import_peft():
     try:
-        import peft
+        import peft  # optional dependency (the `peft` extra)
     except ImportError:
         raise HfEwcError(
             "The peft: block needs the peft package: pip install 'hf-ewc[peft]' (or pip install peft)."
@@ -71,7 +72,7 @@ def wrap_model(model: nn.Module, spec, task: str) -> nn.Module:
     try:
         return peft.get_peft_model(model, lora_config(spec, task))
     except (ValueError, TypeError, KeyError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = error_line(err)
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise HfEwcError(
             f"peft: {message} Set peft.target_modules to module names of this model (its Linear layers: "
@@ -82,10 +83,8 @@ def wrap_model(model: nn.Module, spec, task: str) -> nn.Module:
 def check_wraps(model: nn.Module, spec, task: str) -> None:
     """Wrap a weightless (meta-device) copy of ``model``'s architecture: a bad block fails here, before any file is
     written, without touching ``model``."""
-    from .data import AUTO_MODELS
-
     with torch.device("meta"):
-        skeleton = AUTO_MODELS[task].from_config(model.config)
+        skeleton = auto_model_class(task).from_config(model.config)
     wrapped = wrap_model(skeleton, spec, task)
     missing = sorted(set(spec.modules_to_save or []) - set(trained_heads(wrapped)))
     if missing:
@@ -104,7 +103,7 @@ def load_adapter(base: nn.Module, adapter_dir: str | os.PathLike, *, trainable: 
     try:
         return peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise HfEwcError(f"Cannot load the adapter in {adapter_dir}: {str(err).splitlines()[0]}") from None
+        raise HfEwcError(f"Cannot load the adapter in {adapter_dir}: {error_line(err)}") from None
 
 
 def check_adapter_matches(model: nn.Module, spec, where: str) -> None:
@@ -189,7 +188,7 @@ def base_model_of(adapter_dir: str | os.PathLike) -> str:
     try:
         name = peft.PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     except (OSError, ValueError, TypeError) as err:  # JSON errors are ValueErrors
-        raise HfEwcError(f"Cannot read the adapter config in {adapter_dir}: {str(err).splitlines()[0]}") from None
+        raise HfEwcError(f"Cannot read the adapter config in {adapter_dir}: {error_line(err)}") from None
     if not name:
         raise HfEwcError(
             f"{adapter_dir} holds an adapter but no base model ({BASE_MODEL_DIR}/ is missing and the adapter config "

@@ -1,0 +1,97 @@
+"""What the process layout allows: which parameters are sharded, whether the launcher and accelerate agree on the world
+size, and the one refusal for setups that split parameters across processes (FSDP, DeepSpeed ZeRO-3).
+
+Every importance method, the state and the trainer get their parameters from [`trainable_parameters`], so a sharded
+parameter is refused in one place whatever path reaches it; [`sharded_setup`] answers the same question from the
+launch environment before any model exists.
+"""
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import torch
+import transformers.integrations.deepspeed as hf_deepspeed
+from accelerate.utils import parse_flag_from_env
+from torch import nn
+
+from .utils import HfEwcError
+
+
+try:  # public since torch 2.4
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch 2.3, or a build without torch.distributed
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = ()  # isinstance(x, ()) is always False
+
+
+def sharding_refusal(what: str) -> HfEwcError:
+    """The error for sharded parameters; ``what`` names the setup ("FSDP") or the parameter ("'w' is a … shard")."""
+    return HfEwcError(
+        f"EWC over sharded parameters ({what}) is not supported: importances, anchors and the penalty need whole "
+        "parameters. Use one process, DDP (`accelerate launch --multi_gpu`, configs/accelerate/multi_gpu.yaml) or "
+        "DeepSpeed ZeRO-1/2 (configs/accelerate/deepspeed_zero2.yaml); see the README's support matrix."
+    )
+
+
+def sharding_of(p: torch.Tensor) -> str | None:
+    """``"FSDP2 (DTensor)"``, ``"FSDP"``, ``"DeepSpeed ZeRO-3"`` for a parameter split across processes, else None."""
+    if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):  # DeepSpeed's partitioned parameters
+        return "DeepSpeed ZeRO-3"
+    if isinstance(p, DTensor):
+        return "FSDP2 (DTensor)"
+    if type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False):
+        return "FSDP"
+    return None
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` for the parameters with ``requires_grad``, named as ``model.named_parameters()`` names
+    them (tied parameters appear once, under their first name). A sharded parameter is refused, naming it: each
+    process would hold a slice, and the state would pair slices with whole names."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, p in params.items():
+        kind = sharding_of(p)
+        if kind is not None:
+            raise sharding_refusal(f"{name!r} is a {kind} shard")
+    return params
+
+
+def sharded_setup(args: Any = None) -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the `accelerate launch` environment (or ``args``) shards the
+    parameters across processes, else None — known before any Trainer or model is built."""
+    if (args is not None and args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if hf_deepspeed.is_deepspeed_zero3_enabled():
+        return "DeepSpeed ZeRO-3"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if stage is None and config_file and os.path.isfile(config_file):  # `deepspeed_config_file:` in the config
+            with contextlib.suppress(OSError, ValueError), open(config_file, encoding="utf-8") as f:
+                stage = (json.load(f).get("zero_optimization") or {}).get("stage")
+        if str(stage) == "3":
+            return "DeepSpeed ZeRO-3"
+    return None
+
+
+def refuse_sharded_setup(args: Any = None) -> None:
+    """Raise the sharding refusal when the launch environment (or ``args``) shards parameters."""
+    sharded = sharded_setup(args)
+    if sharded is not None:
+        raise sharding_refusal(sharded)
+
+
+def check_world_size(state) -> None:
+    """Refuse the silent misconfiguration where the launcher started N processes that each believe they are alone
+    (on CPU, `accelerate launch --multi_gpu` without ACCELERATE_USE_CPU): each would train, collect and write alone."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if env_world > 1 and state.num_processes == 1:
+        raise HfEwcError(
+            f"WORLD_SIZE={env_world} but accelerate sees a single process, so every process would train, collect and "
+            "write alone. On CPU set ACCELERATE_USE_CPU=1 (or `use_cpu: true` in the hf-ewc config) with "
+            "`accelerate launch --multi_gpu --num_processes N`; on GPUs check that CUDA is visible to every process."
+        )

@@ -1,0 +1,303 @@
+"""The one loop every collected importance method runs, and the contract a method fulfils.
+
+A method is a class (see [`ImportanceMethod`]) built on the model's trainable parameters; the loop
+
+1. turns the data (torch / 🤗 `datasets` Dataset or DataLoader) into this process's batches — samples capped at
+   ``max_samples`` and split round-robin across processes, without padding duplicates;
+2. runs in ``collection_mode``: eval mode (no dropout), gradients on, the global RNG forked and seeded so a collection
+   is reproducible and leaves no trace, every train flag and ``requires_grad`` restored afterwards;
+3. feeds each batch to ``method.accumulate`` (float32 sums and a count of samples);
+4. reduces the sums and the count across processes with one `accelerate.utils.reduce`;
+5. calls ``method.finalize(sums, count)`` on the global sums (a mean, for most methods), and refuses non-finite or
+   negative results.
+
+Reducing before finalizing lets a method reduce small per-feature sums (signal) instead of parameter-sized results and
+divide by the global count.
+"""
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import datasets
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env, reduce, send_to_device
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from tqdm.auto import tqdm
+from transformers import default_data_collator
+
+from ..distributed import check_world_size
+from ..state import check_importances
+from ..utils import HfEwcError
+
+
+class ImportanceMethod:
+    """The contract of a collected importance method (Fisher, MAS, signal, uniform …).
+
+    The loop builds it inside the collection mode with the model, its trainable parameters, the collection ``seed``
+    and the method's own options (the names in ``options``), then calls `accumulate` once per batch, reduces
+    ``self.sums`` and the returned counts across processes, and calls `finalize` once on the reduced sums. `close`
+    runs in any case (remove hooks there).
+
+    Class attributes: ``name`` (the registry key), ``options`` (keyword options it takes), ``categorical`` (its
+    batches need class labels: floating-point labels are refused), ``needs_data`` (False: `finalize` alone gives Ω).
+    ``self.recorded`` holds settings the method resolved itself (recorded in the EWC state's metadata).
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[str, ...]] = ()
+    categorical: ClassVar[bool] = True
+    needs_data: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], *, seed: int | None = 0):
+        self.model = model
+        self.params = params
+        self.seed = seed
+        self.sums: dict[str, Tensor] = {}
+        self.recorded: dict[str, Any] = {}
+
+    def accumulate(self, inputs: dict[str, Any]) -> int:
+        """Add one batch (already on the model's device) to ``self.sums``; return how many samples it counted."""
+        raise NotImplementedError
+
+    def finalize(self, sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+        """Ω from the sums over all processes: by default their mean over the ``count`` samples."""
+        return {n: s / count for n, s in sums.items()}
+
+    def close(self) -> None:
+        """Release what the method attached to the model (hooks)."""
+
+
+class ImportanceResult(dict):
+    """Importances keyed by parameter name (a plain ``dict`` of float32 tensors), plus how they were obtained — what
+    [`EWCState.consolidate`] records: ``num_samples``, ``method``, ``estimator`` (Fisher only) and ``options``."""
+
+    def __init__(
+        self,
+        importances: Mapping[str, Tensor],
+        num_samples: int,
+        method: str,
+        estimator: str | None = None,
+        options: dict[str, Any] | None = None,
+    ):
+        super().__init__(importances)
+        self.num_samples = num_samples
+        self.method = method
+        self.estimator = estimator
+        self.options = dict(options or {})
+
+
+def run_collection(
+    method: type[ImportanceMethod],
+    model: nn.Module,
+    data: Any,
+    params: dict[str, nn.Parameter],
+    *,
+    options: dict[str, Any],
+    batch_size: int,
+    data_collator: Callable | None,
+    max_samples: int | None,
+    seed: int | None,
+    show_progress: bool,
+    label: str,
+) -> tuple[dict[str, Tensor], int, dict[str, Any]]:
+    """Steps 1–5 of the module docstring; returns ``(importances, global count, the method's recorded settings)``."""
+    # Without an Accelerator around, PartialState reads no ACCELERATE_USE_CPU: pass it, or a CPU launch of N processes
+    # would not initialise the process group.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_world_size(state)
+    batches, num_batches = iterate_batches(
+        data, model, batch_size=batch_size, data_collator=data_collator, max_samples=max_samples, state=state
+    )
+    batches = tqdm(batches, total=num_batches, desc=label, disable=not (show_progress and state.is_main_process))
+    device = next(iter(params.values())).device
+    count = 0
+    with collection_mode(model, seed):
+        collector = method(model, params, seed=seed, **options)
+        try:
+            for batch in batches:
+                count += collector.accumulate(prepare_inputs(batch, model, device, categorical=collector.categorical))
+        finally:
+            collector.close()
+    sums, count = reduce_across_processes(collector.sums, count, state)
+    if count == 0:
+        raise HfEwcError(
+            "No sample counted: every sample had all its labels masked (-100). Check the data collator and the labels."
+        )
+    importances = collector.finalize(sums, count)
+    check_importances(importances)
+    return importances, count, collector.recorded
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+def batch_size_of(batch: Mapping[str, Any]) -> int:
+    for key in ("input_ids", "labels", "inputs_embeds", "pixel_values"):
+        value = batch.get(key)
+        if torch.is_tensor(value) and value.ndim > 0:
+            return int(value.shape[0])
+    for value in batch.values():
+        if torch.is_tensor(value) and value.ndim > 0:
+            return int(value.shape[0])
+    raise HfEwcError("Cannot tell the batch size: the batch holds no tensor with a batch dimension.")
+
+
+def slice_batch(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start:stop`` of every tensor whose first dimension is the batch dimension."""
+    size = batch_size_of(batch)
+    return {
+        k: v[start:stop] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == size else v for k, v in batch.items()
+    }
+
+
+def forward_arg_names(model: nn.Module) -> set[str] | None:
+    """Named arguments of the model's forward (of the base model for PEFT models), as `Trainer` reads them to drop
+    unused dataset columns; ``None`` when there is no forward to inspect."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return None
+    params = inspect.signature(forward).parameters.values()
+    named = {p.name for p in params if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    return named | {"labels", "label", "label_ids"}
+
+
+def drop_unused_columns(data, model: nn.Module):
+    """For a 🤗 `datasets.Dataset`, keep only the columns the model's forward accepts (what `Trainer` does)."""
+    if not isinstance(data, datasets.Dataset):
+        return data
+    accepted = forward_arg_names(model)
+    if accepted is None:
+        return data
+    drop = [c for c in data.column_names if c not in accepted]
+    if drop and len(drop) == len(data.column_names):
+        raise HfEwcError(
+            f"None of the dataset's columns {data.column_names} is an argument of the model's forward; tokenize the "
+            "data first (input_ids, attention_mask, labels)."
+        )
+    return data.remove_columns(drop) if drop else data
+
+
+def iterate_batches(
+    data: Dataset | DataLoader | Any,
+    model: nn.Module,
+    *,
+    batch_size: int,
+    data_collator: Callable | None,
+    max_samples: int | None,
+    state: PartialState,
+) -> tuple[Iterator[dict[str, Any]], int | None]:
+    """Batches for this process: samples ``[0, min(len, max_samples))`` split round-robin across processes (sample
+    ``i`` goes to rank ``i % world``), so every sample is seen exactly once; no padding duplicates.
+
+    Returns the iterator and the number of batches it will yield (``None`` when unknown).
+    """
+    if max_samples is not None and max_samples < 1:
+        raise HfEwcError(f"max_samples must be >= 1 (or None for all samples), got {max_samples}.")
+    if batch_size < 1:
+        raise HfEwcError(f"batch_size must be >= 1, got {batch_size}.")
+    world, rank = state.num_processes, state.process_index
+    if isinstance(data, DataLoader):
+        return iterate_loader(data, max_samples, world, rank), None
+    if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+        raise HfEwcError(
+            f"Unsupported data of type {type(data).__name__}: pass a map-style Dataset (torch or 🤗 datasets) or a "
+            "DataLoader."
+        )
+    if data_collator is None:
+        data_collator = default_data_collator
+    data = drop_unused_columns(data, model)
+    total = len(data) if max_samples is None else min(len(data), max_samples)
+    if total == 0:
+        raise HfEwcError("The data for importance collection is empty.")
+    require_mapping(data[0], "A dataset item")
+    indices = list(range(rank, total, world))
+    subset = data.select(indices) if hasattr(data, "select") else Subset(data, indices)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
+
+    # Lazy, so that the DataLoader iterator (which draws a base seed from the global RNG) is created inside the
+    # collection's forked RNG, not here.
+    def lazy() -> Iterator[dict[str, Any]]:
+        yield from loader
+
+    return lazy(), len(loader)
+
+
+def require_mapping(item: Any, what: str) -> None:
+    if not isinstance(item, Mapping):
+        raise HfEwcError(
+            f"{what} is a {type(item).__name__}; importance collection needs dicts keyed by the model's forward "
+            "arguments (input_ids, attention_mask, labels, …), as 🤗 datasets and data collators produce."
+        )
+
+
+def iterate_loader(loader: DataLoader, max_samples: int | None, world: int, rank: int) -> Iterator[dict[str, Any]]:
+    seen = 0  # global count: every process walks the same loader, so all agree on it
+    for index, batch in enumerate(loader):
+        require_mapping(batch, "A DataLoader batch")
+        size = batch_size_of(batch)
+        if max_samples is not None and seen + size > max_samples:
+            batch, size = slice_batch(batch, 0, max_samples - seen), max_samples - seen
+        seen += size
+        if index % world == rank and size > 0:
+            yield batch
+        if max_samples is not None and seen >= max_samples:
+            return
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def prepare_inputs(
+    batch: Mapping[str, Any], model: nn.Module, device: torch.device, *, categorical: bool = False
+) -> dict[str, Any]:
+    inputs = send_to_device(dict(batch), device)
+    if "label" in inputs and "labels" not in inputs:
+        inputs["labels"] = inputs.pop("label")
+    if "label_ids" in inputs and "labels" not in inputs:
+        inputs["labels"] = inputs.pop("label_ids")
+    labels = inputs.get("labels")
+    if categorical and torch.is_tensor(labels) and labels.is_floating_point():
+        raise HfEwcError(
+            "The labels are floating point (a regression or multi-label head); Fisher and MAS here need a "
+            "categorical output (cross-entropy over the logits)."
+        )
+    accepted = forward_arg_names(model)
+    if accepted is not None and "use_cache" in accepted:
+        inputs.setdefault("use_cache", False)
+    return inputs
+
+
+@contextlib.contextmanager
+def collection_mode(model: nn.Module, seed: int | None) -> Iterator[None]:
+    """Eval mode and gradients on; restores each module's training flag and each parameter's ``requires_grad``."""
+    training = {m: m.training for m in model.modules()}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    devices = [model_device(model)] if model_device(model).type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            model.eval()
+            yield
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+
+
+def reduce_across_processes(sums: dict[str, Tensor], count: int, state: PartialState) -> tuple[dict[str, Tensor], int]:
+    if state.num_processes == 1:
+        return sums, count
+    device = next(iter(sums.values())).device if sums else torch.device("cpu")
+    if state.distributed_type.name == "NO":  # pragma: no cover - guarded by check_world_size
+        return sums, count
+    reduced = reduce({"sums": sums, "count": torch.tensor(float(count), device=device)}, reduction="sum")
+    return reduced["sums"], round(float(reduced["count"]))

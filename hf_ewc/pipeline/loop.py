@@ -1,0 +1,228 @@
+"""The domain sequence, written out once: train → evaluate on every domain → collect → consolidate → save.
+
+Every step is restartable: a finished domain is never retrained, an interrupted one resumes from its last Trainer
+checkpoint (EWC state and SI sums included), and a model for domain i is always read back from the stage saved after
+domain i−1, so a resumed run computes exactly what an uninterrupted one computes. Where things lie in ``output_dir``
+is [`RunDir`]'s business; what can fail on bad input happens in [`prepare`], before anything is written.
+"""
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from transformers import set_seed
+
+from .._version import __version__
+from ..distributed import check_world_size
+from ..sparsity import KeepSparsityCallback
+from ..state import EWCState
+from ..trainer import EWCTrainer
+from ..utils import HfEwcError, logger
+from .adapters import BASE_MODEL_DIR, parameter_summary, wrap_model
+from .data import DomainData, train_collator
+from .evaluation import DomainEvaluator, primary_metric
+from .prepare import Prepared, load_domains, load_model, prepare
+from .prune import prune_in_run
+from .results import collect_results, results_text, write_results
+from .run_config import RunConfig
+from .run_dir import RESULTS_NAME, RunDir
+
+
+class Pipeline:
+    """Run a `RunConfig` end to end (see [`RunDir`] for what lands in ``output_dir``).
+
+    Args:
+        run ([`RunConfig`]): the configuration (`hf_ewc.pipeline.load_run_config`).
+        resume (`bool`): continue the run already in ``output_dir`` (it must come from the same config).
+        overwrite (`bool`): replace a finished or interrupted run in ``output_dir``.
+        from_dir (`str`, *optional*): start from a previous run's final model and EWC state (a continual-ready
+            checkpoint): the new domains are protected against forgetting the old ones, without the old data.
+        print_fn: where progress tables go (``print`` by default; ``None`` for silence).
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        from_dir: str | os.PathLike | None = None,
+        print_fn=print,
+    ):
+        if resume and overwrite:
+            raise HfEwcError("--resume and --overwrite exclude each other: keep the run, or replace it.")
+        self.run = run
+        self.resume = resume
+        self.overwrite = overwrite
+        self.from_dir = str(Path(from_dir).resolve()) if from_dir is not None else None
+        self.out = Path(run.output_dir)
+        # The first domain's EWCConfig sets up the process group exactly as its Trainer will (`use_cpu`,
+        # ACCELERATE_USE_CPU, the launcher's environment); `PartialState` then shares that state. (A sharded launch
+        # was refused when the config was validated, before anything is written.)
+        eval_batch_size = run.training_args(0, str(self.out)).per_device_eval_batch_size
+        self.accel = PartialState()
+        check_world_size(self.accel)
+        quiet = print_fn is None or not self.accel.is_main_process  # progress tables once, not once per process
+        self.print = (lambda *a, **k: None) if quiet else print_fn
+        self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
+        self.run_dir = RunDir(self.out, [d.name for d in run.domains], self.accel)
+        self.evaluator = DomainEvaluator(run, self.base_dirs, eval_batch_size)
+        self.metric = primary_metric(run.task)[0]
+
+    def load_domains(self, tokenizer) -> list[DomainData]:
+        """The run's domains, tokenized with ``tokenizer`` exactly as the run does (train and evaluation splits)."""
+        return load_domains(self.run, tokenizer, self.base_dirs)
+
+    def evaluate(self, model, data: DomainData, tokenizer) -> dict[str, float]:
+        """Token-weighted loss (and perplexity) for LMs, accuracy and loss for classification, on ``data.eval``."""
+        return self.evaluator.evaluate(model, data, tokenizer)
+
+    def _record(self) -> dict:
+        return {"config": self.run.to_dict(), "from": self.from_dir, "hf_ewc": __version__}
+
+    def _show_row(self, when: str, row: dict) -> None:
+        shown = ", ".join(f"{n} {row[n][self.metric]:.3f}" for n in self.run_dir.names)
+        self.print(f"[hf_ewc] {when}, {self.metric}: {shown}")
+
+    # ---------------------------------------------------------------------------------------------- the sequence
+    def run_sequence(self) -> dict:
+        """Run (or resume) the whole sequence; returns the results written to ``results.json``."""
+        run, run_dir = self.run, self.run_dir
+        progress = run_dir.check(self._record(), resume=self.resume, overwrite=self.overwrite, from_dir=self.from_dir)
+        if progress is not None and progress.get("finished"):
+            results = run_dir.read_json(RESULTS_NAME)
+            if results is not None and results.get("summary") is not None:
+                self.print(f"[hf_ewc] {self.out} holds a finished run of this config; nothing to do.\n")
+                self.print(results_text(results))
+                return results
+            progress["finished"] = False  # interrupted while finishing: finish again (the stage is still there)
+        started = time.perf_counter()
+        prepared = prepare(run, run_dir, progress=progress, from_dir=self.from_dir, base_dirs=self.base_dirs)
+        run_dir.start(self._record(), fresh=progress is None, overwrite=self.overwrite)
+        if progress is None:
+            progress = {"initial": None, "completed": [], "finished": False}
+
+        if progress.get("initial") is None:
+            if run.peft is not None:
+                self._save_base_model(prepared)
+            t0 = time.perf_counter()
+            row = self.evaluator.row(prepared.model, prepared.domains, prepared.tokenizer)
+            self._save_stage(None, prepared.model, prepared, prepared.initial_state)
+            progress["initial"] = {"row": row, "eval_seconds": time.perf_counter() - t0}
+            run_dir.write_progress(progress)
+            self.accel.wait_for_everyone()
+        self._show_row("before training", progress["initial"]["row"])
+        prepared.model = None
+
+        for i, spec in enumerate(run.domains):
+            if i < len(progress["completed"]):
+                continue
+            run_dir.cleanup(len(progress["completed"]))
+            self.print(f"\n[hf_ewc] domain {i + 1}/{len(run.domains)}: {spec.name}")
+            entry = self._run_domain(i, prepared)
+            progress["completed"].append(entry)
+            run_dir.write_progress(progress)
+            self.accel.wait_for_everyone()
+            run_dir.cleanup(len(progress["completed"]))
+            self._show_row(f"after {spec.name}", entry["row"])
+
+        run_dir.cleanup(len(progress["completed"]))  # also when a kill came between a progress update and cleanup
+        return self._finish(progress, time.perf_counter() - started)
+
+    def _run_domain(self, index: int, prepared: Prepared) -> dict:
+        run, spec, data = self.run, self.run.domains[index], prepared.domains[index]
+        model, state = self._load_stage(index - 1 if index else None, prepared)
+        args = run.training_args(index, str(self.run_dir.domain(index)))
+        sparsity = KeepSparsityCallback.from_sparsity_config(model)  # a pruned model keeps its zeros
+        trainer = EWCTrainer(
+            model=model,
+            args=args,
+            data_collator=train_collator(run.task, prepared.tokenizer),
+            train_dataset=data.train,
+            processing_class=prepared.tokenizer,
+            ewc_state=state,
+            callbacks=[sparsity] if sparsity is not None else [],
+        )
+        checkpoint = self.run_dir.last_complete_checkpoint(index)
+        if checkpoint is not None:
+            logger.info(f"Resuming {spec.name} from {checkpoint}.")
+        t0 = time.perf_counter()
+        # `num_train_epochs: 0` (or `max_steps: 0`) on a domain: the model already knows it (say, the pretraining
+        # corpus of a pretrained model); evaluate and consolidate only, so later domains protect it.
+        skip = args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs == 0)
+        train_output = None if skip else trainer.train(resume_from_checkpoint=checkpoint)
+        t1 = time.perf_counter()
+        row = self.evaluator.row(trainer.model, prepared.domains, prepared.tokenizer)
+        t2 = time.perf_counter()
+        state = trainer.consolidate(data.train, domain=spec.name)
+        t3 = time.perf_counter()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        pruning = None
+        if run.prune is not None and index == run.prune_after:
+            report = prune_in_run(model, state, run.prune)
+            pruning, row = (
+                {"report": report.to_dict(), "row_before": row},
+                self.evaluator.row(model, prepared.domains, prepared.tokenizer),
+            )
+            self.print(f"[hf_ewc] pruned: {report.summary()}")
+        self._save_stage(index, model, prepared, state)
+        self.accel.wait_for_everyone()
+        train_logs = [log for log in trainer.state.log_history if "loss" in log or "ewc/penalty" in log]
+        metrics = train_output.metrics if train_output else {}
+        return {
+            "parameters": parameter_summary(model),
+            **({"pruning": pruning} if pruning is not None else {}),
+            "domain": spec.name,
+            "row": row,
+            "train": {
+                "steps": trainer.state.global_step,
+                "resumed_from": Path(checkpoint).name if checkpoint else None,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                "last_log": train_logs[-1] if train_logs else {},
+                "examples": data.stats,
+            },
+            "timings": {"train_seconds": t1 - t0, "eval_seconds": t2 - t1, "importance_seconds": t3 - t2},
+        }
+
+    # ---------------------------------------------------------------------------------------------- stages
+    def _save_stage(self, index: int | None, model, prepared: Prepared, state: EWCState | None) -> None:
+        for config in getattr(model, "peft_config", {}).values():  # else PEFT records this run's base_model/ path
+            config.base_model_name_or_path = prepared.hub_base
+        self.run_dir.save_stage(index, model, prepared.tokenizer, state)
+
+    def _save_base_model(self, prepared: Prepared) -> None:
+        """A `peft:` run keeps its frozen base model once, in ``output_dir/base_model``; stages hold adapters only.
+        The model is wrapped after the base is saved (LoRA's initialisation seeded, the same on every process)."""
+        self.run_dir.save_base_model(prepared.model, source=prepared.base_source)
+        if prepared.base_source is None:
+            set_seed(self.run.seed)
+            prepared.model = wrap_model(prepared.model, self.run.peft, self.run.task)
+
+    def _load_stage(self, index: int | None, prepared: Prepared) -> tuple[Any, EWCState | None]:
+        stage = self.run_dir.stage(index)
+        model = load_model(stage, self.run, prepared.labels, base_dir=self.out / BASE_MODEL_DIR)
+        state = self.run_dir.state_in(stage)
+        return model, state if state is not None else prepared.initial_state
+
+    def _finish(self, progress: dict, seconds: float) -> dict:
+        last_stage = self.run_dir.stage(len(self.run.domains) - 1)
+        state = self.run_dir.state_in(last_stage)
+        results = collect_results(self.run, progress, state=state, from_dir=self.from_dir, seconds=seconds)
+        if self.accel.is_main_process:
+            if not progress.get("finished"):
+                self.run_dir.publish(last_stage)
+            write_results(self.out, self.run, results, from_dir=self.from_dir)
+            progress["finished"] = True
+            self.run_dir.write_progress(progress)
+            self.run_dir.remove_stages()
+        self.accel.wait_for_everyone()
+        self.print("\n" + results_text(results))
+        self.print(f"\n[hf_ewc] results, model, EWC state and model card in {self.out}")
+        return results
+
+
+def run_pipeline(run: RunConfig, **kwargs: Any) -> dict:
+    """`Pipeline(run, **kwargs).run_sequence()`."""
+    return Pipeline(run, **kwargs).run_sequence()

@@ -1,0 +1,208 @@
+"""`hf-ewc prune`: load a saved model (a LoRA run is merged first), prune it, evaluate it before and after on given
+data, export and verify — and the `prune:` block of `hf-ewc train`, which prunes inside a run by its own importances.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer
+
+from ..models import auto_class_for, check_max_length, max_positions, task_of_auto_class
+from ..pruning import IMPORTANCE_OF, PruneReport, check_prune_arguments, export_pruned, prune_model
+from ..state import EWCState, find_ewc_state
+from ..utils import HfEwcError, error_line, logger
+from .adapters import base_model_of, hub_base_of, is_adapter_dir, load_adapter
+from .data import load_raw_domain, tokenize_domain, train_collator
+from .evaluation import evaluate_model
+from .run_config import DomainSpec, PruneSpec
+
+
+def prune_in_run(model, state: EWCState, spec: PruneSpec) -> PruneReport:
+    """The `prune:` block: prune ``model`` by the just-consolidated ``state`` (or by magnitude), fit the state to the
+    pruned model (anchors of pruned weights 0, removed rows cut) and record the sparsity in the model's config."""
+    report = prune_model(
+        model, spec.sparsity, criterion=spec.criterion,
+        importances=state if spec.criterion != "magnitude" else None, scope=spec.scope, structure=spec.structure,
+        include=spec.include, exclude=spec.exclude, show_progress=False,
+    )  # fmt: skip
+    report.apply_to_state(state)
+    model.config.sparsity_config = report.sparsity_config()
+    return report
+
+
+def _load_pretrained(name: str, *, revision: str | None, trust_remote_code: bool):
+    """A model by Hub id or directory; an adapter directory (a LoRA `hf-ewc train` run) is merged into its base
+    model (`merge_and_unload`), so that what is pruned and exported is one plain model."""
+    if os.path.isdir(name) and is_adapter_dir(name):
+        base, auto_name = _load_pretrained(base_model_of(name), revision=revision, trust_remote_code=trust_remote_code)
+        merged = load_adapter(base, name, trainable=False).merge_and_unload()
+        return merged.requires_grad_(True), auto_name  # a plain model again: every weight counts
+
+    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.rstrip("/")
+    if not os.path.exists(name) and looks_local:
+        raise HfEwcError(f"model directory {name!r} does not exist; give a directory written by save_pretrained.")
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:  # OSError, ValueError, JSON errors: all mean "this is not a loadable model"
+        raise HfEwcError(
+            f"cannot load a model from {name!r}: {error_line(err)}. Give a directory written by "
+            "save_pretrained (config.json + weights) or a Hub id."
+        ) from err
+    architectures = getattr(config, "architectures", None) or []
+    auto = next((a for a in map(auto_class_for, architectures) if a is not None), None)
+    if auto is None:
+        raise HfEwcError(
+            f"{name!r}: config.json names no architecture transformers knows ({architectures or 'none'}); save the "
+            "model with save_pretrained from a task class (e.g. LlamaForCausalLM)."
+        )
+    try:
+        model = auto.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:  # missing or corrupt weights
+        raise HfEwcError(f"cannot load the model weights from {name!r}: {error_line(err)}") from err
+    return model, auto.__name__
+
+
+def prune_pretrained(
+    model_name_or_path: str,
+    out_dir: str | os.PathLike,
+    *,
+    sparsity: float | None,
+    criterion: str = "magnitude",
+    importances: Any = None,
+    data_files: list[str] | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_samples: int | None = 256,
+    max_eval_samples: int | None = 256,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    scope: str | None = None,
+    structure: str = "unstructured",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    print_fn=print,
+) -> tuple[PruneReport, dict[str, Any]]:
+    """`hf-ewc prune`: load a saved model, prune it, evaluate before/after on ``data_files`` (if given), export and
+    verify. Every input is checked before anything is written; ``out_dir`` appears only once verified.
+
+    Importances come from ``importances`` (an EWC state directory), else from the model directory's own EWC state
+    (an `hf-ewc train` run keeps one in ``ewc_state/``), else are collected on ``data_files``.
+    """
+    _, _, sparsity, scope = check_prune_arguments(sparsity, criterion, structure, scope, include, exclude)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise HfEwcError(f"output directory {str(out)!r} already exists; choose another --out or pass --overwrite.")
+    if os.path.exists(model_name_or_path) and out.resolve() == Path(model_name_or_path).resolve():
+        raise HfEwcError("--out is the model directory itself; export the pruned model somewhere else.")
+    if push_to_hub is not None and "/" not in push_to_hub:
+        raise HfEwcError(f"--push-to-hub {push_to_hub!r}: give a repository id like 'user/model-pruned'.")
+    if importances is not None and not isinstance(importances, (EWCState, Mapping)):
+        if not os.path.exists(importances):
+            raise HfEwcError(f"importances directory {str(importances)!r} does not exist.")
+        importances = EWCState.load(importances)
+    adapter = os.path.isdir(model_name_or_path) and is_adapter_dir(model_name_or_path)
+    if criterion != "magnitude" and importances is None and os.path.isdir(model_name_or_path):
+        found = find_ewc_state(model_name_or_path)
+        if found is not None and adapter:
+            if not data_files:
+                raise HfEwcError(
+                    f"{model_name_or_path} is a LoRA run: its EWC state covers the adapter, not the merged weights "
+                    f"that are pruned; pass --data FILE to measure {IMPORTANCE_OF[criterion]} importances on the "
+                    "merged model, or use --criterion magnitude."
+                )
+            print_fn("[hf_ewc] importances: measured on --data (the run's EWC state covers the LoRA adapter only)")
+        elif found is not None:
+            print_fn(f"[hf_ewc] importances: the EWC state in {found}")
+            importances = EWCState.load(found)
+    model, auto_name = _load_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:  # a model saved without its tokenizer can still be pruned without data
+        if data_files:
+            raise HfEwcError(f"--data needs the model's tokenizer, which {model_name_or_path!r} lacks: {err}") from err
+        logger.warning(f"No tokenizer in {model_name_or_path!r}; exporting the model without one.")
+    data = None
+    task = task_of_auto_class(auto_name)
+    if data_files:
+        if task is None:
+            raise HfEwcError(f"--data evaluates causal LM, masked LM or classification models, not {auto_name}.")
+        data = _prune_data(model, tokenizer, task, data_files, text_column, label_column, max_samples,
+                           max_eval_samples, max_length, seed)  # fmt: skip
+    before = None
+    if data is not None:
+        before = evaluate_model(model, data.eval, task, tokenizer, batch_size=batch_size)
+    collect_kwargs = None
+    if data is not None:
+        collect_kwargs = {"max_samples": max_samples, "batch_size": batch_size,
+                          "data_collator": train_collator(task, tokenizer)}  # fmt: skip
+    report = prune_model(
+        model, sparsity, criterion=criterion, importances=importances, scope=scope, structure=structure,
+        include=include, exclude=exclude, data=data.train if data is not None and importances is None else None,
+        collect_kwargs=collect_kwargs,
+    )  # fmt: skip
+    if data is not None:
+        after = evaluate_model(model, data.eval, task, tokenizer, batch_size=batch_size)
+        report.evaluation = {
+            "data": ", ".join(map(str, data_files)),
+            "examples": len(data.eval),
+            "before": before,
+            "after": after,
+        }
+    base = hub_base_of(model_name_or_path) if adapter else model_name_or_path
+    base = base if base is not None and not os.path.exists(base) else None
+    verification = export_pruned(
+        model, out, report, tokenizer=tokenizer, push_to_hub=push_to_hub is not None, repo_id=push_to_hub,
+        overwrite=overwrite, base_model=base,
+    )  # fmt: skip
+    print_fn(format_report(report, verification, out))
+    return report, verification
+
+
+def _prune_data(model, tokenizer, task, data_files, text_column, label_column, max_samples, max_eval_samples,
+                max_length, seed):  # fmt: skip
+    spec = DomainSpec(
+        name="data", data_files=list(data_files), text_column=text_column, label_column=label_column,
+        max_samples=max_samples, max_eval_samples=max_eval_samples,
+    )  # fmt: skip
+    config = model.config
+    if max_length is None:
+        max_length = min(128, max_positions(config) or 128)
+    check_max_length(config, max_length, "--data")
+    raw = load_raw_domain(spec, 0, task=task, seed=seed, base_dirs=[Path.cwd()])
+    label2id = None
+    if task == "sequence_classification":
+        label2id = {**{i: i for i in range(config.num_labels)}, **dict(config.label2id or {})}
+    return tokenize_domain(raw, spec, 0, tokenizer, task=task, max_length=max_length, seed=seed, label2id=label2id)
+
+
+def format_report(report: PruneReport, verification: dict[str, Any], out: str | os.PathLike) -> str:
+    """The summary `hf-ewc prune` prints: per-layer table, totals, evaluation, verification."""
+    lines = [report.table(max_rows=40), "", report.summary()]
+    if report.structured:
+        lines.append(f"structured: {report.structured['unit']}s per layer {report.structured['per_layer']}")
+        if report.structured.get("note"):
+            lines.append(report.structured["note"])
+    if report.evaluation:
+        before, after = report.evaluation["before"], report.evaluation["after"]
+        shown = ", ".join(
+            f"{k} {before[k]:.4f} → {after[k]:.4f}" for k in before if isinstance(before[k], (int, float))
+        )
+        lines.append(f"evaluation ({report.evaluation['examples']} examples): {shown}")
+    lines.append(
+        f"verified by {verification['auto_class']}.from_pretrained: {verification['tensors_compared']} tensors equal, "
+        f"{verification['zeros']:,} zeros, max logit difference {verification['max_logit_difference']:.1e}"
+    )
+    lines.append(
+        f"saved to {out}" + (f" and pushed to {verification['pushed_to']}" if "pushed_to" in verification else "")
+    )
+    return "\n".join(lines)

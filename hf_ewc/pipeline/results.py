@@ -1,0 +1,106 @@
+"""What a finished run reports: the evaluation matrices and the continual-learning summary (``results.json``,
+``results.md``), the heatmap and trajectory plots, the model card, and the text printed at the end."""
+
+import math
+from pathlib import Path
+
+from ..metrics import continual_metrics, format_matrix, format_summary, plot_matrix, plot_trajectories
+from ..state import EWCState
+from ..utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
+from .card import write_model_card
+from .evaluation import primary_metric
+from .run_config import RunConfig
+from .run_dir import RESULTS_NAME
+
+
+def collect_results(
+    run: RunConfig, progress: dict, *, state: EWCState | None, from_dir: str | None, seconds: float
+) -> dict:
+    """The content of ``results.json`` from the run's progress (every row measured) and its final EWC state."""
+    names = [d.name for d in run.domains]
+    metric, higher = primary_metric(run.task)
+    completed = progress["completed"]
+    matrices = {
+        key: [[c["row"][n][key] for n in names] for c in completed]
+        for key in completed[0]["row"][names[0]]
+        if key != "extra"
+    }
+    extra = {n: [c["row"][n].get("extra", {}) for c in completed] for n in names if "extra" in completed[0]["row"][n]}
+    initial = {key: [progress["initial"]["row"][n][key] for n in names] for key in matrices}
+    if all(math.isfinite(v) for row in [*matrices[metric], initial[metric]] for v in row):
+        summary = continual_metrics(matrices[metric], higher_is_better=higher, initial=initial[metric])
+    else:  # a diverged run still gets its results written, so it can be inspected
+        logger.warning(f"Some {metric} values are not finite (the training diverged); no summary or plots.")
+        summary = None
+    return {
+        "task": run.task,
+        "domains": names,
+        "metric": metric,
+        "higher_is_better": higher,
+        "matrix": matrices,
+        "initial": initial,
+        "summary": summary,
+        "extra_metrics": extra,
+        "domains_detail": [{"name": c["domain"], "train": c["train"], "timings": c["timings"]} for c in completed],
+        "ewc_state": (state.metadata | state.summary()) if state is not None else None,
+        "parameters": completed[-1].get("parameters"),
+        "pruning": next(({"after": c["domain"], **c["pruning"]} for c in completed if "pruning" in c), None),
+        "config": run.to_dict(),
+        "from": from_dir,
+        "versions": versions(),
+        "timings": {
+            "total_seconds_this_invocation": seconds,
+            "initial_eval_seconds": progress["initial"]["eval_seconds"],
+            "train_seconds": sum(c["timings"]["train_seconds"] for c in completed),
+            "eval_seconds": sum(c["timings"]["eval_seconds"] for c in completed),
+            "importance_seconds": sum(c["timings"]["importance_seconds"] for c in completed),
+        },
+    }
+
+
+def write_results(out: Path, run: RunConfig, results: dict, *, from_dir: str | None) -> None:
+    """``results.json``, ``results.md``, the plots (finite matrices only) and the model card ``README.md``."""
+    names, metric = results["domains"], results["metric"]
+    matrix, initial = results["matrix"][metric], results["initial"][metric]
+    write_json_atomic(out / RESULTS_NAME, results)
+    with atomic_path(out / "results.md") as tmp:
+        Path(tmp).write_text(f"# hf-ewc results: {' → '.join(names)}\n\n{results_markdown(results)}", encoding="utf-8")
+    if results["summary"] is not None:
+        plot_matrix(
+            matrix, names, out / "matrix.png", metric=metric, higher_is_better=results["higher_is_better"],
+            title=f"{metric} after each domain",
+        )  # fmt: skip
+        plot_trajectories(
+            matrix, names, out / "trajectories.png", metric=metric, initial=initial,
+            title=f"{metric} of each domain over the sequence",
+        )  # fmt: skip
+    tables = results_markdown(results, level=3)
+    write_model_card(out, run=run, results=results, markdown_tables=tables, from_dir=from_dir)
+
+
+def results_text(results: dict) -> str:
+    """The matrix of the primary metric and the summary, as printed at the end of a run."""
+    names, metric = results["domains"], results["metric"]
+    matrix = results["matrix"][metric]
+    if results["summary"] is None:
+        table = "\n".join(f"after {n}: {row}" for n, row in zip(names, matrix))
+        return table + "\n\n(no summary: non-finite values)"
+    table = format_matrix(matrix, names, metric=metric, initial=results["initial"][metric])
+    return table + "\n\n" + format_summary(results["summary"], names, metric=metric)
+
+
+def results_markdown(results: dict, level: int = 2) -> str:
+    """The matrices (primary metric first) and the summary as Markdown, headings at ``level``."""
+    names, metric = results["domains"], results["metric"]
+    h = "#" * level
+    parts = []
+    for key, matrix in sorted(results["matrix"].items(), key=lambda kv: kv[0] != metric):
+        try:
+            table = format_matrix(matrix, names, metric=key, initial=results["initial"][key], markdown=True)
+        except HfEwcError:  # non-finite cells (a diverged run): show them raw
+            table = "\n".join(f"- after {n}: {row}" for n, row in zip(names, matrix))
+        parts += [f"{h} {key}", "", table, ""]
+    if results["summary"] is None:
+        return "\n".join([*parts, "No summary: the matrix has non-finite values (the training diverged).", ""])
+    parts += [f"{h} Summary", "", format_summary(results["summary"], names, metric=metric, markdown=True), ""]
+    return "\n".join(parts)
