@@ -288,7 +288,7 @@ def _pyplot_free_figure(figsize: tuple[float, float]):
     """A `Figure` on its own Agg canvas: no pyplot, no global backend, nothing to leak when it goes out of scope."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (~0.5 s): only when a plot is drawn
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # heavy, as above
     except ImportError as err:
         raise ImportError("Plotting needs matplotlib (a dependency of hf-ewc): `pip install matplotlib`.") from err
     figure = Figure(figsize=figsize, dpi=_DPI, layout="constrained")

@@ -96,6 +96,54 @@ def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "i
             )
 
 
+def _read_state_file(path: Path) -> tuple[dict, dict, dict]:
+    """Importances, anchors and metadata of an ``ewc_state.safetensors`` (safetensors only: never pickle)."""
+    importances, anchors = {}, {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                kind, _, name = key.partition(".")
+                if kind == "importance":
+                    importances[name] = f.get_tensor(key)
+                elif kind == "anchor":
+                    anchors[name] = f.get_tensor(key)
+                else:
+                    logger.warning(f"Ignoring unknown tensor {key!r} in {path}.")
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise HfEwcError(f"Cannot read the EWC state {str(path)!r}: {err}.") from err
+    if "hf_ewc" not in header:
+        raise HfEwcError(f"{str(path)!r} is a safetensors file without hf_ewc metadata; it is not an EWC state.")
+    try:
+        meta = json.loads(header["hf_ewc"])
+    except json.JSONDecodeError as err:
+        raise HfEwcError(f"{str(path)!r} has corrupt hf_ewc metadata ({err}); re-save the state.") from err
+    version = meta.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise HfEwcError(
+            f"{str(path)!r} was written with EWC state format {version}; this hf_ewc reads up to {FORMAT_VERSION}. "
+            "Upgrade hf_ewc."
+        )
+    unknown = sorted(set(meta) - _KNOWN_METADATA)
+    if unknown:
+        logger.warning(f"Ignoring unknown EWC state metadata keys {unknown} (written by a newer hf_ewc?).")
+    return importances, anchors, meta
+
+
+def _check_side_file(side: Path, path: Path, meta: dict) -> None:
+    """``ewc_state.json`` must describe the same save as the tensors' header (else: an interrupted save)."""
+    if not side.is_file():
+        return
+    try:
+        side_id = json.loads(side.read_text(encoding="utf-8")).get("state_id")
+    except (OSError, json.JSONDecodeError):
+        side_id = None
+    if side_id != meta.get("state_id"):
+        logger.warning(
+            f"{side} does not match {path.name} (an interrupted save?); using the metadata inside {path.name}."
+        )
+
+
 class EWCState:
     r"""Importances Ω, anchors θ* and metadata of a model that has been consolidated on one or more domains.
 
@@ -371,45 +419,10 @@ class EWCState:
                 f"No EWC state at {str(directory)!r}: expected {STATE_WEIGHTS_NAME} (written by EWCState.save or by "
                 "EWCTrainer checkpoints)."
             )
-        importances, anchors = {}, {}
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    kind, _, name = key.partition(".")
-                    if kind == "importance":
-                        importances[name] = f.get_tensor(key)
-                    elif kind == "anchor":
-                        anchors[name] = f.get_tensor(key)
-                    else:
-                        logger.warning(f"Ignoring unknown tensor {key!r} in {path}.")
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise HfEwcError(f"Cannot read the EWC state {str(path)!r}: {err}.") from err
-        if "hf_ewc" not in header:
-            raise HfEwcError(f"{str(path)!r} is a safetensors file without hf_ewc metadata; it is not an EWC state.")
-        try:
-            meta = json.loads(header["hf_ewc"])
-        except json.JSONDecodeError as err:
-            raise HfEwcError(f"{str(path)!r} has corrupt hf_ewc metadata ({err}); re-save the state.") from err
-        version = meta.get("format_version", 0)
-        if version > FORMAT_VERSION:
-            raise HfEwcError(
-                f"{str(path)!r} was written with EWC state format {version}; this hf_ewc reads up to "
-                f"{FORMAT_VERSION}. Upgrade hf_ewc."
-            )
-        unknown = sorted(set(meta) - _KNOWN_METADATA)
-        if unknown:
-            logger.warning(f"Ignoring unknown EWC state metadata keys {unknown} (written by a newer hf_ewc?).")
-        side = directory / STATE_CONFIG_NAME if path.parent == directory else path.with_suffix(".json")
-        if side.is_file():
-            try:
-                side_id = json.loads(side.read_text(encoding="utf-8")).get("state_id")
-            except (OSError, json.JSONDecodeError):
-                side_id = None
-            if side_id != meta.get("state_id"):
-                logger.warning(
-                    f"{side} does not match {path.name} (an interrupted save?); using the metadata inside {path.name}."
-                )
+        importances, anchors, meta = _read_state_file(path)
+        _check_side_file(
+            directory / STATE_CONFIG_NAME if path.parent == directory else path.with_suffix(".json"), path, meta
+        )
         dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
         state = cls(metadata=meta, dtype=dtype)
         state._set_tensors(importances, anchors, copy=False)

@@ -18,7 +18,7 @@ from transformers.training_args import trainer_log_levels
 
 from .config import EWCConfig
 from .distributed import check_world_size, sharded_setup, sharding_refusal, trainable_parameters
-from .importance import SI_STATE_NAME, SIAccumulator, collect_importance
+from .importance import SI_STATE_NAME, ImportanceResult, SIAccumulator, collect_importance
 from .penalty import Penalty
 from .sparsity import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState
@@ -32,6 +32,68 @@ def _subsample(dataset, n: int | None, seed: int):
         return dataset
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
     return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
+
+
+def _sync_log_level(args: TrainingArguments) -> None:
+    """`log_level` (main process) / `log_level_replica` (others) set the hf_ewc logger too, unless "passive"."""
+    level = trainer_log_levels[args.log_level if args.should_log else args.log_level_replica]
+    if level != -1:
+        logger.setLevel(level)
+
+
+def _refuse_unsupported(args: EWCConfig, *, fsdp: bool, deepspeed: bool) -> None:
+    """Name what is not supported instead of silently doing nothing (see the README's support matrix)."""
+    sharded = "FSDP" if fsdp else sharded_setup(args)
+    if sharded is not None:
+        raise sharding_refusal(sharded)
+    if deepspeed and (args.ewc_mode == "proximal" or args.importance_method == "si"):
+        # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull on the module's
+        # parameters would be overwritten, and SI would read no gradient.
+        raise HfEwcError(
+            "ewc_mode='proximal' and importance_method='si' are not supported under DeepSpeed yet; use "
+            "ewc_mode='stabilized' or 'vanilla' with fisher, mas, signal or uniform importances."
+        )
+
+
+def _collect(args: EWCConfig, model: nn.Module, data, data_collator) -> ImportanceResult:
+    """Importances for `consolidate`: ``args``' method and settings, at most `importance_max_samples` samples."""
+    if data is None and args.importance_method != "uniform":
+        raise HfEwcError(
+            "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
+            "train_dataset."
+        )
+    return collect_importance(
+        model,
+        _subsample(data, args.importance_max_samples, args.seed) if data is not None else None,
+        args.importance_method,
+        estimator=args.fisher_estimator,
+        max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,
+        batch_size=args.importance_batch_size,
+        data_collator=data_collator,
+        seed=args.seed,
+        show_progress=not args.disable_tqdm,
+        **({"output": args.mas_output} if args.importance_method == "mas" else {}),
+    )
+
+
+def _as_ewc_config(args: TrainingArguments | None) -> EWCConfig:
+    """A plain `TrainingArguments` upgraded to an `EWCConfig` with default EWC settings."""
+    if args is None:
+        return EWCConfig(output_dir="trainer_output")
+    if isinstance(args, EWCConfig):
+        return args
+    fields = {k: v for k, v in args.to_dict().items() if k in EWCConfig.__dataclass_fields__}
+    fields["hub_token"] = args.hub_token  # to_dict() masks tokens
+    return EWCConfig(**fields)
+
+
+def _si_from_checkpoint(checkpoint: str, model: nn.Module, args: EWCConfig) -> SIAccumulator | None:
+    """SI's running sums saved in a Trainer checkpoint (None when not training with SI or none were saved)."""
+    if args.importance_method != "si" or not os.path.isfile(os.path.join(checkpoint, SI_STATE_NAME)):
+        return None
+    si = SIAccumulator(trainable_parameters(model), damping=args.si_damping)
+    si.load(checkpoint)
+    return si
 
 
 class _EWCCallback(TrainerCallback):
@@ -105,15 +167,9 @@ class EWCTrainer(Trainer):
         preprocess_logits_for_metrics=None,
         ewc_state: EWCState | str | os.PathLike | None = None,
     ):
-        if args is None:
-            args = EWCConfig(output_dir="trainer_output")
-        elif not isinstance(args, EWCConfig):
-            fields = {k: v for k, v in args.to_dict().items() if k in EWCConfig.__dataclass_fields__}
-            fields["hub_token"] = args.hub_token
-            args = EWCConfig(**fields)
         super().__init__(
             model=model,
-            args=args,
+            args=_as_ewc_config(args),
             data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -126,9 +182,10 @@ class EWCTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._apply_log_level()
+        _sync_log_level(self.args)
         check_world_size(self.accelerator.state)
-        self._refuse_unsupported_setups()  # before training starts, not at its first step
+        # before training starts, not at its first step
+        _refuse_unsupported(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
         if isinstance(ewc_state, (str, os.PathLike)):
             ewc_state = EWCState.load(ewc_state)
         self.ewc_state: EWCState | None = ewc_state
@@ -138,7 +195,6 @@ class EWCTrainer(Trainer):
                 logger.info(f"{len(uncovered)} trainable parameter(s) are not in the EWC state and train unprotected.")
         self._penalty: Penalty | None = None
         self._si: SIAccumulator | None = None
-        self._si_penalty: tuple[list[Tensor], list[Tensor]] | None = None
         self._pending_penalties: list[Tensor] = []
         self._last_penalty: Tensor | None = None
         self._clip_coef = 1.0
@@ -148,12 +204,6 @@ class EWCTrainer(Trainer):
         self.add_callback(_EWCCallback(self))
 
     # ------------------------------------------------------------------ setup
-    def _apply_log_level(self) -> None:
-        """`log_level` (main process) / `log_level_replica` (others) set the hf_ewc logger too, unless "passive"."""
-        level = trainer_log_levels[self.args.log_level if self.args.should_log else self.args.log_level_replica]
-        if level != -1:
-            logger.setLevel(level)
-
     def _plain_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
@@ -167,7 +217,6 @@ class EWCTrainer(Trainer):
         args: EWCConfig = self.args
         self._pending_penalties = []
         self._penalty = None
-        self._si_penalty = None
         model = self._plain_model()
         params = trainable_parameters(model)
         if args.importance_method == "si" and self._si is None:
@@ -199,26 +248,7 @@ class EWCTrainer(Trainer):
             self._warned_overshoot = True
         self._penalty = penalty
         if self._si is not None and args.si_gradient == "task" and penalty.penalized:
-            # SI's task-only gradient subtracts 2c·(θ − θ*); aligned with SI's parameters (0 for unprotected ones).
-            anchors, two_c = dict(zip(penalty.names, penalty.anchors)), penalty.two_c()
-            self._si_penalty = (
-                [anchors[n] if n in anchors else torch.zeros_like(p) for n, p in zip(self._si.names, self._si.params)],
-                [two_c[n] if n in two_c else torch.zeros_like(p) for n, p in zip(self._si.names, self._si.params)],
-            )
-
-    def _refuse_unsupported_setups(self) -> None:
-        """Name what is not supported instead of silently doing nothing (see the README's support matrix)."""
-        args: EWCConfig = self.args
-        sharded = "FSDP" if self.is_fsdp_enabled else sharded_setup(args)
-        if sharded is not None:
-            raise sharding_refusal(sharded)
-        if self.is_deepspeed_enabled and (args.ewc_mode == "proximal" or args.importance_method == "si"):
-            # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull on the
-            # module's parameters would be overwritten, and SI would read no gradient.
-            raise HfEwcError(
-                "ewc_mode='proximal' and importance_method='si' are not supported under DeepSpeed yet; use "
-                "ewc_mode='stabilized' or 'vanilla' with fisher, mas, signal or uniform importances."
-            )
+            self._si.subtract_penalty(dict(zip(penalty.names, penalty.anchors)), penalty.two_c())
 
     # ------------------------------------------------------------------ the loss
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -274,8 +304,7 @@ class EWCTrainer(Trainer):
             for callback in self._sparsity_callbacks():
                 callback.apply(self.model)
             if self._si is not None:
-                anchors, two_c = self._si_penalty if self._si_penalty is not None else (None, None)
-                self._si.after_step(grad_scale=1.0 / self._clip_coef, penalty_anchors=anchors, penalty_two_c=two_c)
+                self._si.after_step(grad_scale=1.0 / self._clip_coef)
         if penalty is not None and penalty.penalized and self._last_penalty is not None:
             self._pending_penalties.append(self._last_penalty)
         self._clip_coef = 1.0
@@ -335,25 +364,8 @@ class EWCTrainer(Trainer):
             options = {"damping": args.si_damping, "gradient": args.si_gradient, "count_unit": "optimizer_steps"}
         else:
             data = dataset if dataset is not None else self.train_dataset
-            if data is None and args.importance_method != "uniform":
-                raise HfEwcError(
-                    "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
-                    "train_dataset."
-                )
-            options = {"output": args.mas_output} if args.importance_method == "mas" else {}
-            result = collect_importance(
-                model,
-                _subsample(data, args.importance_max_samples, args.seed) if data is not None else None,
-                args.importance_method,
-                estimator=args.fisher_estimator,
-                max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,
-                batch_size=args.importance_batch_size,
-                data_collator=self.data_collator,
-                seed=args.seed,
-                show_progress=not args.disable_tqdm,
-                **options,
-            )
-            importances, num_samples, estimator, options = result, result.num_samples, result.estimator, result.options
+            importances = _collect(args, model, data, self.data_collator)
+            num_samples, estimator, options = importances.num_samples, importances.estimator, importances.options
         state = self.ewc_state if self.ewc_state is not None else EWCState(dtype=args.ewc_state_dtype)
         state.consolidate(
             model,
@@ -369,7 +381,6 @@ class EWCTrainer(Trainer):
         self.ewc_state = state
         self._penalty = None
         self._si = None
-        self._si_penalty = None
         return state
 
     # ------------------------------------------------------------------ checkpoints
@@ -399,13 +410,8 @@ class EWCTrainer(Trainer):
     def _load_ewc_checkpoint(self, checkpoint: str) -> None:
         model = self._plain_model()
         if os.path.isfile(os.path.join(checkpoint, STATE_WEIGHTS_NAME)):
-            state = EWCState.load(checkpoint)
-            state.validate(model, strict=False)
-            self.ewc_state = state
+            self.ewc_state = EWCState.load(checkpoint)
+            self.ewc_state.validate(model, strict=False)
         elif self.ewc_state is not None and not self.ewc_state.is_empty:
             logger.warning(f"{checkpoint} holds no EWC state; keeping the state given to the trainer.")
-        self._si = None
-        if self.args.importance_method == "si" and os.path.isfile(os.path.join(checkpoint, SI_STATE_NAME)):
-            si = SIAccumulator(trainable_parameters(model), damping=self.args.si_damping)
-            si.load(checkpoint)
-            self._si = si
+        self._si = _si_from_checkpoint(checkpoint, model, self.args)

@@ -107,6 +107,77 @@ class _Rows:
         flat.index_add_(0, self.keys[keep] - start * self.num_rows, self.values[keep])
 
 
+@torch.no_grad()
+def _contributions(
+    record: _Record, grad_out: Tensor, batch: int, attrs: dict[str, str]
+) -> dict[str, _Outer | _Dense | _Rows]:
+    """The per-sample gradients of a leaf module's parameters (``attrs``: attribute → parameter name) from its saved
+    inputs and the gradient of its output: closed forms for Linear/Conv1D, embeddings and LayerNorm, `vmap` of the
+    module's own `vjp` for anything else."""
+    module = record.module
+    x = record.args[0] if record.args else next((v for v in record.kwargs.values() if torch.is_tensor(v)), None)
+    x = x.detach() if x is not None else None
+    out: dict[str, _Outer | _Dense | _Rows] = {}
+    if isinstance(module, LINEAR_TYPES) and x is not None:
+        a, g = _flat(x, batch), _flat(grad_out, batch)
+        if "weight" in attrs:
+            out[attrs["weight"]] = _Outer(g, a) if isinstance(module, nn.Linear) else _Outer(a, g)
+        if "bias" in attrs:
+            out[attrs["bias"]] = _Dense(g.sum(1))
+    elif isinstance(module, nn.Embedding) and x is not None:
+        if x.shape[0] != batch:
+            raise Unsupported(f"embedding input of shape {tuple(x.shape)} has no batch dimension {batch}")
+        ids = x.reshape(batch, -1)
+        g = grad_out.reshape(batch, ids.shape[1], -1).float()
+        keep = ids.ne(module.padding_idx) if module.padding_idx is not None else torch.ones_like(ids, dtype=bool)
+        sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
+        keys = (sample * module.num_embeddings + ids)[keep]
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        values = torch.zeros(unique.numel(), g.shape[-1], dtype=torch.float32, device=g.device)
+        values.index_add_(0, inverse, g[keep])
+        out[attrs["weight"]] = _Rows(unique, values, module.num_embeddings)
+    elif isinstance(module, nn.LayerNorm) and x is not None and set(attrs) <= {"weight", "bias"}:
+        shape = tuple(module.normalized_shape)
+        if x.shape[0] != batch:
+            raise Unsupported(f"layer-norm input of shape {tuple(x.shape)} has no batch dimension {batch}")
+        xhat = F.layer_norm(x.float(), shape, None, None, module.eps).reshape(batch, -1, *shape)
+        g = grad_out.float().reshape(batch, -1, *shape)
+        if "weight" in attrs:
+            out[attrs["weight"]] = _Dense((g * xhat).sum(1))
+        if "bias" in attrs:
+            out[attrs["bias"]] = _Dense(g.sum(1))
+    else:
+        out.update({name: _Dense(t) for name, t in _vmapped_vjp(record, grad_out, batch, attrs).items()})
+    return out
+
+
+def _vmapped_vjp(record: _Record, grad_out: Tensor, batch: int, attrs: dict[str, str]) -> dict[str, Tensor]:
+    """Any other leaf module: ``vmap`` over samples of the ``vjp`` of the module's own forward."""
+    module = record.module
+    args = record.args
+    batched = [torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == batch for a in args]
+    if not any(batched) or grad_out.shape[0] != batch:
+        raise Unsupported(f"{type(module).__name__}: no batch dimension to split")
+    params = {attr: getattr(module, attr).detach() for attr in attrs}
+
+    def one(grad_n, *args_n):
+        full = [a.unsqueeze(0) if b else a for a, b in zip(args_n, batched)]
+
+        def f(p):
+            return functional_call(module, p, tuple(full), record.kwargs)
+
+        _, pullback = vjp(f, params)
+        return pullback(grad_n.unsqueeze(0))[0]
+
+    in_dims = (0, *[0 if b else None for b in batched])
+    detached = [a.detach() if torch.is_tensor(a) else a for a in args]
+    try:
+        grads = vmap(one, in_dims=in_dims)(grad_out, *detached)
+    except Exception as err:  # vmap refuses many ops; the loop engine takes over
+        raise Unsupported(f"{type(module).__name__} cannot be vmapped ({err})") from err
+    return {attrs[attr]: g.float() for attr, g in grads.items()}
+
+
 class PerSampleGradients:
     """Accumulates ``Σ_n transform(∇_θ objective_n)`` in float32 for the trainable parameters of ``model``."""
 
@@ -210,75 +281,6 @@ class PerSampleGradients:
             for h in handles:
                 h.remove()
 
-    # ---------------------------------------------------------------- per-module rules
-    @torch.no_grad()
-    def _contributions(self, record: _Record, grad_out: Tensor, batch: int) -> dict[str, _Outer | _Dense | _Rows]:
-        module = record.module
-        x = record.args[0] if record.args else next((v for v in record.kwargs.values() if torch.is_tensor(v)), None)
-        x = x.detach() if x is not None else None
-        attrs = self._owners[module]
-        out: dict[str, _Outer | _Dense | _Rows] = {}
-        if isinstance(module, LINEAR_TYPES) and x is not None:
-            a, g = _flat(x, batch), _flat(grad_out, batch)
-            if "weight" in attrs:
-                out[attrs["weight"]] = _Outer(g, a) if isinstance(module, nn.Linear) else _Outer(a, g)
-            if "bias" in attrs:
-                out[attrs["bias"]] = _Dense(g.sum(1))
-        elif isinstance(module, nn.Embedding) and x is not None:
-            if x.shape[0] != batch:
-                raise Unsupported(f"embedding input of shape {tuple(x.shape)} has no batch dimension {batch}")
-            ids = x.reshape(batch, -1)
-            g = grad_out.reshape(batch, ids.shape[1], -1).float()
-            keep = ids.ne(module.padding_idx) if module.padding_idx is not None else torch.ones_like(ids, dtype=bool)
-            sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
-            keys = (sample * module.num_embeddings + ids)[keep]
-            unique, inverse = torch.unique(keys, return_inverse=True)
-            values = torch.zeros(unique.numel(), g.shape[-1], dtype=torch.float32, device=g.device)
-            values.index_add_(0, inverse, g[keep])
-            out[attrs["weight"]] = _Rows(unique, values, module.num_embeddings)
-        elif isinstance(module, nn.LayerNorm) and x is not None and set(attrs) <= {"weight", "bias"}:
-            shape = tuple(module.normalized_shape)
-            if x.shape[0] != batch:
-                raise Unsupported(f"layer-norm input of shape {tuple(x.shape)} has no batch dimension {batch}")
-            xhat = F.layer_norm(x.float(), shape, None, None, module.eps).reshape(batch, -1, *shape)
-            g = grad_out.float().reshape(batch, -1, *shape)
-            if "weight" in attrs:
-                out[attrs["weight"]] = _Dense((g * xhat).sum(1))
-            if "bias" in attrs:
-                out[attrs["bias"]] = _Dense(g.sum(1))
-        else:
-            out.update({name: _Dense(t) for name, t in self._generic(record, grad_out, batch, attrs).items()})
-        return out
-
-    def _generic(self, record: _Record, grad_out: Tensor, batch: int, attrs: dict[str, str]) -> dict[str, Tensor]:
-        """Any other leaf module: ``vmap`` over samples of the ``vjp`` of the module's own forward."""
-        module = record.module
-        args = record.args
-        batched = [torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == batch for a in args]
-        if not any(batched) or grad_out.shape[0] != batch:
-            raise Unsupported(f"{type(module).__name__}: no batch dimension to split")
-        params = {attr: getattr(module, attr).detach() for attr in attrs}
-
-        def one(grad_n, *args_n):
-            full = [a.unsqueeze(0) if b else a for a, b in zip(args_n, batched)]
-
-            def f(p):
-                return functional_call(module, p, tuple(full), record.kwargs)
-
-            _, pullback = vjp(f, params)
-            return pullback(grad_n.unsqueeze(0))[0]
-
-        in_dims = (0, *[0 if b else None for b in batched])
-        detached = [a.detach() if torch.is_tensor(a) else a for a in args]
-        self._recording = False  # the recomputation must not record itself
-        try:
-            grads = vmap(one, in_dims=in_dims)(grad_out, *detached)
-        except Exception as err:  # vmap refuses many ops; the loop engine takes over
-            raise Unsupported(f"{type(module).__name__} cannot be vmapped ({err})") from err
-        finally:
-            self._recording = True
-        return {attrs[attr]: g.float() for attr, g in grads.items()}
-
     # ---------------------------------------------------------------- accumulation
     def _accumulate(self, acc: Tensor, per_sample: Iterable[Tensor]) -> None:
         """``acc += Σ_n transform(g_n)``, one sample at a time: each slice streams once through memory into an
@@ -311,10 +313,14 @@ class PerSampleGradients:
         outputs = [r.output for r in self._records]
         grads = torch.autograd.grad(objective.sum(), outputs, retain_graph=retain_graph, allow_unused=True)
         parts: dict[str, list] = {}
-        for record, grad in zip(self._records, grads):
-            if grad is not None:
-                for name, part in self._contributions(record, grad, batch).items():
-                    parts.setdefault(name, []).append(part)
+        recording, self._recording = self._recording, False  # a vmapped recomputation must not record itself
+        try:
+            for record, grad in zip(self._records, grads):
+                if grad is not None:
+                    for name, part in _contributions(record, grad, batch, self._owners[record.module]).items():
+                        parts.setdefault(name, []).append(part)
+        finally:
+            self._recording = recording
         for contributions in parts.values():  # sparse rows last: a dense first part overwrites instead of zeroing
             contributions.sort(key=lambda part: isinstance(part, _Rows))
         return parts

@@ -16,6 +16,7 @@ assumes the optimizer does not rewrite gradients in place — true of the torch 
 """
 
 import os
+from collections.abc import Mapping
 
 import torch
 from safetensors import safe_open
@@ -40,6 +41,7 @@ class SIAccumulator:
         self.start = [p.detach().float().clone() for p in self.params]
         self.omega = [torch.zeros_like(s) for s in self.start]
         self._before = [torch.zeros_like(s) for s in self.start]
+        self._penalty: tuple[list[Tensor], list[Tensor]] | None = None
         self.steps = 0
 
     @torch.no_grad()
@@ -47,30 +49,32 @@ class SIAccumulator:
         """Snapshot θ right before ``optimizer.step()``."""
         torch._foreach_copy_(self._before, [p.detach() for p in self.params])
 
-    @torch.no_grad()
-    def after_step(
-        self,
-        *,
-        grad_scale: float = 1.0,
-        penalty_anchors: list[Tensor] | None = None,
-        penalty_two_c: list[Tensor] | None = None,
-    ) -> None:
-        """Add ``−g·Δθ`` for the step just taken.
+    def subtract_penalty(self, anchors: Mapping[str, Tensor] | None, two_c: Mapping[str, Tensor] | None) -> None:
+        """From now on read the task-only gradient of a penalized loss: ``2c·(θ_before − θ*)`` is subtracted for the
+        parameters in ``anchors`` (nothing for the others). ``None``: use the gradient as the optimizer saw it."""
+        if anchors is None:
+            self._penalty = None
+            return
+        zeros = [torch.zeros_like(p) for p in self.params]
+        self._penalty = (
+            [anchors[n].float() if n in anchors else z for n, z in zip(self.names, zeros)],
+            [two_c[n].float() if n in two_c else z for n, z in zip(self.names, zeros)],
+        )
 
-        Args:
-            grad_scale: multiplies ``p.grad`` to undo gradient clipping (``1 / clip coefficient``).
-            penalty_anchors, penalty_two_c: when given, ``2c·(θ_before − θ*)`` is subtracted from the gradient (the
-                task-only gradient of a penalized loss).
-        """
+    @torch.no_grad()
+    def after_step(self, *, grad_scale: float = 1.0) -> None:
+        """Add ``−g·Δθ`` for the step just taken; ``grad_scale`` multiplies ``p.grad`` to undo gradient clipping
+        (``1 / clip coefficient``)."""
         grads = [
             p.grad.detach().float() if p.grad is not None else torch.zeros_like(b)
             for p, b in zip(self.params, self._before)
         ]
         if grad_scale != 1.0:
             grads = torch._foreach_mul(grads, grad_scale)
-        if penalty_anchors is not None:
-            penalty = torch._foreach_sub(self._before, [a.float() for a in penalty_anchors])
-            torch._foreach_mul_(penalty, [c.float() for c in penalty_two_c])
+        if self._penalty is not None:
+            anchors, two_c = self._penalty
+            penalty = torch._foreach_sub(self._before, anchors)
+            torch._foreach_mul_(penalty, two_c)
             grads = torch._foreach_sub(grads, penalty)
         torch._foreach_sub_(self._before, [p.detach().float() for p in self.params])  # θ_before − θ_after = −Δθ
         torch._foreach_addcmul_(self.omega, grads, self._before)
