@@ -40,18 +40,9 @@ LAMBDA_CONVENTION = (
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _KNOWN_METADATA = {
-    "anchors_from",
-    "consolidation",
-    "decay",
-    "domains",
-    "dtype",
-    "format_version",
-    "lambda_convention",
-    "num_parameters",
-    "num_tensors",
-    "state_id",
-    "versions",
-}
+    "anchors_from", "consolidation", "decay", "domains", "dtype", "format_version", "lambda_convention",
+    "num_parameters", "num_tensors", "state_id", "versions",
+}  # fmt: skip
 
 
 def find_ewc_state(directory: str | os.PathLike) -> Path | None:
@@ -93,6 +84,28 @@ def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "i
             raise HfEwcError(
                 f"The {what} of parameter {name!r} has negative values (min {float(value.min()):.3g}); importances "
                 "must be >= 0 for the penalty to pull towards the anchors."
+            )
+
+
+def _check_covers(importances: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
+    """Importances to consolidate must cover exactly the trainable parameters, shape for shape."""
+    missing = [n for n in params if n not in importances]
+    extra = [n for n in importances if n not in params]
+    if missing:
+        raise HfEwcError(
+            f"No importance given for trainable parameter {missing[0]!r} ({len(missing)} missing); collect the "
+            "importances on this model with collect_importance(model, ...)."
+        )
+    if extra:
+        raise HfEwcError(
+            f"Importance given for {extra[0]!r}, which is not a trainable parameter of the model ({len(extra)} "
+            "such); were the importances collected on another model or with other parameters frozen?"
+        )
+    for name, p in params.items():
+        if tuple(importances[name].shape) != tuple(p.shape):
+            raise HfEwcError(
+                f"Importance of {name!r} has shape {tuple(importances[name].shape)}, the parameter has "
+                f"{tuple(p.shape)}."
             )
 
 
@@ -299,24 +312,7 @@ class EWCState:
         params = trainable_parameters(model)
         if not params:
             raise HfEwcError("The model has no trainable parameters (requires_grad=True) to protect.")
-        missing = [n for n in params if n not in importances]
-        extra = [n for n in importances if n not in params]
-        if missing:
-            raise HfEwcError(
-                f"No importance given for trainable parameter {missing[0]!r} ({len(missing)} missing); collect the "
-                "importances on this model with collect_importance(model, ...)."
-            )
-        if extra:
-            raise HfEwcError(
-                f"Importance given for {extra[0]!r}, which is not a trainable parameter of the model ({len(extra)} "
-                "such); were the importances collected on another model or with other parameters frozen?"
-            )
-        for name, p in params.items():
-            if tuple(importances[name].shape) != tuple(p.shape):
-                raise HfEwcError(
-                    f"Importance of {name!r} has shape {tuple(importances[name].shape)}, the parameter has "
-                    f"{tuple(p.shape)}."
-                )
+        _check_covers(importances, params)
         check_importances(importances)
         if self.domains:
             previous = self.domains[-1]

@@ -106,7 +106,8 @@ class _EWCCallback(TrainerCallback):
         self.trainer._setup_ewc()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._before_optimizer_step()
+        if self.trainer._si is not None:
+            self.trainer._si.before_step()  # θ before the step, for SI's Δθ
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
@@ -289,10 +290,6 @@ class EWCTrainer(Trainer):
             value = float(norm)
             self._clip_coef = min(1.0, self.args.max_grad_norm / (value + 1e-6)) if math.isfinite(value) else 1.0
         return norm
-
-    def _before_optimizer_step(self) -> None:
-        if self._si is not None:
-            self._si.before_step()
 
     def _after_optimizer_step(self) -> None:
         penalty = self._penalty

@@ -161,8 +161,8 @@ def sharded_refusals() -> dict[str, str]:
     from torch.distributed.fsdp import fully_shard
 
     from hf_ewc import EWCState, HfEwcError
-    from hf_ewc.importance import SIAccumulator
     from hf_ewc.distributed import trainable_parameters
+    from hf_ewc.importance import SIAccumulator
 
     PartialState(cpu=True)  # the process group
     torch.manual_seed(0)

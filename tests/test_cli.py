@@ -1,15 +1,23 @@
+"""The `hf-ewc` command line: help, env, state, and for `train` and `prune` the contract on bad input — one line on
+stderr naming the cause and the fix, exit code 2, nothing written."""
+
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from testing_utils import MLP
+import torch
+from testing_utils import MLP, make_config, run_cli, snapshot, tiny_gpt2, write_yaml
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hf_ewc import EWCState
+from hf_ewc import EWCState, prune_model
 from hf_ewc.cli import build_parser, main
+from hf_ewc.pipeline import Pipeline, build_run_config
+from hf_ewc.pipeline.prepare import train_tokenizer
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,3 +65,228 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "hf_ewc", "--version"], capture_output=True, text=True, env=env, cwd=ROOT, check=True
     )
     assert out.stdout.startswith("hf-ewc ")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--ewc_lamda", "5"], "Unknown key 'ewc_lamda'; did you mean 'ewc_lambda'?"),
+        (["--domains.0.max_sample", "5"], "Unknown key 'domains.0.max_sample'; did you mean 'max_samples'?"),
+        (["--model.hidden_size", "5"], "valid keys: name_or_path, config, tokenizer"),
+        (["--domains.7.max_samples", "5"], "is not an index of a list of 2 item(s); use 0…1"),
+        (["--ewc_lambda", "lots"], "ewc_lambda must be float, got 'lots'"),
+        (["--num_train_epochs", "[1]"], "num_train_epochs must be float"),
+        (["--ewc_mode", "strong"], "ewc_mode must be one of 'stabilized', 'vanilla', 'proximal', 'off', got 'strong'"),
+        (["--ewc_lambda", "-1"], "ewc_lambda must be a finite number >= 0, got -1.0"),
+        (["--task", "translation"], "Unknown task 'translation'; choose one of: causal_lm, masked_lm"),
+        (["--ewc_lambda"], "has no value"),
+        (["--domains.0.training.learning_rat", "1"], "Unknown key 'domains.0.training.learning_rat'; did you mean"),
+    ],
+)
+def test_bad_overrides_are_named(tmp_path, capsys, overrides, message):
+    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli(["train", str(config), *overrides], capsys)
+    assert rc == 2
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
+def _bad_inputs(tmp_path: Path) -> dict:
+    base = make_config(tmp_path)
+    (tmp_path / "broken.yaml").write_text("task: causal_lm\ndomains:\n  - name: a\n   data_files: x\n")
+    (tmp_path / "duplicate.yaml").write_text("seed: 1\nseed: 2\n")
+    (tmp_path / "empty.jsonl").write_text('{"text": "   "}\n{"text": ""}\n')
+    (tmp_path / "one_class.jsonl").write_text(
+        "".join(json.dumps({"text": f"w{i} x y", "label": 1}) + "\n" for i in range(9))
+    )
+    cls = make_config(tmp_path, "sequence_classification")
+
+    def variant(raw, **changes):
+        raw = json.loads(json.dumps(raw))
+        for key, value in changes.items():
+            node = raw
+            *parents, last = key.split("__")
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            node[last] = value
+        return raw
+
+    return {
+        "malformed YAML": (tmp_path / "broken.yaml", "line 4"),
+        "missing file": (variant(base, domains__1__data_files="nope.jsonl"), "data file 'nope.jsonl' not found"),
+        "missing column": (
+            variant(base, domains__0__text_column="body"),
+            "column 'body' not found (columns: text, label)",
+        ),
+        "empty domain": (
+            variant(base, domains__1__data_files=str(tmp_path / "empty.jsonl")),
+            "0 non-empty text(s) in 2 row(s)",
+        ),
+        "no label column": (variant(cls, domains__0__label_column="stars"), "column 'stars' not found"),
+        "one class": (variant(cls, domains__1__data_files=str(tmp_path / "one_class.jsonl")), "has one class (1)"),
+        "task the model cannot do": (variant(base, task="masked_lm"), "model type 'llama' cannot do task 'masked_lm'"),
+        "unknown key": (variant(base, learning_rat=1.0), "did you mean 'learning_rate'"),
+        "typo in model.config": (variant(base, model__config__hiden_size=8), "'model.config.hiden_size'"),
+        "blocks longer than the model": (variant(base, model__max_length=64), "exceeds the model's 32 positions"),
+        "SI without training": (
+            variant(base, importance_method="si", domains__0__training={"num_train_epochs": 0}),
+            "SI importances come from training",
+        ),
+        "eval_fraction too large": (
+            variant(base, domains__0__eval_fraction=0.999),
+            "eval_fraction=0.999 cannot split",
+        ),
+        "duplicate key": (tmp_path / "duplicate.yaml", "duplicate key 'seed' (line 2)"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["malformed YAML", "missing file", "missing column", "empty domain", "no label column", "one class",
+     "task the model cannot do", "unknown key", "typo in model.config", "blocks longer than the model",
+     "SI without training", "eval_fraction too large", "duplicate key"],
+)  # fmt: skip
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, case):
+    config, message = _bad_inputs(tmp_path)[case]
+    if isinstance(config, dict):
+        config = write_yaml(tmp_path / "bad.yaml", config)
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli(["train", str(config)], capsys)
+    assert rc == 2
+    assert message in err, err
+    assert err.startswith("hf-ewc train: error: ") and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "run").exists()
+
+
+GREEK = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny Llama with a trained BPE tokenizer, saved with save_pretrained, and a text file to evaluate on."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(GREEK) for _ in range(40)) for _ in range(60)]
+    with open(root / "text.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    tokenizer = train_tokenizer("causal_lm", iter(texts), 300)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root
+
+
+def test_cli_prunes_evaluates_exports_and_verifies(saved_model, tmp_path, capsys):
+    root = saved_model
+    argv = ["prune", str(root / "model"), "--sparsity", "0.5", "--criterion", "obd", "--data",
+            str(root / "text.jsonl"), "--max-length", "32", "--out", str(tmp_path / "p")]  # fmt: skip
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert "| parameter | shape |" in out and "evaluation (" in out and "verified by AutoModelForCausalLM" in out
+    report = json.loads((tmp_path / "p" / "pruning_report.json").read_text())
+    assert report["criterion"] == "obd" and report["importance_source"] == "collected on data (fisher)"
+    assert set(report["evaluation"]["before"]) >= {"loss", "perplexity"}
+    assert report["evaluation"]["after"]["loss"] != report["evaluation"]["before"]["loss"]
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "## Evaluation" in card and "| loss |" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    zeros = sum(int((p == 0).sum()) for n, p in reloaded.named_parameters() if n in report["layers"])
+    assert zeros == sum(v["zeros"] for v in report["layers"].values()) > 0
+
+
+def test_cli_uses_the_runs_own_ewc_state(tmp_path, capsys):
+    raw = make_config(tmp_path, num_train_epochs=1)
+    Pipeline(build_run_config(raw), print_fn=lambda *a: None).run_sequence()
+    run_dir = Path(raw["output_dir"])
+    rc, out, err = run_cli(["prune", str(run_dir), "--sparsity", "0.4", "--criterion", "fisher", "--out",
+                            str(tmp_path / "p")], capsys)  # fmt: skip
+    assert rc == 0, err
+    assert f"importances: the EWC state in {run_dir / 'ewc_state'}" in out
+    expected = AutoModelForCausalLM.from_pretrained(run_dir)
+    prune_model(expected, 0.4, criterion="fisher", importances=EWCState.load(run_dir / "ewc_state"),
+                show_progress=False)  # fmt: skip
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    for (n, p), (_, q) in zip(expected.named_parameters(), got.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def _cli_bad_inputs(root: Path, tmp: Path) -> dict:
+    (tmp / "exists").mkdir(exist_ok=True)
+    (tmp / "notamodel").mkdir(exist_ok=True)
+    (tmp / "notamodel" / "notes.txt").write_text("hello")
+    other = EWCState()
+    gpt2 = tiny_gpt2()
+    other.consolidate(gpt2, {n: torch.ones_like(p) for n, p in gpt2.named_parameters()}, domain="x")
+    other.save(tmp / "other_state")
+    model, out = str(root / "model"), str(tmp / "out")
+    return {
+        "missing model": ([str(tmp / "nope"), "--sparsity", "0.5", "--out", out], "does not exist"),
+        "not a model": ([str(tmp / "notamodel"), "--sparsity", "0.5", "--out", out], "cannot load a model from"),
+        "existing out": ([model, "--sparsity", "0.5", "--out", str(tmp / "exists")], "already exists"),
+        "sparsity": ([model, "--sparsity", "1.5", "--out", out], r"sparsity must be in [0, 1)"),
+        "criterion": ([model, "--sparsity", "0.5", "--criterion", "taylor", "--out", out], "choose one of: magnitude"),
+        "structure": ([model, "--sparsity", "0.5", "--structure", "rows", "--out", out], "Unknown structure 'rows'"),
+        "no importances": (
+            [model, "--sparsity", "0.5", "--criterion", "obd", "--out", out],
+            "needs fisher importances",
+        ),
+        "foreign importances": (
+            [
+                model,
+                "--sparsity",
+                "0.5",
+                "--criterion",
+                "fisher",
+                "--importances",
+                str(tmp / "other_state"),
+                "--out",
+                out,
+            ],
+            "from another model: parameter 'model.layers.0.self_attn.q_proj.weight'",
+        ),
+        "n:m": ([model, "--structure", "3:5", "--out", out], "needs the input dimension to be divisible by 5"),
+        "missing importances dir": (
+            [model, "--sparsity", "0.5", "--criterion", "mas", "--importances", str(tmp / "nodir"), "--out", out],
+            "importances directory",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing model", "not a model", "existing out", "sparsity", "criterion", "structure", "no importances",
+     "foreign importances", "n:m", "missing importances dir"],
+)  # fmt: skip
+def test_cli_bad_input_gives_one_line_exit_2_and_writes_nothing(saved_model, tmp_path, capsys, case):
+    argv, message = _cli_bad_inputs(saved_model, tmp_path)[case]
+    before, before_model = snapshot(tmp_path), snapshot(saved_model)
+    rc, _out, err = run_cli(["prune", *argv], capsys)
+    assert rc == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("hf-ewc prune: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert snapshot(tmp_path) == before and snapshot(saved_model) == before_model

@@ -20,7 +20,7 @@ import pytest
 import torch
 from mp_worker import collect_all, train_sequence
 from safetensors.torch import load_file
-from test_pipeline import make_config, run_cli, write_yaml
+from testing_utils import assert_tensors_close, make_config, run_cli, write_yaml
 
 from hf_ewc import EWCState
 
@@ -56,17 +56,7 @@ def ranks(out: Path) -> list[tuple[dict[str, torch.Tensor], dict]]:
 def assert_close_to(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float) -> float:
     """``max|Δ| ≤ rel · max|want|`` per tensor (tensors that are 0 up to rounding, like BERT's key bias whose Fisher
     is exactly 0 in theory, compared absolutely); returns the largest relative difference seen."""
-    assert set(got) == set(want)
-    worst = 0.0
-    for name, value in want.items():
-        scale = float(value.abs().max())
-        diff = float((got[name] - value).abs().max())
-        if scale < 1e-20:
-            assert diff < 1e-20, name
-            continue
-        worst = max(worst, diff / scale)
-        assert diff <= rel * scale, f"{name}: max |Δ| {diff:.3g} vs max |Ω| {scale:.3g}"
-    return worst
+    return assert_tensors_close(got, want, atol=rel, relative_to="tensor")
 
 
 def test_importances_of_two_processes_equal_one_process(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_pipeline import AUTO, make_config, run_cli, snapshot, write_yaml
+from testing_utils import AUTO, make_config, run_cli, snapshot, write_yaml
 from transformers import AutoTokenizer
 
 from hf_ewc import EWCState

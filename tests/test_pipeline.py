@@ -1,8 +1,8 @@
-"""`hf-ewc train` end to end on tiny models: every task type, resume after interruption, `--from`, bad input."""
+"""`hf-ewc train` end to end on tiny models (hf_ewc/pipeline/): every task type, resume after interruption, `--from`,
+an existing run, metrics, the `prune:` block."""
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,151 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-)
+from testing_utils import AUTO, assert_same_state, make_config, run_cli, snapshot, write_yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ewc import EWCState
-from hf_ewc.cli import main
-from hf_ewc.pipeline import Pipeline, build_run_config, config_differences, load_run_config
+from hf_ewc.pipeline import Pipeline, build_run_config, config_differences
 from hf_ewc.pipeline.data import DomainData
 from hf_ewc.trainer import EWCTrainer
-
-
-AUTO = {
-    "causal_lm": AutoModelForCausalLM,
-    "masked_lm": AutoModelForMaskedLM,
-    "sequence_classification": AutoModelForSequenceClassification,
-}
-MODEL_CONFIGS = {
-    "causal_lm": {
-        "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32,
-    },
-    "bert": {
-        "model_type": "bert", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-    },
-}  # fmt: skip
-WORDS = {
-    "animals": [
-        "cat",
-        "dog",
-        "horse",
-        "cow",
-        "sheep",
-        "goat",
-        "duck",
-        "goose",
-        "hen",
-        "fox",
-        "wolf",
-        "bear",
-        "deer",
-        "mouse",
-        "owl",
-    ],
-    "tools": [
-        "hammer",
-        "saw",
-        "drill",
-        "chisel",
-        "wrench",
-        "pliers",
-        "level",
-        "clamp",
-        "file",
-        "rasp",
-        "plane",
-        "awl",
-        "vise",
-        "anvil",
-    ],
-    "colours": [
-        "red",
-        "green",
-        "blue",
-        "cyan",
-        "magenta",
-        "yellow",
-        "black",
-        "white",
-        "grey",
-        "orange",
-        "purple",
-        "brown",
-        "pink",
-    ],
-}
-
-
-def write_domain(path: Path, words: list[str], n: int, seed: int) -> None:
-    """``n`` records of 12–20 words; the label says whether the first word sorts before the last."""
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            text = [rng.choice(words) for _ in range(rng.randint(12, 20))]
-            f.write(json.dumps({"text": " ".join(text), "label": int(text[0] < text[-1])}) + "\n")
-
-
-def make_config(tmp_path: Path, task: str = "causal_lm", domains=("animals", "tools"), **training) -> dict:
-    for i, name in enumerate(WORDS):
-        if not (tmp_path / f"{name}.jsonl").exists():
-            write_domain(tmp_path / f"{name}.jsonl", WORDS[name], 40, seed=i)
-    model_config = MODEL_CONFIGS["causal_lm" if task == "causal_lm" else "bert"]
-    raw = {
-        "task": task,
-        "model": {"config": dict(model_config), "tokenizer_vocab_size": 128, "max_length": 16},
-        "domains": [
-            {"name": d, "data_files": str(tmp_path / f"{d}.jsonl"), "max_samples": 24, "max_eval_samples": 8}
-            for d in domains
-        ],
-        "output_dir": str(tmp_path / "run"),
-        "seed": 0,
-        "num_train_epochs": 2,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 3e-3,
-        "ewc_lambda": 1e4,
-        "importance_max_samples": 8,
-        "importance_batch_size": 4,
-        "save_steps": 3,
-        "logging_steps": 2,
-        "disable_tqdm": True,
-        **training,
-    }
-    return raw
-
-
-def write_yaml(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_same_state(a: EWCState, b: EWCState, rtol: float = 1e-5, atol: float = 1e-7) -> None:
-    assert set(a.importances) == set(b.importances)
-    for name in a.importances:
-        torch.testing.assert_close(a.importances[name], b.importances[name], rtol=rtol, atol=atol)
-        torch.testing.assert_close(a.anchors[name], b.anchors[name], rtol=rtol, atol=atol)
-    assert [d["name"] for d in a.domains] == [d["name"] for d in b.domains]
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -346,126 +208,7 @@ def test_from_continues_with_the_old_importances(tmp_path, capsys):
     assert results["initial"]["loss"] == [pytest.approx(cell["loss"], rel=1e-6)]
 
 
-# ------------------------------------------------------------------------------------------------ config parsing
-def test_every_shipped_config_parses():
-    root = Path(__file__).resolve().parents[1]
-    paths = sorted((root / "configs").glob("*.yaml"))
-    assert paths, "configs/ holds no YAML"
-    for path in [None, *paths]:
-        run = load_run_config(path)
-        assert run.domains
-        if path is not None:
-            first = path.read_text().splitlines()[0]
-            assert first.startswith("# hf-ewc train ") and path.name in first, path
-
-
-def test_overrides_reach_the_config(tmp_path):
-    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
-    run = load_run_config(
-        config,
-        ["--ewc_lambda", "50", "--domains.1.max_samples=200", "--model.config.hidden_size", "32",
-         "--report_to", "none", "--ewc_mode", "proximal", "--domains.0.training", "{num_train_epochs: 5}"],
-    )  # fmt: skip
-    assert run.training["ewc_lambda"] == 50.0 and isinstance(run.training["ewc_lambda"], float)
-    assert run.domains[1].max_samples == 200
-    assert run.model.config["hidden_size"] == 32
-    assert run.training_args(0, "x").num_train_epochs == 5 and run.training_args(1, "x").num_train_epochs == 2
-    assert run.training_args(1, "x").ewc_mode == "proximal"
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["--ewc_lamda", "5"], "Unknown key 'ewc_lamda'; did you mean 'ewc_lambda'?"),
-        (["--domains.0.max_sample", "5"], "Unknown key 'domains.0.max_sample'; did you mean 'max_samples'?"),
-        (["--model.hidden_size", "5"], "valid keys: name_or_path, config, tokenizer"),
-        (["--domains.7.max_samples", "5"], "is not an index of a list of 2 item(s); use 0…1"),
-        (["--ewc_lambda", "lots"], "ewc_lambda must be float, got 'lots'"),
-        (["--num_train_epochs", "[1]"], "num_train_epochs must be float"),
-        (["--ewc_mode", "strong"], "ewc_mode must be one of 'stabilized', 'vanilla', 'proximal', 'off', got 'strong'"),
-        (["--ewc_lambda", "-1"], "ewc_lambda must be a finite number >= 0, got -1.0"),
-        (["--task", "translation"], "Unknown task 'translation'; choose one of: causal_lm, masked_lm"),
-        (["--ewc_lambda"], "has no value"),
-        (["--domains.0.training.learning_rat", "1"], "Unknown key 'domains.0.training.learning_rat'; did you mean"),
-    ],
-)
-def test_bad_overrides_are_named(tmp_path, capsys, overrides, message):
-    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
-    before = snapshot(tmp_path)
-    rc, _, err = run_cli(["train", str(config), *overrides], capsys)
-    assert rc == 2
-    assert message in err, err
-    assert len(err.strip().splitlines()) == 1
-    assert snapshot(tmp_path) == before
-
-
 # ------------------------------------------------------------------------------------------------ bad input
-def _bad_inputs(tmp_path: Path) -> dict:
-    base = make_config(tmp_path)
-    (tmp_path / "broken.yaml").write_text("task: causal_lm\ndomains:\n  - name: a\n   data_files: x\n")
-    (tmp_path / "duplicate.yaml").write_text("seed: 1\nseed: 2\n")
-    (tmp_path / "empty.jsonl").write_text('{"text": "   "}\n{"text": ""}\n')
-    (tmp_path / "one_class.jsonl").write_text(
-        "".join(json.dumps({"text": f"w{i} x y", "label": 1}) + "\n" for i in range(9))
-    )
-    cls = make_config(tmp_path, "sequence_classification")
-
-    def variant(raw, **changes):
-        raw = json.loads(json.dumps(raw))
-        for key, value in changes.items():
-            node = raw
-            *parents, last = key.split("__")
-            for part in parents:
-                node = node[int(part)] if isinstance(node, list) else node[part]
-            node[last] = value
-        return raw
-
-    return {
-        "malformed YAML": (tmp_path / "broken.yaml", "line 4"),
-        "missing file": (variant(base, domains__1__data_files="nope.jsonl"), "data file 'nope.jsonl' not found"),
-        "missing column": (
-            variant(base, domains__0__text_column="body"),
-            "column 'body' not found (columns: text, label)",
-        ),
-        "empty domain": (
-            variant(base, domains__1__data_files=str(tmp_path / "empty.jsonl")),
-            "0 non-empty text(s) in 2 row(s)",
-        ),
-        "no label column": (variant(cls, domains__0__label_column="stars"), "column 'stars' not found"),
-        "one class": (variant(cls, domains__1__data_files=str(tmp_path / "one_class.jsonl")), "has one class (1)"),
-        "task the model cannot do": (variant(base, task="masked_lm"), "model type 'llama' cannot do task 'masked_lm'"),
-        "unknown key": (variant(base, learning_rat=1.0), "did you mean 'learning_rate'"),
-        "typo in model.config": (variant(base, model__config__hiden_size=8), "'model.config.hiden_size'"),
-        "blocks longer than the model": (variant(base, model__max_length=64), "exceeds the model's 32 positions"),
-        "SI without training": (
-            variant(base, importance_method="si", domains__0__training={"num_train_epochs": 0}),
-            "SI importances come from training",
-        ),
-        "eval_fraction too large": (
-            variant(base, domains__0__eval_fraction=0.999),
-            "eval_fraction=0.999 cannot split",
-        ),
-        "duplicate key": (tmp_path / "duplicate.yaml", "duplicate key 'seed' (line 2)"),
-    }
-
-
-@pytest.mark.parametrize(
-    "case",
-    ["malformed YAML", "missing file", "missing column", "empty domain", "no label column", "one class",
-     "task the model cannot do", "unknown key", "typo in model.config", "blocks longer than the model",
-     "SI without training", "eval_fraction too large", "duplicate key"],
-)  # fmt: skip
-def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, case):
-    config, message = _bad_inputs(tmp_path)[case]
-    if isinstance(config, dict):
-        config = write_yaml(tmp_path / "bad.yaml", config)
-    before = snapshot(tmp_path)
-    rc, _, err = run_cli(["train", str(config)], capsys)
-    assert rc == 2
-    assert message in err, err
-    assert err.startswith("hf-ewc train: error: ") and len(err.strip().splitlines()) == 1
-    assert snapshot(tmp_path) == before
-    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -541,18 +284,6 @@ def test_domain_metric_from_a_local_evaluate_module(tmp_path, hf_logs):
     assert any("no-such-metric-offline" in r.getMessage() and "could not be loaded" in r.getMessage() for r in hf_logs)
 
 
-def test_missing_report_to_integration_is_named_before_anything_runs(tmp_path, capsys):
-    from transformers.integrations import get_available_reporting_integrations
-
-    if "tensorboard" in get_available_reporting_integrations():
-        pytest.skip("tensorboard is installed here")
-    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
-    before = snapshot(tmp_path)
-    rc, _, err = run_cli(["train", str(config), "--report_to", "tensorboard"], capsys)
-    assert rc == 2 and "report_to 'tensorboard' is not installed" in err and "report_to: none" in err
-    assert snapshot(tmp_path) == before
-
-
 def test_embedded_default_runs_from_any_directory(tmp_path):
     """`hf-ewc train` with no config uses the packaged default (shrunk here with overrides to run in seconds)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -573,44 +304,43 @@ def test_embedded_default_runs_from_any_directory(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
-@pytest.mark.parametrize(
-    "env,kind",
-    [
-        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "DeepSpeed ZeRO-3"),
-    ],
-    ids=["fsdp", "zero3-stage", "zero3-config-file"],
-)
-def test_sharded_launch_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, env, kind):
-    """What `accelerate launch` with an FSDP or ZeRO-3 config sets in the environment (a `deepspeed_config_file:`
-    sets only the file's path)."""
-    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}))
-    for key, value in env.items():
-        monkeypatch.setenv(key, str(tmp_path / value) if value.endswith(".json") else value)
-    before = snapshot(tmp_path)
-    rc, _, err = run_cli(["train", str(config)], capsys)
-    assert rc == 2 and f"hf-ewc train: error: EWC over sharded parameters ({kind}) is not supported" in err, err
-    assert "configs/accelerate/multi_gpu.yaml" in err and len(err.strip().splitlines()) == 1
-    assert snapshot(tmp_path) == before
+# ------------------------------------------------------------------------------------------------ prune: block
+@pytest.mark.parametrize("structure", ["unstructured", "ffn"])
+def test_pipeline_prunes_after_a_domain_and_keeps_the_sparsity(tmp_path, structure):
+    raw = make_config(tmp_path, num_train_epochs=2)
+    raw["prune"] = {"after": "animals", "sparsity": 0.5, "criterion": "obd", "structure": structure}
+    results = Pipeline(build_run_config(raw), print_fn=lambda *a: None).run_sequence()
+    pruning = results["pruning"]
+    assert pruning["after"] == "animals" and pruning["report"]["structure"] == structure
+    assert results["matrix"]["loss"][0] != [pruning["row_before"][n]["loss"] for n in results["domains"]]
+    run_dir = Path(raw["output_dir"])
+    final = AutoModelForCausalLM.from_pretrained(run_dir)
+    state = EWCState.load(run_dir / "ewc_state")
+    assert state.validate(final) == []
+    params = dict(final.named_parameters())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["sparsity_config"]["criterion"] == "obd"
+    card = (run_dir / "README.md").read_text()
+    assert "- pruned" in card and "Pruned after animals" in card
+    if structure == "ffn":
+        assert config["intermediate_size"] == 16 and params["model.layers.0.mlp.up_proj.weight"].shape == (16, 16)
+    else:  # trained on "tools" after pruning, and still exactly as sparse
+        for name, info in pruning["report"]["layers"].items():
+            assert int((params[name] == 0).sum()) == info["zeros"], name
+        assert results["matrix"]["loss"][1] != results["matrix"]["loss"][0]
 
 
-def test_accelerate_configs_open_with_their_command():
-    root = Path(__file__).resolve().parents[1]
-    expected = {"cpu_2proc": "MULTI_GPU", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
-    for name, distributed_type in expected.items():
-        path = root / "configs" / "accelerate" / f"{name}.yaml"
-        first = path.read_text().splitlines()[0]
-        command = f"accelerate launch --config_file configs/accelerate/{name}.yaml -m hf_ewc train configs/"
-        assert first.startswith("# ") and command in first, first
-        assert (root / first.split()[-1]).is_file(), first  # the hf-ewc config it runs exists
-        config = yaml.safe_load(path.read_text())
-        assert config["distributed_type"] == distributed_type and config["num_processes"] == 2
-    assert yaml.safe_load((root / "configs/accelerate/cpu_2proc.yaml").read_text())["use_cpu"] is True
-    assert (
-        yaml.safe_load((root / "configs/accelerate/deepspeed_zero2.yaml").read_text())["deepspeed_config"][
-            "zero_stage"
-        ]
-        == 2
-    )
+def test_a_pruned_run_keeps_its_zeros_when_continued_with_from(tmp_path):
+    first = make_config(tmp_path, num_train_epochs=1)
+    first["prune"] = {"sparsity": 0.6}  # after the last domain, by magnitude
+    Pipeline(build_run_config(first), print_fn=lambda *a: None).run_sequence()
+    old_dir = Path(first["output_dir"])
+    old = dict(AutoModelForCausalLM.from_pretrained(old_dir).named_parameters())
+    second = make_config(tmp_path, domains=("colours",), num_train_epochs=2)
+    second["output_dir"] = str(tmp_path / "run2")
+    Pipeline(build_run_config(second), from_dir=str(old_dir), print_fn=lambda *a: None).run_sequence()
+    new = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "run2").named_parameters())
+    report = json.loads((old_dir / "results.json").read_text())["pruning"]["report"]
+    for name in report["layers"]:
+        assert torch.equal(new[name] == 0, old[name] == 0), name
+        assert not torch.equal(new[name], old[name]), name

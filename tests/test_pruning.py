@@ -1,14 +1,13 @@
 """The pruner: exact masks for every criterion and structure, physical removal equal to zeroing, export → reload
-verified for BERT (MLM, classifier), GPT-2 and Llama, masks kept through training, the CLI and its bad inputs."""
+verified for BERT (MLM, classifier), GPT-2 and Llama, masks kept through training, bad arguments (hf_ewc/pruning/,
+hf_ewc/sparsity.py). `hf-ewc prune` is tested in test_cli.py, the `prune:` block in test_pipeline.py."""
 
 import copy
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import make_config, snapshot
 from testing_utils import VOCAB, lm_samples, tiny_bert_classifier, tiny_bert_mlm, tiny_gpt2, tiny_llama
 from transformers import (
     AutoModelForCausalLM,
@@ -16,17 +15,10 @@ from transformers import (
     AutoModelForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
-    Trainer,
-    TrainingArguments,
 )
 
-from hf_ewc import EWCConfig, EWCState, EWCTrainer, collect_importance
-from hf_ewc.cli import main
-from hf_ewc.pipeline import Pipeline, build_run_config
-from hf_ewc.pipeline.config_io import yaml_load
-from hf_ewc.pipeline.prepare import train_tokenizer
+from hf_ewc import EWCState, collect_importance
 from hf_ewc.pruning import (
-    KeepSparsityCallback,
     PruneReport,
     export_pruned,
     prune_model,
@@ -348,73 +340,6 @@ def test_push_to_hub_uploads_the_verified_folder(tmp_path, monkeypatch):
     assert "pruning_report.json" in calls[1][2] and result["pushed_to"] == "me/tiny-pruned"
 
 
-# ------------------------------------------------------------------------------------------------ keeping the masks
-def _train(trainer_cls, model, tmp_path, callbacks, **ewc):
-    args = {"output_dir": str(tmp_path / "t"), "per_device_train_batch_size": 4, "num_train_epochs": 3,
-            "learning_rate": 5e-2, "report_to": "none", "save_strategy": "no", "disable_tqdm": True,
-            "use_cpu": True}  # fmt: skip
-    if trainer_cls is EWCTrainer:
-        trainer = EWCTrainer(model=model, args=EWCConfig(**args, **ewc.pop("config", {})), callbacks=callbacks,
-                             train_dataset=lm_samples(16, seed=5), **ewc)  # fmt: skip
-    else:
-        trainer = Trainer(model=model, args=TrainingArguments(**args), callbacks=callbacks,
-                          train_dataset=lm_samples(16, seed=5))  # fmt: skip
-    trainer.train()
-    return trainer
-
-
-@pytest.mark.parametrize("setup", ["trainer", "stabilized", "proximal_si"])
-def test_pruned_weights_stay_zero_through_training(tmp_path, setup):
-    model = tiny_llama()
-    # An EWC state anchored at the unpruned weights: its penalty (and the proximal step) pull pruned weights back
-    # towards non-zero anchors, the strongest test of the order of operations.
-    state = EWCState()
-    state.consolidate(model, collect_importance(model, lm_samples(8), "fisher", show_progress=False), domain="a")
-    report = prune_model(model, 0.5, show_progress=False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    old_importances = {n: t.clone() for n, t in state.importances.items()}
-    callback = KeepSparsityCallback(report.masks)
-    applied = []
-    real_apply = callback.apply
-    callback.apply = lambda m, **kw: (applied.append(1), real_apply(m, **kw))[1]
-    if setup == "trainer":
-        trainer = _train(Trainer, model, tmp_path, [callback])
-    elif setup == "stabilized":
-        trainer = _train(EWCTrainer, model, tmp_path, [callback], ewc_state=state, config={"ewc_lambda": 1e4})
-    else:
-        config = {"ewc_lambda": 1e4, "ewc_mode": "proximal", "importance_method": "si"}
-        trainer = _train(EWCTrainer, model, tmp_path, [callback], ewc_state=state, config=config)
-    params = dict(model.named_parameters())
-    for name, mask in report.masks.items():
-        assert torch.equal(params[name] == 0, ~mask), name  # no regrowth, and the kept weights are not stuck at 0
-        assert not torch.equal(params[name], before[name]), name  # they trained
-    assert len(applied) == 1 + trainer.state.global_step  # at train begin, then once per optimizer step
-    if setup == "proximal_si":  # SI saw no movement of the pruned weights: their path integral is exactly 0
-        new_state = trainer.consolidate(domain="b")  # Ω = Ω_fisher + Ω_si
-        for name, mask in report.masks.items():
-            si = new_state.importances[name] - old_importances[name]
-            assert float(si[~mask].abs().max()) == 0.0 and float(si[mask].abs().max()) > 0.0
-
-
-def test_from_zeros_reads_the_exported_sparsity_config(tmp_path):
-    model = tiny_bert_mlm()
-    report = prune_model(model, 0.5, structure="heads", show_progress=False)  # zeroes biases too
-    export_pruned(model, tmp_path / "out", report)
-    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "out")
-    callback = KeepSparsityCallback.from_zeros(reloaded)
-    assert set(callback.masks) == set(report.layers) and any(n.endswith(".bias") for n in callback.masks)
-    for name, mask in report.masks.items():  # every weight the pruner removed is held at zero
-        assert bool((~callback.masks[name])[~mask].all()), name
-
-
-def test_without_the_callback_pruned_weights_regrow(tmp_path):
-    model = tiny_llama()
-    report = prune_model(model, 0.5, show_progress=False)
-    _train(Trainer, model, tmp_path, [])
-    name = next(iter(report.masks))
-    assert int((dict(model.named_parameters())[name] == 0).sum()) < int((~report.masks[name]).sum())
-
-
 def test_apply_to_state_zeroes_anchors_and_cuts_removed_rows():
     model = tiny_llama()
     state = EWCState()
@@ -488,198 +413,3 @@ def test_n_m_on_a_dimension_not_divisible_by_m_is_named():
     with pytest.raises(HfEwcError, match=r"2:4 sparsity needs the input dimension to be divisible by 4, but "
                                          r"'model.layers.0.self_attn.q_proj.weight' has 18 inputs"):  # fmt: skip
         prune_model(model, None, structure="2:4", show_progress=False)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-    "rho",
-    "sigma",
-    "tau",
-]
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    """A tiny Llama with a trained BPE tokenizer, saved with save_pretrained, and a text file to evaluate on."""
-    root = tmp_path_factory.mktemp("cli")
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(60)]
-    with open(root / "text.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-    tokenizer = train_tokenizer("causal_lm", iter(texts), 300)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root
-
-
-def run_cli(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_cli_prunes_evaluates_exports_and_verifies(saved_model, tmp_path, capsys):
-    root = saved_model
-    argv = ["prune", str(root / "model"), "--sparsity", "0.5", "--criterion", "obd", "--data",
-            str(root / "text.jsonl"), "--max-length", "32", "--out", str(tmp_path / "p")]  # fmt: skip
-    rc, out, err = run_cli(argv, capsys)
-    assert rc == 0, err
-    assert "| parameter | shape |" in out and "evaluation (" in out and "verified by AutoModelForCausalLM" in out
-    report = json.loads((tmp_path / "p" / "pruning_report.json").read_text())
-    assert report["criterion"] == "obd" and report["importance_source"] == "collected on data (fisher)"
-    assert set(report["evaluation"]["before"]) >= {"loss", "perplexity"}
-    assert report["evaluation"]["after"]["loss"] != report["evaluation"]["before"]["loss"]
-    card = (tmp_path / "p" / "README.md").read_text()
-    assert "## Evaluation" in card and "| loss |" in card
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
-    zeros = sum(int((p == 0).sum()) for n, p in reloaded.named_parameters() if n in report["layers"])
-    assert zeros == sum(v["zeros"] for v in report["layers"].values()) > 0
-
-
-def test_cli_uses_the_runs_own_ewc_state(tmp_path, capsys):
-    raw = make_config(tmp_path, num_train_epochs=1)
-    Pipeline(build_run_config(raw), print_fn=lambda *a: None).run_sequence()
-    run_dir = Path(raw["output_dir"])
-    rc, out, err = run_cli(["prune", str(run_dir), "--sparsity", "0.4", "--criterion", "fisher", "--out",
-                            str(tmp_path / "p")], capsys)  # fmt: skip
-    assert rc == 0, err
-    assert f"importances: the EWC state in {run_dir / 'ewc_state'}" in out
-    expected = AutoModelForCausalLM.from_pretrained(run_dir)
-    prune_model(expected, 0.4, criterion="fisher", importances=EWCState.load(run_dir / "ewc_state"),
-                show_progress=False)  # fmt: skip
-    got = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
-    for (n, p), (_, q) in zip(expected.named_parameters(), got.named_parameters()):
-        assert torch.equal(p, q), n
-
-
-def _cli_bad_inputs(root: Path, tmp: Path) -> dict:
-    (tmp / "exists").mkdir(exist_ok=True)
-    (tmp / "notamodel").mkdir(exist_ok=True)
-    (tmp / "notamodel" / "notes.txt").write_text("hello")
-    other = EWCState()
-    gpt2 = tiny_gpt2()
-    other.consolidate(gpt2, {n: torch.ones_like(p) for n, p in gpt2.named_parameters()}, domain="x")
-    other.save(tmp / "other_state")
-    model, out = str(root / "model"), str(tmp / "out")
-    return {
-        "missing model": ([str(tmp / "nope"), "--sparsity", "0.5", "--out", out], "does not exist"),
-        "not a model": ([str(tmp / "notamodel"), "--sparsity", "0.5", "--out", out], "cannot load a model from"),
-        "existing out": ([model, "--sparsity", "0.5", "--out", str(tmp / "exists")], "already exists"),
-        "sparsity": ([model, "--sparsity", "1.5", "--out", out], r"sparsity must be in [0, 1)"),
-        "criterion": ([model, "--sparsity", "0.5", "--criterion", "taylor", "--out", out], "choose one of: magnitude"),
-        "structure": ([model, "--sparsity", "0.5", "--structure", "rows", "--out", out], "Unknown structure 'rows'"),
-        "no importances": (
-            [model, "--sparsity", "0.5", "--criterion", "obd", "--out", out],
-            "needs fisher importances",
-        ),
-        "foreign importances": (
-            [
-                model,
-                "--sparsity",
-                "0.5",
-                "--criterion",
-                "fisher",
-                "--importances",
-                str(tmp / "other_state"),
-                "--out",
-                out,
-            ],
-            "from another model: parameter 'model.layers.0.self_attn.q_proj.weight'",
-        ),
-        "n:m": ([model, "--structure", "3:5", "--out", out], "needs the input dimension to be divisible by 5"),
-        "missing importances dir": (
-            [model, "--sparsity", "0.5", "--criterion", "mas", "--importances", str(tmp / "nodir"), "--out", out],
-            "importances directory",
-        ),
-    }
-
-
-@pytest.mark.parametrize(
-    "case",
-    ["missing model", "not a model", "existing out", "sparsity", "criterion", "structure", "no importances",
-     "foreign importances", "n:m", "missing importances dir"],
-)  # fmt: skip
-def test_cli_bad_input_gives_one_line_exit_2_and_writes_nothing(saved_model, tmp_path, capsys, case):
-    argv, message = _cli_bad_inputs(saved_model, tmp_path)[case]
-    before, before_model = snapshot(tmp_path), snapshot(saved_model)
-    rc, _out, err = run_cli(["prune", *argv], capsys)
-    assert rc == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("hf-ewc prune: error:")]
-    assert len(lines) == 1 and message in lines[0], err
-    assert snapshot(tmp_path) == before and snapshot(saved_model) == before_model
-
-
-# ------------------------------------------------------------------------------------------------ pipeline prune:
-def test_yaml_keeps_n_m_as_a_string():
-    assert yaml_load("structure: 2:4\nx: 1e-3\ny: off\nz: 12") == {"structure": "2:4", "x": 1e-3, "y": "off", "z": 12}
-
-
-@pytest.mark.parametrize("structure", ["unstructured", "ffn"])
-def test_pipeline_prunes_after_a_domain_and_keeps_the_sparsity(tmp_path, structure):
-    raw = make_config(tmp_path, num_train_epochs=2)
-    raw["prune"] = {"after": "animals", "sparsity": 0.5, "criterion": "obd", "structure": structure}
-    results = Pipeline(build_run_config(raw), print_fn=lambda *a: None).run_sequence()
-    pruning = results["pruning"]
-    assert pruning["after"] == "animals" and pruning["report"]["structure"] == structure
-    assert results["matrix"]["loss"][0] != [pruning["row_before"][n]["loss"] for n in results["domains"]]
-    run_dir = Path(raw["output_dir"])
-    final = AutoModelForCausalLM.from_pretrained(run_dir)
-    state = EWCState.load(run_dir / "ewc_state")
-    assert state.validate(final) == []
-    params = dict(final.named_parameters())
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["sparsity_config"]["criterion"] == "obd"
-    card = (run_dir / "README.md").read_text()
-    assert "- pruned" in card and "Pruned after animals" in card
-    if structure == "ffn":
-        assert config["intermediate_size"] == 16 and params["model.layers.0.mlp.up_proj.weight"].shape == (16, 16)
-    else:  # trained on "tools" after pruning, and still exactly as sparse
-        for name, info in pruning["report"]["layers"].items():
-            assert int((params[name] == 0).sum()) == info["zeros"], name
-        assert results["matrix"]["loss"][1] != results["matrix"]["loss"][0]
-
-
-def test_prune_block_is_checked_before_anything_runs(tmp_path):
-    raw = make_config(tmp_path)
-    raw["prune"] = {"sparsity": 0.5, "criterion": "mas"}
-    with pytest.raises(HfEwcError, match="prune.criterion 'mas' needs mas importances, but domains.0"):
-        build_run_config(raw)
-    raw["prune"] = {"sparsity": 0.5, "after": "birds"}
-    with pytest.raises(HfEwcError, match="prune.after 'birds' is not a domain; choose one of: animals, tools"):
-        build_run_config(raw)
-    assert not Path(raw["output_dir"]).exists()
-
-
-def test_a_pruned_run_keeps_its_zeros_when_continued_with_from(tmp_path):
-    first = make_config(tmp_path, num_train_epochs=1)
-    first["prune"] = {"sparsity": 0.6}  # after the last domain, by magnitude
-    Pipeline(build_run_config(first), print_fn=lambda *a: None).run_sequence()
-    old_dir = Path(first["output_dir"])
-    old = dict(AutoModelForCausalLM.from_pretrained(old_dir).named_parameters())
-    second = make_config(tmp_path, domains=("colours",), num_train_epochs=2)
-    second["output_dir"] = str(tmp_path / "run2")
-    Pipeline(build_run_config(second), from_dir=str(old_dir), print_fn=lambda *a: None).run_sequence()
-    new = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "run2").named_parameters())
-    report = json.loads((old_dir / "results.json").read_text())["pruning"]["report"]
-    for name in report["layers"]:
-        assert torch.equal(new[name] == 0, old[name] == 0), name
-        assert not torch.equal(new[name], old[name]), name

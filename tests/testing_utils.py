@@ -1,10 +1,19 @@
-"""Tiny models built from config and tiny datasets: no downloads, milliseconds per step."""
+"""What the tests share: tiny models built from config, tiny datasets, run configs over shipped-like text domains,
+the CLI runner, file-tree snapshots and the one tensor-dict comparison. No downloads, milliseconds per step."""
 
 import itertools
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -13,6 +22,9 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from hf_ewc import EWCState
+from hf_ewc.cli import main
 
 
 VOCAB = 40
@@ -106,3 +118,162 @@ def vec_samples(n: int = 32, *, seed: int = 0, dim: int = 6, num_labels: int = 4
     x = torch.randn(n, dim, generator=g)
     y = torch.randint(0, num_labels, (n,), generator=g)
     return [{"pixel_values": x[i], "labels": y[i]} for i in range(n)]
+
+
+AUTO = {
+    "causal_lm": AutoModelForCausalLM,
+    "masked_lm": AutoModelForMaskedLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+}
+
+
+MODEL_CONFIGS = {
+    "causal_lm": {
+        "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32,
+    },
+    "bert": {
+        "model_type": "bert", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
+}  # fmt: skip
+
+
+WORDS = {
+    "animals": [
+        "cat",
+        "dog",
+        "horse",
+        "cow",
+        "sheep",
+        "goat",
+        "duck",
+        "goose",
+        "hen",
+        "fox",
+        "wolf",
+        "bear",
+        "deer",
+        "mouse",
+        "owl",
+    ],
+    "tools": [
+        "hammer",
+        "saw",
+        "drill",
+        "chisel",
+        "wrench",
+        "pliers",
+        "level",
+        "clamp",
+        "file",
+        "rasp",
+        "plane",
+        "awl",
+        "vise",
+        "anvil",
+    ],
+    "colours": [
+        "red",
+        "green",
+        "blue",
+        "cyan",
+        "magenta",
+        "yellow",
+        "black",
+        "white",
+        "grey",
+        "orange",
+        "purple",
+        "brown",
+        "pink",
+    ],
+}
+
+
+def write_domain(path: Path, words: list[str], n: int, seed: int) -> None:
+    """``n`` records of 12–20 words; the label says whether the first word sorts before the last."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            text = [rng.choice(words) for _ in range(rng.randint(12, 20))]
+            f.write(json.dumps({"text": " ".join(text), "label": int(text[0] < text[-1])}) + "\n")
+
+
+def make_config(tmp_path: Path, task: str = "causal_lm", domains=("animals", "tools"), **training) -> dict:
+    for i, name in enumerate(WORDS):
+        if not (tmp_path / f"{name}.jsonl").exists():
+            write_domain(tmp_path / f"{name}.jsonl", WORDS[name], 40, seed=i)
+    model_config = MODEL_CONFIGS["causal_lm" if task == "causal_lm" else "bert"]
+    raw = {
+        "task": task,
+        "model": {"config": dict(model_config), "tokenizer_vocab_size": 128, "max_length": 16},
+        "domains": [
+            {"name": d, "data_files": str(tmp_path / f"{d}.jsonl"), "max_samples": 24, "max_eval_samples": 8}
+            for d in domains
+        ],
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 3e-3,
+        "ewc_lambda": 1e4,
+        "importance_max_samples": 8,
+        "importance_batch_size": 4,
+        "save_steps": 3,
+        "logging_steps": 2,
+        "disable_tqdm": True,
+        **training,
+    }
+    return raw
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_tensors_close(
+    got: Mapping[str, torch.Tensor],
+    want: Mapping[str, torch.Tensor],
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    relative_to: str | None = None,
+) -> float:
+    """The one comparison of name → tensor dicts: the same names, then `torch.testing.assert_close` per tensor.
+
+    ``relative_to="tensor"`` / ``"all"`` scales ``atol`` by the largest |want| of the tensor / of all tensors, for
+    tolerances relative to a tensor's magnitude (a tensor that is 0 in ``want`` must then be 0 up to 1e-20).
+    Returns the largest ``max|got − want| / max|want|`` seen, for reporting."""
+    assert set(got) == set(want), sorted(set(got) ^ set(want))[:5]
+    overall = max((float(v.abs().max()) for v in want.values() if v.numel()), default=0.0)
+    worst = 0.0
+    for name, value in want.items():
+        scale = {"tensor": float(value.abs().max()) if value.numel() else 0.0, "all": overall, None: 1.0}[relative_to]
+        tolerance = max(atol * scale, 1e-20) if relative_to else atol
+        torch.testing.assert_close(got[name], value, rtol=rtol, atol=tolerance, msg=lambda m, n=name: f"{n}: {m}")
+        if scale >= 1e-20:  # a tensor that is 0 up to rounding has no relative difference
+            worst = max(worst, float((got[name].float() - value.float()).abs().max()) / scale)
+    return worst
+
+
+def assert_same_state(a: EWCState, b: EWCState, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    assert_tensors_close(a.importances, b.importances, rtol=rtol, atol=atol)
+    assert_tensors_close(a.anchors, b.anchors, rtol=rtol, atol=atol)
+    assert [d["name"] for d in a.domains] == [d["name"] for d in b.domains]

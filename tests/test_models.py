@@ -1,0 +1,122 @@
+"""The tables of hf_ewc/models.py (task ↔ Auto class, FFN and attention layouts, default targets) and the helpers of
+hf_ewc/utils.py and hf_ewc/distributed.py that the layers below everything share."""
+
+import pytest
+from testing_utils import MLP, tiny_bert_classifier, tiny_bert_mlm, tiny_gpt2, tiny_llama
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    LlamaConfig,
+)
+
+from hf_ewc import HfEwcError
+from hf_ewc.distributed import sharding_refusal, trainable_parameters
+from hf_ewc.models import (
+    TASKS,
+    attention_layout,
+    auto_class_for,
+    auto_model_class,
+    check_max_length,
+    check_task,
+    default_targets,
+    ffn_layout,
+    find_blocks,
+    model_shifts_labels,
+    pipeline_tag,
+    task_of_auto_class,
+)
+from hf_ewc.utils import atomic_directory, error_line
+
+
+def test_task_table_round_trips():
+    assert TASKS == ("causal_lm", "masked_lm", "sequence_classification")
+    expected = {
+        "causal_lm": (AutoModelForCausalLM, "text-generation"),
+        "masked_lm": (AutoModelForMaskedLM, "fill-mask"),
+        "sequence_classification": (AutoModelForSequenceClassification, "text-classification"),
+    }
+    for task, (auto, tag) in expected.items():
+        assert auto_model_class(task) is auto
+        assert task_of_auto_class(auto.__name__) == task
+        assert pipeline_tag(task) == pipeline_tag(auto.__name__) == tag
+    assert auto_class_for("LlamaForCausalLM") is AutoModelForCausalLM
+    assert auto_class_for("BertForSequenceClassification") is AutoModelForSequenceClassification
+    assert auto_class_for("BertModel") is AutoModel and task_of_auto_class("AutoModel") is None
+    assert auto_class_for("NoSuchModel") is None
+
+
+def test_check_task_says_what_the_model_can_do():
+    check_task("masked_lm", BertConfig(), "m")
+    with pytest.raises(
+        HfEwcError, match="model type 'llama' cannot do task 'masked_lm'; this model can do: causal_lm"
+    ):
+        check_task("masked_lm", LlamaConfig(), "m")
+    check_max_length(LlamaConfig(max_position_embeddings=32), 32, "m")
+    with pytest.raises(HfEwcError, match="m: model.max_length=33 exceeds the model's 32 positions"):
+        check_max_length(LlamaConfig(max_position_embeddings=32), 33, "m")
+
+
+def test_causal_models_shift_their_labels():
+    assert model_shifts_labels(tiny_llama()) and model_shifts_labels(tiny_gpt2())
+    assert not model_shifts_labels(tiny_bert_mlm()) and not model_shifts_labels(tiny_bert_classifier())
+
+
+@pytest.mark.parametrize(
+    "build,blocks,ffn,attention",
+    [
+        (tiny_llama, "model.layers", ("mlp.gate_proj", "mlp.up_proj"), "self_attn"),
+        (tiny_bert_mlm, "bert.encoder.layer", ("intermediate.dense",), "attention"),
+        (tiny_gpt2, "transformer.h", ("mlp.c_fc",), "attn"),
+    ],
+)
+def test_layout_tables_find_blocks_ffn_and_heads(build, blocks, ffn, attention):
+    model = build()
+    prefix, found = find_blocks(model)
+    assert prefix == blocks and len(found) == 2
+    assert ffn_layout(found[0]).inputs == ffn
+    assert attention_layout(found[0]).path == attention
+    targets = default_targets(model)
+    assert targets and all(n.startswith(blocks) and n.endswith(".weight") for n in targets)
+    assert all(p.ndim == 2 for p in targets.values())
+    assert ffn_layout(MLP()) is None and attention_layout(MLP()) is None
+    with pytest.raises(HfEwcError, match="has no list of transformer blocks"):
+        find_blocks(MLP())
+
+
+def test_trainable_parameters_and_the_sharding_refusal():
+    model = MLP()
+    model.net[0].weight.requires_grad_(False)
+    assert list(trainable_parameters(model)) == [
+        "net.0.bias",
+        "net.2.weight",
+        "net.2.bias",
+        "net.4.weight",
+        "net.4.bias",
+    ]
+    model.net[2].weight.ds_id = 3  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(HfEwcError, match=r"sharded parameters \('net.2.weight' is a DeepSpeed ZeRO-3 shard\)"):
+        trainable_parameters(model)
+    assert "configs/accelerate/multi_gpu.yaml" in str(sharding_refusal("FSDP"))
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    target = tmp_path / "stage"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]  # no temporary folder left
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
+def test_error_line_is_the_first_line_or_the_type():
+    assert error_line(ValueError("first\nsecond")) == "first"
+    assert error_line(KeyError()) == "KeyError"
