@@ -57,8 +57,8 @@ from pathlib import Path
 import datasets
 import transformers
 
-from hf_ewc.config import build_run_config, default_config_path, read_yaml
-from hf_ewc.pipeline import Pipeline
+from hf_ewc.pipeline import Pipeline, build_run_config, default_config_path
+from hf_ewc.pipeline.config_io import read_yaml
 from hf_ewc.utils import versions
 
 

@@ -74,10 +74,11 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hf_ewc import EWCConfig, EWCTrainer
-from hf_ewc.config import build_run_config, default_config_path, read_yaml
-from hf_ewc.data import build_model, load_raw_domain, tokenize_domain, train_tokenizer
 from hf_ewc.importance import collect_importance
-from hf_ewc.pipeline import evaluate_model
+from hf_ewc.pipeline import build_run_config, default_config_path, evaluate_model
+from hf_ewc.pipeline.config_io import read_yaml
+from hf_ewc.pipeline.data import load_raw_domain, tokenize_domain
+from hf_ewc.pipeline.prepare import build_model, train_tokenizer
 from hf_ewc.pruning import export_pruned, prune_model, select_targets
 from hf_ewc.utils import versions
 
