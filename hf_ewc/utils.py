@@ -1,6 +1,7 @@
 """Small shared helpers: the library logger and error type, version stamps, atomic writes of files and folders."""
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -75,6 +76,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _mode(base: int) -> int:
+    """``base`` (0o666 for files, 0o777 for folders) under the process's umask: what ``open`` / ``mkdir`` would give,
+    where ``mkstemp`` / ``mkdtemp`` give 0o600 / 0o700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically (``os.replace``).
@@ -85,6 +94,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _mode(0o666))
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -102,11 +112,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     Whatever was at ``path`` is removed just before the rename (callers decide beforehand whether it may be
     replaced). On failure the temporary folder is removed and ``path`` is left as it was. A process killed inside
-    the block leaves a hidden ``.<name>.*.tmp`` folder, never a half-written ``path``.
+    the block leaves a hidden ``.<name>.*.tmp`` folder, never a half-written ``path``; the next call for the same
+    ``path`` removes it (one writer per ``path`` is assumed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _mode(0o777))
     try:
         yield tmp
         if path.is_dir():
