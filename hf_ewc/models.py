@@ -128,7 +128,8 @@ LINEAR_TYPES = (nn.Linear, Conv1D)  # GPT-2's Conv1D computes z = a·W + b with 
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    return isinstance(module, Conv1D)
+    """GPT-2's ``Conv1D`` (weight stored [in, out]), or a remote-code copy of it (same name, same ``nf``)."""
+    return isinstance(module, Conv1D) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
 def neuron_dim(module: nn.Module, role: str) -> int:

@@ -43,6 +43,11 @@ class KeepSparsityCallback(TrainerCallback):
             sparsity = getattr(getattr(model, "config", None), "sparsity_config", None)
             listed = sparsity.get("per_layer_sparsity") if isinstance(sparsity, dict) else None
             names = list(listed) if listed else list(default_targets(model))
+            if not names:
+                raise HfEwcError(
+                    f"KeepSparsityCallback.from_zeros: {type(model).__name__} has no sparsity_config and no default "
+                    "targets (Linear weights inside transformer blocks); pass names=[...] of the pruned parameters."
+                )
         names = list(names)
         unknown = [n for n in names if n not in params]
         if unknown:

@@ -18,7 +18,7 @@ from transformers.training_args import trainer_log_levels
 
 from .config import EWCConfig
 from .distributed import check_world_size, sharded_setup, sharding_refusal, trainable_parameters
-from .importance import SI_STATE_NAME, ImportanceResult, SIAccumulator, collect_importance
+from .importance import SI_STATE_NAME, CollectionSpec, ImportanceResult, SIAccumulator, collect
 from .penalty import Penalty
 from .sparsity import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState
@@ -62,9 +62,7 @@ def _collect(args: EWCConfig, model: nn.Module, data, data_collator) -> Importan
             "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
             "train_dataset."
         )
-    return collect_importance(
-        model,
-        _subsample(data, args.importance_max_samples, args.seed) if data is not None else None,
+    spec = CollectionSpec(
         args.importance_method,
         estimator=args.fisher_estimator,
         max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,
@@ -72,8 +70,9 @@ def _collect(args: EWCConfig, model: nn.Module, data, data_collator) -> Importan
         data_collator=data_collator,
         seed=args.seed,
         show_progress=not args.disable_tqdm,
-        **({"output": args.mas_output} if args.importance_method == "mas" else {}),
+        options={"output": args.mas_output} if args.importance_method == "mas" else {},
     )
+    return collect(model, _subsample(data, args.importance_max_samples, args.seed) if data is not None else None, spec)
 
 
 def _as_ewc_config(args: TrainingArguments | None) -> EWCConfig:
@@ -122,8 +121,7 @@ class EWCTrainer(Trainer):
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, model_init, compute_loss_func,
         compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for `transformers.Trainer`. A plain `TrainingArguments` is upgraded to [`EWCConfig`] with default EWC
-            settings.
+            As for `transformers.Trainer`; a plain `TrainingArguments` becomes an [`EWCConfig`] (default EWC settings).
         ewc_state ([`EWCState`] or `str`, *optional*):
             What earlier domains left behind (or a directory holding ``ewc_state.safetensors``). Without it, or before
             the first consolidation, the penalty is 0.
@@ -222,6 +220,8 @@ class EWCTrainer(Trainer):
         params = trainable_parameters(model)
         if args.importance_method == "si" and self._si is None:
             self._si = SIAccumulator(params, damping=args.si_damping)
+        if self._si is not None:
+            self._si.subtract_penalty(None, None)  # set again below if this run has a penalty to subtract
         state = self.ewc_state
         if args.ewc_mode == "off":
             return
@@ -357,23 +357,22 @@ class EWCTrainer(Trainer):
         if args.importance_method == "si":
             if self._si is None or self._si.steps == 0:
                 raise HfEwcError("SI importances come from training steps: call trainer.train() before consolidate().")
-            importances, num_samples, estimator = self._si.importances(), self._si.steps, None
             options = {"damping": args.si_damping, "gradient": args.si_gradient, "count_unit": "optimizer_steps"}
+            result = ImportanceResult(self._si.importances(), self._si.steps, "si", None, options)
         else:
             data = dataset if dataset is not None else self.train_dataset
-            importances = _collect(args, model, data, self.data_collator)
-            num_samples, estimator, options = importances.num_samples, importances.estimator, importances.options
+            result = _collect(args, model, data, self.data_collator)
         state = self.ewc_state if self.ewc_state is not None else EWCState(dtype=args.ewc_state_dtype)
         state.consolidate(
             model,
-            importances,
+            result.importances,
             mode=args.consolidation,
             decay=args.ewc_decay,
             domain=domain,
             method=args.importance_method,
-            estimator=estimator,
-            num_samples=num_samples,
-            options=options,
+            estimator=result.estimator,
+            num_samples=result.num_samples,
+            options=result.options,
         )
         self.ewc_state = state
         self._penalty = None
@@ -407,8 +406,9 @@ class EWCTrainer(Trainer):
     def _load_ewc_checkpoint(self, checkpoint: str) -> None:
         model = self._plain_model()
         if os.path.isfile(os.path.join(checkpoint, STATE_WEIGHTS_NAME)):
-            self.ewc_state = EWCState.load(checkpoint)
-            self.ewc_state.validate(model, strict=False)
+            state = EWCState.load(checkpoint)
+            state.validate(model, strict=False)  # a state that does not fit is refused, not kept
+            self.ewc_state = state
         elif self.ewc_state is not None and not self.ewc_state.is_empty:
             logger.warning(f"{checkpoint} holds no EWC state; keeping the state given to the trainer.")
         self._si = _si_from_checkpoint(checkpoint, model, self.args)

@@ -25,6 +25,7 @@ from testing_utils import cls_samples, lm_samples, tiny_bert_classifier, tiny_gp
 from transformers import default_data_collator
 
 from hf_ewc import EWCConfig, EWCTrainer, collect_importance
+from hf_ewc.importance import CollectionSpec, collect
 
 
 # ------------------------------------------------------------------------------------------------------- importances
@@ -35,7 +36,7 @@ IMPORTANCE_CASES = {
         tiny_gpt2,
         lambda: lm_samples(13),
         "fisher",
-        {"estimator": "exact", "max_backward_per_batch": 1200},
+        {"estimator": "exact", "options": {"max_backward_per_batch": 1200}},
     ),
     "gpt2_mas": (tiny_gpt2, lambda: lm_samples(13, pad_last=3), "mas", {}),
     "bert_cls_fisher_empirical": (tiny_bert_classifier, lambda: cls_samples(13), "fisher", {}),
@@ -52,12 +53,12 @@ IMPORTANCE_CASES = {
 
 def collect_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     tensors, counts = {}, {}
-    for case, (factory, data, method, options) in IMPORTANCE_CASES.items():
+    for case, (factory, data, method, spec) in IMPORTANCE_CASES.items():  # spec: CollectionSpec fields
         torch.manual_seed(0)
         model = factory()
-        result = collect_importance(model, data(), method, batch_size=4, show_progress=False, **options)
+        result = collect(model, data(), CollectionSpec(method, batch_size=4, show_progress=False, **spec))
         counts[case] = result.num_samples
-        tensors.update({f"{case}/{name}": value for name, value in result.items()})
+        tensors.update({f"{case}/{name}": value for name, value in result.importances.items()})
     return tensors, counts
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator
 
 from hf_ewc import HfEwcError, collect_importance
+from hf_ewc.importance import CollectionSpec, collect
 
 
 MODELS = {
@@ -192,12 +193,12 @@ def test_batched_fisher_is_the_squared_minibatch_gradient():
             lls.append(torch.log_softmax(logits, -1).gather(-1, labels[:, None]).mean())
         for (n, _), g in zip(params.items(), torch.autograd.grad(torch.stack(lls).mean(), list(params.values()))):
             expected[n] += g.square() / 3
-    result = collect_importance(model, samples, "fisher", estimator="batched", batch_size=4, show_progress=False)
+    result = collect(model, samples, CollectionSpec("fisher", estimator="batched", batch_size=4, show_progress=False))
     assert result.num_samples == 3 and result.options["count_unit"] == "minibatches"
-    assert_importances_close(result, expected)
+    assert_importances_close(result.importances, expected)
     per_sample = collect_importance(model, samples, "fisher", batch_size=4, show_progress=False)
     # a different quantity: roughly 1/B of the per-sample Fisher
-    ratio = sum(float(v.sum()) for v in result.values()) / sum(float(v.sum()) for v in per_sample.values())
+    ratio = sum(float(v.sum()) for v in result.importances.values()) / sum(float(v.sum()) for v in per_sample.values())
     assert 0.05 < ratio < 0.9
 
 
@@ -295,30 +296,32 @@ def test_inputs_dataloader_max_samples_and_hf_dataset_columns():
     import datasets
 
     model, samples = tiny_bert_classifier(), cls_samples(10)
-    full = collect_importance(model, samples, "fisher", batch_size=4, show_progress=False)
-    first6 = collect_importance(model, samples[:6], "fisher", batch_size=4, show_progress=False)
-    capped = collect_importance(model, samples, "fisher", batch_size=4, max_samples=6, show_progress=False)
+    spec = CollectionSpec("fisher", batch_size=4, show_progress=False)
+    full = collect(model, samples, spec)
+    first6 = collect(model, samples[:6], spec)
+    capped = collect(model, samples, CollectionSpec("fisher", batch_size=4, max_samples=6, show_progress=False))
     assert full.num_samples == 10 and capped.num_samples == 6
-    assert all(torch.allclose(capped[n], first6[n]) for n in first6)
+    assert all(torch.allclose(capped.importances[n], first6.importances[n]) for n in first6.importances)
     loader = DataLoader(samples, batch_size=4, collate_fn=default_data_collator)
-    from_loader = collect_importance(model, loader, "fisher", max_samples=6, show_progress=False)
+    from_loader = collect(model, loader, CollectionSpec("fisher", max_samples=6, show_progress=False))
     assert from_loader.num_samples == 6
-    assert all(torch.allclose(from_loader[n], first6[n]) for n in first6)
+    assert all(torch.allclose(from_loader.importances[n], first6.importances[n]) for n in first6.importances)
     table = datasets.Dataset.from_list(
         [{**{k: v.tolist() for k, v in s.items()}, "text": "unused"} for s in samples]
     ).with_format("torch")
-    from_hf = collect_importance(model, table, "fisher", batch_size=4, show_progress=False)
-    assert all(torch.allclose(from_hf[n], full[n]) for n in full)
+    from_hf = collect(model, table, spec)
+    assert all(torch.allclose(from_hf.importances[n], full.importances[n]) for n in full.importances)
 
 
 def test_samples_without_targets_are_not_counted():
     model = tiny_gpt2()
     samples = lm_samples(4)
     samples[1] = {**samples[1], "labels": torch.full((8,), -100)}
-    result = collect_importance(model, samples, "fisher", batch_size=4, show_progress=False)
+    spec = CollectionSpec("fisher", batch_size=4, show_progress=False)
+    result = collect(model, samples, spec)
     assert result.num_samples == 3
-    expected = collect_importance(model, [samples[i] for i in (0, 2, 3)], "fisher", batch_size=4, show_progress=False)
-    assert_importances_close(result, expected)
+    expected = collect(model, [samples[i] for i in (0, 2, 3)], spec)
+    assert_importances_close(result.importances, expected.importances)
 
 
 class _NoLogits(nn.Module):

@@ -2,6 +2,7 @@
 hf_ewc/utils.py and hf_ewc/distributed.py that the layers below everything share."""
 
 import pytest
+import torch
 from testing_utils import MLP, tiny_bert_classifier, tiny_bert_mlm, tiny_gpt2, tiny_llama
 from transformers import (
     AutoModel,
@@ -24,11 +25,13 @@ from hf_ewc.models import (
     default_targets,
     ffn_layout,
     find_blocks,
+    is_conv1d,
     model_shifts_labels,
+    neuron_dim,
     pipeline_tag,
     task_of_auto_class,
 )
-from hf_ewc.utils import atomic_directory, error_line
+from hf_ewc.utils import atomic_directory, error_line, write_json_atomic
 
 
 def test_task_table_round_trips():
@@ -86,6 +89,16 @@ def test_layout_tables_find_blocks_ffn_and_heads(build, blocks, ffn, attention):
         find_blocks(MLP())
 
 
+def test_a_remote_code_copy_of_conv1d_counts_as_conv1d():
+    class Conv1D(torch.nn.Module):  # what a model with its own modelling code ships: same name, weight [in, out]
+        def __init__(self):
+            super().__init__()
+            self.nf, self.weight = 3, torch.nn.Parameter(torch.zeros(2, 3))
+
+    assert is_conv1d(Conv1D()) and neuron_dim(Conv1D(), "in") == 1 and neuron_dim(Conv1D(), "out") == 0
+    assert not is_conv1d(torch.nn.Linear(2, 3)) and neuron_dim(torch.nn.Linear(2, 3), "in") == 0
+
+
 def test_trainable_parameters_and_the_sharding_refusal():
     model = MLP()
     model.net[0].weight.requires_grad_(False)
@@ -115,6 +128,15 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+    (tmp_path / "plain").mkdir()  # the folder (and a file written atomically) get the modes mkdir/open would give
+    assert target.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    write_json_atomic(tmp_path / "a.json", {})
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
+    (tmp_path / ".stage.left-by-a-kill.tmp").mkdir()  # a copy interrupted by kill -9 is removed by the next write
+    with atomic_directory(target) as tmp:
+        (tmp / "again.txt").write_text("again")
+    assert not (tmp_path / ".stage.left-by-a-kill.tmp").exists()
 
 
 def test_error_line_is_the_first_line_or_the_type():

@@ -10,6 +10,7 @@ from hf_ewc import (
     EWCConfig,
     EWCState,
     EWCTrainer,
+    HfEwcError,
     KeepSparsityCallback,
     collect_importance,
     export_pruned,
@@ -81,3 +82,8 @@ def test_without_the_callback_pruned_weights_regrow(tmp_path):
     _train(Trainer, model, tmp_path, [])
     name = next(iter(report.masks))
     assert int((dict(model.named_parameters())[name] == 0).sum()) < int((~report.masks[name]).sum())
+
+
+def test_from_zeros_without_any_target_says_what_to_pass():
+    with pytest.raises(HfEwcError, match=r"has no sparsity_config and no default targets .* pass names="):
+        KeepSparsityCallback.from_zeros(torch.nn.Linear(4, 2))  # no transformer blocks, no sparsity_config

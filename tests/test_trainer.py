@@ -246,6 +246,21 @@ def test_si_gradient_choice_with_an_active_penalty(tmp_path, gradient):
         torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-7)
 
 
+def test_si_stops_subtracting_a_penalty_the_next_run_does_not_have(tmp_path):
+    """SI keeps accumulating over several `train()` calls until `consolidate()`; a call without an active penalty
+    must read the gradient as is, not subtract the previous call's penalty."""
+    model = MLP()
+    samples = vec_samples(16)
+    state = consolidated(model, samples, perturb=0.1)
+    args = make_args(tmp_path, importance_method="si", si_gradient="task", ewc_lambda=100.0)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=state)
+    trainer.train()
+    assert trainer._si._penalty is not None  # the penalty's gradient is subtracted while it is active
+    trainer.ewc_state = None
+    trainer.train()
+    assert trainer._si._penalty is None
+
+
 def test_vanilla_overshoot_warns_once_and_stabilized_does_not(tmp_path, hf_logs):
     model = MLP()
     samples = vec_samples(8)
@@ -289,6 +304,17 @@ def test_state_mismatch_is_refused_at_construction(tmp_path):
     state = EWCState().consolidate(MLP(), collect_importance(MLP(), vec_samples(4), show_progress=False))
     with pytest.raises(HfEwcError, match="protects 'net.0.weight', which the model does not have"):
         EWCTrainer(model=tiny_gpt2(), args=make_args(tmp_path), ewc_state=state)
+
+
+def test_a_checkpoint_whose_state_does_not_fit_is_refused_and_not_kept(tmp_path):
+    model = MLP()
+    own = EWCState().consolidate(model, collect_importance(model, vec_samples(4), show_progress=False), domain="a")
+    foreign = EWCState().consolidate(tiny_gpt2(), collect_importance(tiny_gpt2(), lm_samples(4), show_progress=False))
+    foreign.save(tmp_path / "checkpoint-1")
+    trainer = EWCTrainer(model=model, args=make_args(tmp_path), train_dataset=vec_samples(8), ewc_state=own)
+    with pytest.raises(HfEwcError, match="which the model does not have"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert trainer.ewc_state is own
 
 
 def _interrupt_at(step):

@@ -10,9 +10,10 @@
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..distributed import trainable_parameters
 from ..utils import HfEwcError
@@ -28,9 +29,11 @@ __all__ = [
     "ESTIMATORS",
     "METHODS",
     "SI_STATE_NAME",
+    "CollectionSpec",
     "ImportanceMethod",
     "ImportanceResult",
     "SIAccumulator",
+    "collect",
     "collect_importance",
 ]
 
@@ -48,7 +51,7 @@ def collect_importance(
     batch_size: int = 8,
     data_collator: Callable | None = None,
     **method_options: Any,
-) -> ImportanceResult:
+) -> dict[str, Tensor]:
     r"""Per-parameter importances Ω of ``model`` on ``data``.
 
     Args:
@@ -81,8 +84,8 @@ def collect_importance(
             `shift_labels`, `per_sample`; `signal`: `bias` (`"abs"` | `"output"`).
 
     Returns:
-        [`ImportanceResult`]: a ``dict`` of float32 importances keyed by parameter name, on the parameters' devices,
-        which also says how they were obtained (``num_samples``, ``method``, ``estimator``, ``options``).
+        `dict[str, torch.Tensor]`: float32 importances keyed by parameter name, on the parameters' devices. (What the
+        trainer records besides, sample count and resolved settings, comes from [`collect`].)
 
     Under `accelerate launch` with N processes, every process must call this with the same data: samples are split
     round-robin, summed with `accelerate.utils.reduce` and divided by the global count, so the result equals a
@@ -90,35 +93,61 @@ def collect_importance(
     depends on which samples share a minibatch and `sampled` on the label draws, so those two differ by sampling
     noise.
     """
-    if method == "si":
-        raise HfEwcError(
-            "method 'si' is accumulated during training, not collected afterwards: train with "
-            "EWCTrainer(args=EWCConfig(importance_method='si')) and call trainer.consolidate()."
-        )
-    if method not in METHODS:
-        raise HfEwcError(f"Unknown importance method {method!r}; choose one of: {', '.join(METHODS)}, si.")
-    cls = METHODS[method]
     seed = method_options.pop("seed", 0)
     show_progress = method_options.pop("show_progress", True)
-    accepted = [o for o in cls.options if o != "estimator"]  # the estimator has its own argument
-    unknown = sorted(set(method_options) - set(accepted))
-    if unknown:
-        raise HfEwcError(
-            f"Unknown option(s) {unknown} for method {method!r}; it accepts: {', '.join(accepted) or 'none'}."
-        )
-    if method == "fisher" and estimator not in ESTIMATORS:
-        raise HfEwcError(f"Unknown fisher estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
+    spec = CollectionSpec(
+        method, estimator, max_samples, batch_size, data_collator, seed, show_progress, method_options
+    )
+    return collect(model, data, spec).importances
+
+
+@dataclass
+class CollectionSpec:
+    """What a collection is asked for besides the model and the data: the arguments of [`collect_importance`],
+    validated once (unknown method, option or estimator: `HfEwcError` naming the choices)."""
+
+    method: str = "fisher"
+    estimator: str = "empirical"
+    max_samples: int | None = None
+    batch_size: int = 8
+    data_collator: Callable | None = None
+    seed: int | None = 0
+    show_progress: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own options (``output=`` for MAS, …)
+
+    def __post_init__(self):
+        if self.method == "si":
+            raise HfEwcError(
+                "method 'si' is accumulated during training, not collected afterwards: train with "
+                "EWCTrainer(args=EWCConfig(importance_method='si')) and call trainer.consolidate()."
+            )
+        if self.method not in METHODS:
+            raise HfEwcError(f"Unknown importance method {self.method!r}; choose one of: {', '.join(METHODS)}, si.")
+        accepted = [o for o in METHODS[self.method].options if o != "estimator"]  # the estimator has its own field
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise HfEwcError(
+                f"Unknown option(s) {unknown} for method {self.method!r}; it accepts: {', '.join(accepted) or 'none'}."
+            )
+        if self.method == "fisher" and self.estimator not in ESTIMATORS:
+            raise HfEwcError(f"Unknown fisher estimator {self.estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
+
+
+def collect(model: nn.Module, data: Any, spec: CollectionSpec) -> ImportanceResult:
+    """Run the collection ``spec`` asks for: table lookup → the shared loop; the result says how it was obtained."""
+    cls = METHODS[spec.method]
     params = trainable_parameters(model)
     if not params:
         raise HfEwcError("The model has no trainable parameters (requires_grad=True): nothing to measure.")
-    recorded = {**method_options, "batch_size": batch_size, "max_samples": max_samples, "seed": seed}
-    fisher_estimator = estimator if "estimator" in cls.options else None
-    options = {**method_options, **({"estimator": estimator} if fisher_estimator else {})}
+    recorded = {**spec.options, "batch_size": spec.batch_size, "max_samples": spec.max_samples, "seed": spec.seed}
+    estimator = spec.estimator if "estimator" in cls.options else None
+    options = {**spec.options, **({"estimator": estimator} if estimator else {})}
     if not cls.needs_data:
-        return ImportanceResult(cls(model, params, seed=seed, **options).finalize({}, 0), 0, method, None, recorded)
-    label = f"importance: {method}" + (f"/{estimator}" if fisher_estimator else "")
+        importances = cls(model, params, seed=spec.seed, **options).finalize({}, 0)
+        return ImportanceResult(importances, 0, spec.method, None, recorded)
     importances, count, resolved = run_collection(
-        cls, model, data, params, options=options, batch_size=batch_size, data_collator=data_collator,
-        max_samples=max_samples, seed=seed, show_progress=show_progress, label=label,
+        cls, model, data, params, options=options, batch_size=spec.batch_size, data_collator=spec.data_collator,
+        max_samples=spec.max_samples, seed=spec.seed, show_progress=spec.show_progress,
+        label=f"importance: {spec.method}" + (f"/{estimator}" if estimator else ""),
     )  # fmt: skip
-    return ImportanceResult(importances, count, method, fisher_estimator, {**recorded, **resolved})
+    return ImportanceResult(importances, count, spec.method, estimator, {**recorded, **resolved})

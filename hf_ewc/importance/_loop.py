@@ -18,6 +18,7 @@ divide by the global count.
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import datasets
@@ -71,23 +72,15 @@ class ImportanceMethod:
         """Release what the method attached to the model (hooks)."""
 
 
-class ImportanceResult(dict):
-    """Importances keyed by parameter name (a plain ``dict`` of float32 tensors), plus how they were obtained — what
-    [`EWCState.consolidate`] records: ``num_samples``, ``method``, ``estimator`` (Fisher only) and ``options``."""
+@dataclass
+class ImportanceResult:
+    """Importances plus how they were obtained (what [`EWCState.consolidate`] records)."""
 
-    def __init__(
-        self,
-        importances: Mapping[str, Tensor],
-        num_samples: int,
-        method: str,
-        estimator: str | None = None,
-        options: dict[str, Any] | None = None,
-    ):
-        super().__init__(importances)
-        self.num_samples = num_samples
-        self.method = method
-        self.estimator = estimator
-        self.options = dict(options or {})
+    importances: dict[str, Tensor]
+    num_samples: int
+    method: str
+    estimator: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def run_collection(

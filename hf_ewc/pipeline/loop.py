@@ -69,7 +69,7 @@ class Pipeline:
         self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
         self.run_dir = RunDir(self.out, [d.name for d in run.domains], self.accel)
         self.evaluator = DomainEvaluator(run, self.base_dirs, eval_batch_size)
-        self.metric = primary_metric(run.task)[0]
+        self.metric = self.primary_metric[0]
 
     def load_domains(self, tokenizer) -> list[DomainData]:
         """The run's domains, tokenized with ``tokenizer`` exactly as the run does (train and evaluation splits)."""
@@ -78,6 +78,11 @@ class Pipeline:
     def evaluate(self, model, data: DomainData, tokenizer) -> dict[str, float]:
         """Token-weighted loss (and perplexity) for LMs, accuracy and loss for classification, on ``data.eval``."""
         return self.evaluator.evaluate(model, data, tokenizer)
+
+    @property
+    def primary_metric(self) -> tuple[str, bool]:
+        """The matrix's metric and whether higher is better (accuracy for classification, eval loss for LMs)."""
+        return primary_metric(self.run.task)
 
     def _record(self) -> dict:
         return {"config": self.run.to_dict(), "from": self.from_dir, "hf_ewc": __version__}

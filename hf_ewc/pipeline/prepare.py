@@ -283,8 +283,11 @@ def build_model(run: RunConfig, tokenizer, labels: list | None = None):
 
 def load_model(directory: str | os.PathLike, run: RunConfig, labels: list | None = None, base_dir: Path | None = None):
     """The model saved in ``directory`` (a stage, or the run `--from` continues). An adapter (a `peft:` run's stage
-    or output) is loaded trainable onto the frozen base model in ``base_dir`` (the run's ``base_model/``)."""
+    or output) is loaded trainable onto the frozen base model in ``base_dir`` (this run's ``base_model/`` for a
+    stage, the continued run's for `--from`)."""
     if is_adapter_dir(directory):
+        if base_dir is None:
+            raise HfEwcError(f"{directory} holds a LoRA adapter; its base model directory is needed to load it.")
         return load_adapter(load_model(base_dir, run, labels), directory, trainable=True)
     try:
         config = AutoConfig.from_pretrained(directory)

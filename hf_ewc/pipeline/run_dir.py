@@ -1,5 +1,6 @@
 """The run directory of `hf-ewc train`: what lies where, whether a run may start, resume or overwrite, and atomic
-stages. Only the main process writes; every method that writes is a no-op on the others.
+stages. Only the main process writes; every process calls every method (the writing ones do nothing on the others,
+and `start`, `save_base_model` and `last_complete_checkpoint` wait for all processes).
 
 ``output_dir`` while a run is in progress::
 
