@@ -9,8 +9,9 @@ parameters), sequences of 128 tokens, AdamW.
 - **P1** — median optimizer-step time of `EWCTrainer` with the penalty active on every parameter, divided by the
   same for a plain `transformers.Trainer` on the same model, data and optimizer, at batch 16 and at batch 1; for the
   default `stabilized` mode and for `proximal`. Plain and EWC runs alternate in rounds; the ratio compares the
-  medians of all their steps, and each round's ratio is kept to show the spread. Target ≤ 1.02. Alongside: the
-  penalty's own forward+backward, timed alone, which is what the ratio measures under the noise.
+  medians of all their steps, and each round's ratio is kept to show the spread. Targets ≤ 1.02 at batch 16, ≤ 1.05
+  at batch 1. Alongside: the penalty alone, timed alone (its gradient added to `.grad`, as EWCTrainer does, and the
+  autograd loss term it replaced), which is what the ratio measures under the noise.
 - **P2** — exact per-sample empirical Fisher over 16 samples (`collect_importance`, hooks engine, one batch of 16)
   divided by one forward+backward of the same batch (target ≤ 2.0), and the speed-up of the hooks engine over the
   batch-size-1 loop (`per_sample="loop"`) on the same samples (target ≥ 3×). Medians over alternating repeats after
@@ -36,10 +37,11 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_ewc import EWCConfig, EWCState, EWCTrainer, collect_importance
+from hf_ewc.penalty import Penalty
 from hf_ewc.utils import versions
 
 
-TARGETS = {"p1_ratio": 1.02, "p2_over_forward_backward": 2.0, "p2_speedup_over_loop": 3.0}
+TARGETS = {"p1_ratio": {16: 1.02, 1: 1.05}, "p2_over_forward_backward": 2.0, "p2_speedup_over_loop": 3.0}
 
 
 def build_model(quick: bool) -> LlamaForCausalLM:
@@ -108,22 +110,29 @@ def p1(model, state, data, batch: int, steps: int, rounds: int, mode: str) -> di
     }
 
 
-def penalty_time(model, state: EWCState, repeats: int) -> float:
-    """Median time of the stabilized penalty's forward+backward over every parameter, as EWCTrainer runs it."""
-    from hf_ewc.penalty import ewc_penalty, stabilized_coefficients
+def penalty_times(model, state: EWCState, repeats: int) -> dict[str, float]:
+    """Median time of one step's stabilized penalty over every parameter, timed alone: its gradient added to ``.grad``
+    directly (what EWCTrainer does) and the same as a loss term through autograd (its DeepSpeed path, and what it did
+    before)."""
+    params = dict(model.named_parameters())
+    penalty = Penalty.build(params, state.anchors, state.importances, mode="stabilized", ewc_lambda=1e3, lr=1e-4)
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
 
-    names = list(state.anchors)
-    params = [dict(model.named_parameters())[n] for n in names]
-    anchors = [state.anchors[n] for n in names]
-    sqrt_c = [c.sqrt() for c in stabilized_coefficients([state.importances[n] for n in names], 1e3, 1e-4)]
-    workspace = [torch.empty_like(p) for p in params]
-    times = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
-        ewc_penalty(params, anchors, sqrt_coefficients=sqrt_c, workspace=workspace).backward()
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times[2:])
+    def direct():
+        penalty.add_gradient_()
+
+    def autograd():
+        penalty.loss().backward()
+
+    times = {"direct": [], "autograd": []}
+    for _ in range(repeats + 2):  # alternating, the first two of each dropped
+        for name, step in (("direct", direct), ("autograd", autograd)):
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
 def forward_backward_time(model, data) -> float:
@@ -172,8 +181,9 @@ def markdown(r: dict) -> str:
         "",
         (
             f"Command: `{r['command']}`. Ratios of medians measured side by side in one run; wall time "
-            f"{r['wall_time_s']:.0f} s. The penalty's forward+backward alone: "
-            f"{r['penalty_forward_backward_s'] * 1e3:.1f} ms per step over all parameters."
+            f"{r['wall_time_s']:.0f} s. The stabilized penalty alone, per optimizer step over all parameters: "
+            f"{r['penalty_s']['direct'] * 1e3:.1f} ms for its gradient added to `.grad` (EWCTrainer), "
+            f"{r['penalty_s']['autograd'] * 1e3:.1f} ms as a loss term through autograd (the DeepSpeed path)."
         ),
         "",
         "| measure | value | target | |",
@@ -185,10 +195,11 @@ def markdown(r: dict) -> str:
 
     for p in r["P1"]:
         spread = f"{min(p['ratio_per_round']):.2f}–{max(p['ratio_per_round']):.2f}"
+        target = TARGETS["p1_ratio"][p["batch"]]
         lines.append(
             f"| P1: EWCTrainer (`{p['mode']}`) / Trainer step time, batch {p['batch']} "
             f"({p['plain_step_s'] * 1e3:.0f} ms → {p['ewc_step_s'] * 1e3:.0f} ms; rounds {spread}) | "
-            f"{p['ratio']:.3f} | ≤ {TARGETS['p1_ratio']} | {verdict(p['ratio'] <= TARGETS['p1_ratio'])} |"
+            f"{p['ratio']:.3f} | ≤ {target} | {verdict(p['ratio'] <= target)} |"
         )
     p2 = r["P2"]
     lines += [
@@ -208,17 +219,19 @@ def markdown(r: dict) -> str:
         "",
         (
             "- P1: the penalty costs a fixed number of elementwise passes over every protected parameter per "
-            "optimizer step (about 17 parameter-sized reads and writes in `stabilized` mode, more than an AdamW "
-            "update; 4 for the single `lerp` of `proximal`), whatever the batch, plus one more pass (and an "
-            "allocation) where autograd adds the penalty gradient to the task gradient. The penalty alone takes "
-            f"{r['penalty_forward_backward_s'] * 1e3:.1f} ms here, i.e. "
+            "optimizer step, whatever the batch: about 7 parameter-sized reads and writes for `stabilized` "
+            "(θ − θ* into a workspace, then `grad += 2c·(θ − θ*)`, one tensor at a time so the difference is still "
+            "in cache; through autograd it was about 17), 4 for the single `lerp` of `proximal` — an AdamW update "
+            "itself makes about 10. The penalty alone takes "
+            f"{r['penalty_s']['direct'] * 1e3:.1f} ms here, i.e. "
             + ", ".join(
-                f"{r['penalty_forward_backward_s'] / p['plain_step_s']:.1%} of a plain batch-{p['batch']} step"
+                f"{r['penalty_s']['direct'] / p['plain_step_s']:.1%} of a plain batch-{p['batch']} step"
                 for p in r["P1"]
                 if p["mode"] == "stabilized"
             )
-            + ". Memory bandwidth, not arithmetic, sets it. Run-to-run noise on this shared machine (the spread "
-            "of the rounds) is as large as the batch-16 overhead itself."
+            + ". Memory bandwidth, not arithmetic, sets it: a fused kernel (one read of θ, θ*, 2c and the gradient, "
+            "one write) would need 5 passes, the floor for a penalty that reads its anchors every step. Run-to-run "
+            "noise on this shared machine (the spread of the rounds) is of the size of the batch-16 overhead."
         ),
         (
             "- P2: any exact per-sample method costs at least one forward and one backward. On this CPU the "
@@ -258,7 +271,7 @@ def main() -> None:
     ]
     p2_result = p2(model, samples(16, length, vocab, seed=2), repeats)
     p2_short = p2(model, samples(16, length // 4, vocab, seed=2), repeats)  # where the loop is overhead-bound
-    penalty_s = penalty_time(model, state, repeats=20)
+    penalty_s = penalty_times(model, state, repeats=20)
 
     result = {
         "command": "python benchmarks/overhead.py" + (" --quick" if args.quick else ""),
@@ -272,7 +285,7 @@ def main() -> None:
         "P1": p1_results,
         "P2": p2_result,
         "P2_short_sequences": {"sequence_length": length // 4, **p2_short},
-        "penalty_forward_backward_s": penalty_s,
+        "penalty_s": penalty_s,
         "targets": TARGETS,
         "wall_time_s": time.time() - started,
         "versions": versions(),

@@ -55,6 +55,7 @@ def _state(args: argparse.Namespace) -> int:
             f"{d.get('method')}" + (f"/{d['estimator']}" if d.get("estimator") else "") for d in state.domains
         ],
         "consolidation": state.consolidation,
+        "importance_normalization": state.normalization,
         "decay": state.decay,
         "dtype": str(state.dtype).replace("torch.", ""),
         "tensors": len(state.importances),

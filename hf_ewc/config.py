@@ -11,6 +11,7 @@ EWC_MODES = ("stabilized", "vanilla", "proximal", "off")
 IMPORTANCE_METHODS = ("fisher", "mas", "si", "signal", "uniform")
 FISHER_ESTIMATORS = ("empirical", "sampled", "exact", "batched")
 CONSOLIDATIONS = ("sum", "online")
+NORMALIZATIONS = ("mean", "none")
 STATE_DTYPES = ("float32", "bfloat16")
 
 
@@ -26,9 +27,11 @@ class EWCConfig(TrainingArguments):
     - `ewc_mode="off"`: plain fine-tuning (importances are still collected on `consolidate()`, so the sequence can be
       continued with EWC later).
 
-    λ is `ewc_lambda` and η is `ewc_lr` (defaults to `learning_rate`). λ is not portable between importance methods
-    or Fisher estimators: their scales differ by orders of magnitude (the `batched` Fisher is roughly `1/batch_size`
-    of the per-sample ones).
+    λ is `ewc_lambda` and η is `ewc_lr` (defaults to `learning_rate`). With the default
+    `importance_normalization="mean"` every domain's Ω has mean 1 over the protected parameters, so λ is the strength
+    relative to an L2 pull of the same mass and carries over between models, sequence lengths, Fisher estimators and
+    importance methods. With `"none"` it does not: raw scales differ by orders of magnitude (the `batched` Fisher is
+    roughly `1/batch_size` of the per-sample ones).
 
     Args:
         ewc_lambda (`float`, *optional*, defaults to `100.0`):
@@ -56,6 +59,12 @@ class EWCConfig(TrainingArguments):
         si_gradient (`str`, *optional*, defaults to `"task"`):
             The gradient in SI's path integral ``ω = −Σ g·Δθ``: `"task"` (the task loss only, Zenke et al.) or
             `"regularized"` (task loss + EWC penalty, as the optimizer saw it).
+        importance_normalization (`str`, *optional*, defaults to `"mean"`):
+            `"mean"`: each domain's Ω is divided by its mean over all protected parameters (in float64) before it is
+            folded into the state, so λ means "strength relative to an L2 penalty of the same mass" and carries over
+            between models, sequence lengths, Fisher estimators and importance methods. `"none"`: the raw scale of the
+            method, as the papers use it (λ then depends on all of those). A state holds one convention; continuing
+            it with the other is refused.
         consolidation (`str`, *optional*, defaults to `"sum"`):
             `"sum"` (``Ω ← Ω + Ω_t``) or `"online"` (``Ω ← γ·Ω + Ω_t``).
         ewc_decay (`float`, *optional*, defaults to `1.0`):
@@ -102,6 +111,14 @@ class EWCConfig(TrainingArguments):
         default="task",
         metadata={"help": "Gradient in SI's path integral: task loss only, or task loss + EWC penalty."},
     )
+    importance_normalization: Literal["mean", "none"] = field(
+        default="mean",
+        metadata={
+            "help": "mean: each domain's Ω is divided by its mean over the protected parameters before it joins the "
+            "state, so λ is the strength relative to an L2 penalty of the same mass, whatever the model, sequence "
+            "length, estimator or method; none: the raw scale (as in the papers)."
+        },
+    )
     consolidation: Literal["sum", "online"] = field(
         default="sum", metadata={"help": "sum: Ω ← Ω + Ω_t; online: Ω ← γ·Ω + Ω_t (γ = ewc_decay)."}
     )
@@ -119,6 +136,7 @@ class EWCConfig(TrainingArguments):
             ("mas_output", get_args(self.__dataclass_fields__["mas_output"].type)),
             ("si_gradient", get_args(self.__dataclass_fields__["si_gradient"].type)),
             ("consolidation", CONSOLIDATIONS),
+            ("importance_normalization", NORMALIZATIONS),
             ("ewc_state_dtype", STATE_DTYPES),
         ):
             value = getattr(self, name)

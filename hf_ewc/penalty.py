@@ -27,6 +27,7 @@ __all__ = [
     "Penalty",
     "ewc_penalty",
     "penalty_coefficients",
+    "penalty_gradient_",
     "proximal_step_",
     "proximal_weights",
     "stabilized_coefficients",
@@ -216,6 +217,42 @@ def proximal_step_(params: Sequence[Tensor], anchors: Sequence[Tensor], weights:
     torch._foreach_lerp_(list(params), list(anchors), list(weights))
 
 
+@torch.no_grad()
+def penalty_gradient_(
+    params: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    two_coefficients: Sequence[Tensor],
+    workspace: Sequence[Tensor],
+    *,
+    scale: float = 1.0,
+) -> None:
+    r"""In place: ``θ.grad += scale · 2c ⊙ (θ − θ*)`` — the penalty's gradient, added without autograd.
+
+    ``workspace`` (buffers shaped like ``params``) receives ``θ − θ*``. A parameter without ``.grad`` gets one. The
+    difference is formed first, so a weight right at its anchor gets exactly 0 (``2c·θ − 2c·θ*`` would not).
+
+    On the CPU it runs one tensor at a time (``θ − θ*`` still in cache when the gradient reads it): about 7
+    parameter-sized memory passes, against about 17 for the autograd path's forward and backward. On CUDA it runs as
+    three ``torch._foreach_*`` kernels over all tensors (9 passes, few launches).
+    """
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if not params:
+        return
+    if params[0].device.type == "cuda":
+        diffs = list(workspace)
+        torch._foreach_copy_(diffs, list(params))
+        torch._foreach_sub_(diffs, list(anchors))
+        torch._foreach_addcmul_(grads, diffs, list(two_coefficients), value=scale)
+        return
+    for p, anchor, c, w, g in zip(params, anchors, two_coefficients, workspace, grads):
+        torch.sub(p, anchor, out=w)
+        g.addcmul_(w, c, value=scale)
+
+
 @dataclass
 class Penalty:
     r"""The penalty of one training run: anchors and coefficients on the parameters' devices, aligned with ``params``.
@@ -223,7 +260,9 @@ class Penalty:
     Built once per `train()` by [`Penalty.build`] from name-keyed anchors θ* and importances Ω; then every step costs
     the fused kernels of [`ewc_penalty`] (into a reused ``workspace``) or of [`proximal_step_`].
 
-    - ``mode="stabilized"`` / ``"vanilla"``: ``sqrt_coefficients`` = √c; [`Penalty.value`] is the loss term;
+    - ``mode="stabilized"`` / ``"vanilla"``: ``two_coefficients`` = 2c; [`Penalty.add_gradient_`] adds the penalty's
+      gradient once per optimizer step, [`Penalty.value`] measures it (for logs), [`Penalty.loss`] is the same as a
+      differentiable loss term (for engines that keep gradients to themselves, such as DeepSpeed);
     - ``mode="proximal"``: ``proximal_weights`` = ηλΩ/(1 + ηλΩ); [`Penalty.proximal_step_`] runs after each step.
 
     ``coef_max`` is ``max η·2c`` (penalized) or the largest proximal weight: the share of the distance to the anchor
@@ -238,7 +277,8 @@ class Penalty:
     ewc_lambda: float
     coef_max: float
     overshoot: float
-    sqrt_coefficients: list[Tensor] | None = None
+    omega_mean: float  # mean Ω over the protected parameters: λ·Ω̄ says how strong the penalty is on average
+    two_coefficients: list[Tensor] | None = None
     proximal_weights: list[Tensor] | None = None
     workspace: list[Tensor] | None = None
 
@@ -262,7 +302,11 @@ class Penalty:
         anchor_list = [anchors[n].to(p.device, p.dtype) for n, p in zip(names, plist)]
         omega = [importances[n].to(p.device, torch.float32) for n, p in zip(names, plist)]
         overshoot = lr * ewc_lambda * max(float(t.max()) for t in omega if t.numel())
-        penalty = cls(names, plist, anchor_list, [importances[n] for n in names], ewc_lambda, 0.0, overshoot)
+        count = sum(t.numel() for t in omega)
+        omega_mean = float(sum(t.sum(dtype=torch.float64) for t in omega)) / max(count, 1)
+        penalty = cls(
+            names, plist, anchor_list, [importances[n] for n in names], ewc_lambda, 0.0, overshoot, omega_mean
+        )
         if mode == "proximal":
             weights = proximal_weights(omega, ewc_lambda, lr)
             penalty.coef_max = max(float(w.max()) for w in weights if w.numel())
@@ -270,20 +314,32 @@ class Penalty:
         else:
             coefficients = penalty_coefficients(omega, ewc_lambda, mode=mode, lr=lr)
             penalty.coef_max = 2 * lr * max(float(c.max()) for c in coefficients if c.numel())
-            penalty.sqrt_coefficients = [c.sqrt_().to(p.dtype) for c, p in zip(coefficients, plist)]
+            penalty.two_coefficients = [c.mul_(2).to(p.dtype) for c, p in zip(coefficients, plist)]
             penalty.workspace = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in plist]
         return penalty
 
     @property
     def penalized(self) -> bool:
-        """True for a loss term (stabilized, vanilla), False for the proximal step."""
-        return self.sqrt_coefficients is not None
+        """True for a penalty term (stabilized, vanilla), False for the proximal step."""
+        return self.two_coefficients is not None
 
-    def value(self) -> Tensor:
-        """``Σ c·(θ − θ*)²``, differentiable (one backward per call: it writes into the workspace)."""
-        return ewc_penalty(
-            self.params, self.anchors, sqrt_coefficients=self.sqrt_coefficients, workspace=self.workspace
-        )
+    def add_gradient_(self, scale: float = 1.0) -> None:
+        """``θ.grad += scale · 2c ⊙ (θ − θ*)`` (``scale``: a loss scaler's current scale, when gradients carry it)."""
+        penalty_gradient_(self.params, self.anchors, self.two_coefficients, self.workspace, scale=scale)
+
+    @torch.no_grad()
+    def value(self) -> float:
+        """``Σ c·(θ − θ*)²`` now, as a float (computed in the workspace; for logs)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        for p, anchor, c, w in zip(self.params, self.anchors, self.two_coefficients, self.workspace):
+            torch.sub(p, anchor, out=w)
+            total += torch.dot(w.mul_(w).reshape(-1).float(), c.reshape(-1).float()).double()
+        return 0.5 * float(total)
+
+    def loss(self) -> Tensor:
+        """``Σ c·(θ − θ*)²`` as a differentiable loss term (autograd computes the same gradient as
+        `add_gradient_`, in about 2.4× the memory traffic)."""
+        return ewc_penalty(self.params, self.anchors, [c / 2 for c in self.two_coefficients])
 
     def proximal_step_(self) -> None:
         """``θ ← θ* + (θ − θ*)/(1 + η·λ·Ω)`` in place."""
@@ -291,7 +347,7 @@ class Penalty:
 
     def two_c(self) -> dict[str, Tensor]:
         """``2c`` per parameter name (the penalty gradient is ``2c·(θ − θ*)``), for penalized modes."""
-        return {n: 2 * s.square() for n, s in zip(self.names, self.sqrt_coefficients)}
+        return dict(zip(self.names, self.two_coefficients))
 
     @torch.no_grad()
     def quadratic_value(self) -> float:

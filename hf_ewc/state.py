@@ -3,56 +3,37 @@
 One anchor (the weights after the latest consolidated domain) and one importance tensor per parameter, so the state
 costs ``2·P`` numbers whatever the number of domains (Huszár 2018; the structure every seed implementation uses).
 
-On disk (``EWCState.save(directory)``), next to a model or inside a Trainer checkpoint:
-
-- ``ewc_state.safetensors`` — tensors ``importance.<param name>`` and ``anchor.<param name>``; its header metadata
-  carries the JSON metadata too, so the file alone is a complete, self-consistent state;
-- ``ewc_state.json`` — the same metadata, indented with sorted keys, for people and tools.
-
-Both are written atomically (temporary file + ``os.replace``): an interrupted save leaves the previous state intact.
+On disk it is two files (see `hf_ewc.state_io`): ``ewc_state.safetensors`` and ``ewc_state.json``.
 """
 
-import json
 import math
 import os
-import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .distributed import trainable_parameters
-from .utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
-
-
-STATE_WEIGHTS_NAME = "ewc_state.safetensors"
-STATE_CONFIG_NAME = "ewc_state.json"
-STATE_DIR = "ewc_state"  # where a finished `hf-ewc train` run (and a pipeline stage) keeps its state
-FORMAT_VERSION = 1
-LAMBDA_CONVENTION = (
-    "penalty = sum(c * (theta - theta_star)**2); vanilla c = lambda*Omega/2; "
-    "stabilized c = lambda*Omega/(2*(1 + eta*lambda*Omega)); proximal theta <- theta_star + (theta - theta_star)/"
-    "(1 + eta*lambda*Omega)"
+from .state_io import (
+    FORMAT_VERSION,
+    LAMBDA_CONVENTION,
+    STATE_CONFIG_NAME,
+    STATE_DIR,
+    STATE_WEIGHTS_NAME,
+    check_side_file,
+    find_ewc_state,
+    read_state_file,
+    state_file_of,
+    write_state_file,
 )
+from .utils import HfEwcError, logger, versions
+
+
+__all__ = ["STATE_CONFIG_NAME", "STATE_DIR", "STATE_WEIGHTS_NAME", "EWCState", "check_importances", "find_ewc_state"]
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_KNOWN_METADATA = {
-    "anchors_from", "consolidation", "decay", "domains", "dtype", "format_version", "lambda_convention",
-    "num_parameters", "num_tensors", "state_id", "versions",
-}  # fmt: skip
-
-
-def find_ewc_state(directory: str | os.PathLike) -> Path | None:
-    """The directory holding the EWC state of ``directory``: ``DIR/ewc_state/`` (a finished run) or ``DIR`` itself
-    (a checkpoint, `EWCState.save`); None when neither has one."""
-    directory = Path(directory)
-    for candidate in (directory / STATE_DIR, directory):
-        if (candidate / STATE_WEIGHTS_NAME).is_file():
-            return candidate
-    return None
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -87,6 +68,25 @@ def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "i
             )
 
 
+NORMALIZATIONS = ("mean", "none")
+
+
+def _normalize(importances: Mapping[str, torch.Tensor], kind: str, domain: str) -> tuple[Mapping, float | None]:
+    """``Ω_t / mean(Ω_t)`` over all parameters (the sum in float64) for ``kind="mean"``, with the divisor."""
+    if kind == "none":
+        return importances, None
+    total = sum(float(t.detach().sum(dtype=torch.float64)) for t in importances.values())
+    count = sum(t.numel() for t in importances.values())
+    mean = total / max(count, 1)
+    if not mean > 0:
+        raise HfEwcError(
+            f"The importances of domain {domain!r} are all 0: there is nothing to normalize (Ω̄ = 0). Check that the "
+            "model trained and that the method sees its parameters, or consolidate with importance_normalization="
+            "'none'."
+        )
+    return {n: t / mean for n, t in importances.items()}, mean
+
+
 def _check_covers(importances: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
     """Importances to consolidate must cover exactly the trainable parameters, shape for shape."""
     missing = [n for n in params if n not in importances]
@@ -107,54 +107,6 @@ def _check_covers(importances: Mapping[str, torch.Tensor], params: Mapping[str, 
                 f"Importance of {name!r} has shape {tuple(importances[name].shape)}, the parameter has "
                 f"{tuple(p.shape)}."
             )
-
-
-def _read_state_file(path: Path) -> tuple[dict, dict, dict]:
-    """Importances, anchors and metadata of an ``ewc_state.safetensors`` (safetensors only: never pickle)."""
-    importances, anchors = {}, {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                kind, _, name = key.partition(".")
-                if kind == "importance":
-                    importances[name] = f.get_tensor(key)
-                elif kind == "anchor":
-                    anchors[name] = f.get_tensor(key)
-                else:
-                    logger.warning(f"Ignoring unknown tensor {key!r} in {path}.")
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise HfEwcError(f"Cannot read the EWC state {str(path)!r}: {err}.") from err
-    if "hf_ewc" not in header:
-        raise HfEwcError(f"{str(path)!r} is a safetensors file without hf_ewc metadata; it is not an EWC state.")
-    try:
-        meta = json.loads(header["hf_ewc"])
-    except json.JSONDecodeError as err:
-        raise HfEwcError(f"{str(path)!r} has corrupt hf_ewc metadata ({err}); re-save the state.") from err
-    version = meta.get("format_version", 0)
-    if version > FORMAT_VERSION:
-        raise HfEwcError(
-            f"{str(path)!r} was written with EWC state format {version}; this hf_ewc reads up to {FORMAT_VERSION}. "
-            "Upgrade hf_ewc."
-        )
-    unknown = sorted(set(meta) - _KNOWN_METADATA)
-    if unknown:
-        logger.warning(f"Ignoring unknown EWC state metadata keys {unknown} (written by a newer hf_ewc?).")
-    return importances, anchors, meta
-
-
-def _check_side_file(side: Path, path: Path, meta: dict) -> None:
-    """``ewc_state.json`` must describe the same save as the tensors' header (else: an interrupted save)."""
-    if not side.is_file():
-        return
-    try:
-        side_id = json.loads(side.read_text(encoding="utf-8")).get("state_id")
-    except (OSError, json.JSONDecodeError):
-        side_id = None
-    if side_id != meta.get("state_id"):
-        logger.warning(
-            f"{side} does not match {path.name} (an interrupted save?); using the metadata inside {path.name}."
-        )
 
 
 class EWCState:
@@ -198,6 +150,8 @@ class EWCState:
         self.domains: list[dict[str, Any]] = list(meta.get("domains", []))
         self.consolidation: str | None = meta.get("consolidation")
         self.decay: float | None = meta.get("decay")
+        # "mean" or "none" (raw); states saved before hf_ewc 0.2 carry no key and hold raw importances
+        self.normalization: str | None = meta.get("importance_normalization", "none" if self.domains else None)
 
     def _set_tensors(self, importances: dict, anchors: dict, *, copy: bool) -> None:
         if set(importances) != set(anchors):
@@ -249,6 +203,7 @@ class EWCState:
             "anchors_from": self.domains[-1]["name"] if self.domains else None,
             "consolidation": self.consolidation,
             "decay": self.decay,
+            "importance_normalization": self.normalization,
             "domains": self.domains,
             "dtype": _dtype_name(self.dtype),
             "format_version": FORMAT_VERSION,
@@ -279,12 +234,16 @@ class EWCState:
         estimator: str | None = None,
         num_samples: int | None = None,
         options: Mapping[str, Any] | None = None,
+        normalization: str = "mean",
     ) -> "EWCState":
         r"""Fold the importances of a newly learned domain into the state and move the anchors to the current weights.
 
         - ``mode="sum"``:    ``Ω ← Ω + Ω_t`` (the seed papers' choice; Huszár's corrected recursion);
         - ``mode="online"``: ``Ω ← γ·Ω + Ω_t`` with ``γ = decay`` ∈ (0, 1] (Schwarz et al. 2018);
-        - in both modes ``θ* ← θ`` (the model's current trainable parameters).
+        - in both modes ``θ* ← θ`` (the model's current trainable parameters);
+        - with ``normalization="mean"`` (the default) ``Ω_t`` is first divided by its mean over all the parameters it
+          covers (computed in float64; the divisor is recorded), so every domain enters with mean importance 1 and λ
+          means the same whatever the method's scale. ``"none"`` keeps the raw scale. A state holds one convention.
 
         Args:
             model (`torch.nn.Module`):
@@ -299,6 +258,8 @@ class EWCState:
                 Name of the domain, recorded in the metadata (defaults to ``"domain_<k>"``).
             method, estimator, num_samples, options:
                 How Ω_t was obtained, recorded in the metadata.
+            normalization (`str`, *optional*, defaults to `"mean"`):
+                `"mean"` or `"none"` (see above).
 
         Returns:
             `EWCState`: ``self``.
@@ -314,9 +275,12 @@ class EWCState:
             raise HfEwcError("The model has no trainable parameters (requires_grad=True) to protect.")
         _check_covers(importances, params)
         check_importances(importances)
+        self.check_normalization(normalization)
+        domain_name = domain if domain is not None else f"domain_{len(self.domains)}"
+        importances, divisor = _normalize(importances, normalization, domain_name)
         if self.domains:
             previous = self.domains[-1]
-            if (previous.get("method"), previous.get("estimator")) != (method, estimator):
+            if normalization == "none" and (previous.get("method"), previous.get("estimator")) != (method, estimator):
                 logger.warning(
                     f"Consolidating {method}/{estimator} importances onto a state built from "
                     f"{previous.get('method')}/{previous.get('estimator')}: their scales differ, so one λ does not "
@@ -340,16 +304,24 @@ class EWCState:
             logger.info(f"{len(kept)} protected parameter(s) are not trainable now and keep their old anchors.")
         self.consolidation = mode
         self.decay = gamma
-        self.domains.append(
-            {
-                "name": domain if domain is not None else f"domain_{len(self.domains)}",
-                "method": method,
-                "estimator": estimator,
-                "num_samples": num_samples,
-                "options": dict(options or {}),
-            }
-        )
+        self.normalization = normalization
+        entry = {"name": domain_name, "method": method, "estimator": estimator, "num_samples": num_samples}
+        entry.update(options=dict(options or {}), normalization=normalization, normalization_divisor=divisor)
+        self.domains.append(entry)
         return self
+
+    def check_normalization(self, normalization: str) -> None:
+        """Refuse to continue a state with the other importance convention (one λ could not weigh both)."""
+        if normalization not in NORMALIZATIONS:
+            raise HfEwcError(
+                f"Unknown importance_normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}."
+            )
+        if self.normalization is not None and self.normalization != normalization:
+            raise HfEwcError(
+                f"The EWC state holds importances with importance_normalization={self.normalization!r} (domains "
+                f"{', '.join(d.get('name', '?') for d in self.domains)}); continue it with importance_normalization="
+                f"{self.normalization!r}, or start a new state."
+            )
 
     # ------------------------------------------------------------------ checks
     def validate(self, model: nn.Module, *, strict: bool = True) -> list[str]:
@@ -392,33 +364,17 @@ class EWCState:
     def save(self, save_directory: str | os.PathLike) -> None:
         """Write ``ewc_state.safetensors`` and ``ewc_state.json`` into ``save_directory`` (created if needed),
         each atomically."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = self.metadata
-        meta["state_id"] = uuid.uuid4().hex
         tensors = {f"importance.{k}": v.contiguous() for k, v in self.importances.items()}
         tensors.update({f"anchor.{k}": v.contiguous() for k, v in self.anchors.items()})
-        with atomic_path(directory / STATE_WEIGHTS_NAME) as tmp:
-            save_file(tensors, tmp, metadata={"hf_ewc": json.dumps(meta, sort_keys=True)})
-        write_json_atomic(directory / STATE_CONFIG_NAME, meta)
+        write_state_file(save_directory, tensors, self.metadata)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "EWCState":
         """Load a state written by [`EWCState.save`] (tensors through safetensors, never pickle) from its directory, a
         checkpoint, or a finished `hf-ewc train` run (its ``ewc_state/``)."""
-        directory = Path(directory)
-        if directory.is_dir():
-            directory = find_ewc_state(directory) or directory
-        path = directory / STATE_WEIGHTS_NAME if directory.is_dir() or not directory.suffix else directory
-        if not path.is_file():
-            raise HfEwcError(
-                f"No EWC state at {str(directory)!r}: expected {STATE_WEIGHTS_NAME} (written by EWCState.save or by "
-                "EWCTrainer checkpoints)."
-            )
-        importances, anchors, meta = _read_state_file(path)
-        _check_side_file(
-            directory / STATE_CONFIG_NAME if path.parent == directory else path.with_suffix(".json"), path, meta
-        )
+        path, side = state_file_of(directory)
+        importances, anchors, meta = read_state_file(path)
+        check_side_file(side, path, meta)
         dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
         state = cls(metadata=meta, dtype=dtype)
         state._set_tensors(importances, anchors, copy=False)

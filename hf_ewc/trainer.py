@@ -19,6 +19,7 @@ from transformers.training_args import trainer_log_levels
 from .config import EWCConfig
 from .distributed import check_world_size, sharded_setup, sharding_refusal, trainable_parameters
 from .importance import SI_STATE_NAME, CollectionSpec, ImportanceResult, SIAccumulator, collect
+from .monitor import PenaltyMonitor
 from .penalty import Penalty
 from .sparsity import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState
@@ -111,6 +112,9 @@ class _EWCCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._monitor.domain_finished(self.trainer._penalty)
+
 
 class EWCTrainer(Trainer):
     r"""`transformers.Trainer` with (stabilized) Elastic Weight Consolidation.
@@ -188,18 +192,19 @@ class EWCTrainer(Trainer):
         if isinstance(ewc_state, (str, os.PathLike)):
             ewc_state = EWCState.load(ewc_state)
         self.ewc_state: EWCState | None = ewc_state
+        if ewc_state is not None:  # before training, not when consolidating after it
+            ewc_state.check_normalization(self.args.importance_normalization)
         if ewc_state is not None and self.model is not None:
             uncovered = ewc_state.validate(self._plain_model(), strict=False)
             if uncovered and not ewc_state.is_empty:
                 logger.info(f"{len(uncovered)} trainable parameter(s) are not in the EWC state and train unprotected.")
         self._penalty: Penalty | None = None
         self._si: SIAccumulator | None = None
-        self._pending_penalties: list[Tensor] = []
-        self._last_penalty: Tensor | None = None
+        self._penalty_in_loss = self.is_deepspeed_enabled  # DeepSpeed keeps gradients in its own buffers
         self._clip_coef = 1.0
         self._told_no_state = False
         self._warned_overshoot = False
-        self._warned_nonfinite = False
+        self._monitor = PenaltyMonitor(self.args.ewc_mode)
         self.add_callback(_EWCCallback(self))
 
     # ------------------------------------------------------------------ setup
@@ -214,7 +219,6 @@ class EWCTrainer(Trainer):
         for callback in self._sparsity_callbacks():
             callback.managed = True  # applied in _after_optimizer_step, not again by its own hook
         args: EWCConfig = self.args
-        self._pending_penalties = []
         self._penalty = None
         model = self._plain_model()
         params = trainable_parameters(model)
@@ -267,21 +271,29 @@ class EWCTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ):
-        """Task loss (as `Trainer` computes it) plus the EWC penalty while training.
-
-        The penalty is added once per optimizer step in effect: divided by the number of accumulation steps exactly
-        when `training_step` will not divide the loss itself, and added after the Trainer's own multiplication by the
-        world size (`average_tokens_across_devices`), so that its gradient is ``2c·(θ − θ*)`` per step in every
-        setting.
-        """
+        """Task loss (as `Trainer` computes it); the penalty joins it only where its gradient cannot be added to
+        ``.grad`` directly (DeepSpeed keeps gradients in its own buffers). There it is divided by the accumulation
+        steps exactly when `training_step` will not divide the loss itself, and added after the Trainer's own
+        multiplication by the world size, so that its gradient is ``2c·(θ − θ*)`` per optimizer step."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self._penalty is not None and self._penalty.penalized and model.training:
-            penalty = self._penalty.value()
-            self._last_penalty = penalty.detach()
+        if self._penalty_in_loss and self._penalty is not None and self._penalty.penalized and model.training:
+            penalty = self._penalty.loss()
             if self._loss_scaled_for_ga(num_items_in_batch):
                 penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
             loss = loss + penalty.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Tensor | Any], num_items_in_batch=None) -> Tensor:
+        """`Trainer.training_step`; after the backward of an optimizer step's last micro-batch (gradients complete and
+        reduced across processes, not yet clipped) the penalty's gradient ``2c·(θ − θ*)`` is added to ``.grad`` once,
+        times the fp16 loss scale while gradients carry it. So it does not depend on gradient accumulation,
+        `num_items_in_batch` or the number of processes, and costs no autograd graph."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        penalty = self._penalty
+        if penalty is not None and penalty.penalized and not self._penalty_in_loss and self.accelerator.sync_gradients:
+            scaler = getattr(self.accelerator, "scaler", None)
+            penalty.add_gradient_(scale=float(scaler.get_scale()) if scaler is not None else 1.0)
+        return loss
 
     # ------------------------------------------------------------------ around the optimizer step
     def _clip_grad_norm(self, model):
@@ -302,36 +314,14 @@ class EWCTrainer(Trainer):
                 callback.apply(self.model)
             if self._si is not None:
                 self._si.after_step(grad_scale=1.0 / self._clip_coef)
-        if penalty is not None and penalty.penalized and self._last_penalty is not None:
-            self._pending_penalties.append(self._last_penalty)
         self._clip_coef = 1.0
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        reg = self._penalty
-        if reg is not None and "loss" in logs:
-            if reg.penalized and self._pending_penalties:
-                penalty = float(torch.stack(self._pending_penalties).float().mean())
-                task = logs["loss"] - penalty
-                if not math.isfinite(penalty) and not self._warned_nonfinite:
-                    # The Trainer's logging_nan_inf_filter hides a diverging loss; the penalty does not.
-                    hint = (
-                        " Vanilla EWC diverges once η·λ·Ω > 2: use ewc_mode='stabilized'."
-                        if (self.args.ewc_mode == "vanilla")
-                        else " Lower the learning rate or λ."
-                    )
-                    logger.warning(f"The EWC penalty is {penalty}: training has diverged.{hint}")
-                    self._warned_nonfinite = True
-            elif not reg.penalized:
-                penalty, task = reg.quadratic_value(), logs["loss"]
-            else:
-                penalty = task = None
-            if penalty is not None:
-                logs["ewc/penalty"] = penalty
-                logs["ewc/task_loss"] = task
-                logs["ewc/penalty_ratio"] = penalty / task if task else float("inf")
-                logs["ewc/coef_max"] = reg.coef_max
-            self._pending_penalties = []
+        """`Trainer.log` plus the ``ewc/*`` metrics of the active penalty, measured at the logging step: the logged
+        ``loss`` is the task loss (the Trainer's mean over the logging window) plus that penalty."""
+        if self._penalty is not None and "loss" in logs:
+            logs.update(self._monitor.metrics(self._penalty, logs["loss"], in_loss=self._penalty_in_loss))
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ consolidation
@@ -373,6 +363,7 @@ class EWCTrainer(Trainer):
             estimator=result.estimator,
             num_samples=result.num_samples,
             options=result.options,
+            normalization=args.importance_normalization,
         )
         self.ewc_state = state
         self._penalty = None

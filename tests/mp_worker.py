@@ -63,9 +63,12 @@ def collect_all() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
 
 
 # ------------------------------------------------------------------------------------------------------- training
-def train_sequence(out: str, per_device_batch_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+def train_sequence(
+    out: str, per_device_batch_size: int, penalty_in_loss: bool = False
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Three domains with SI importances: the stabilized penalty on the second, the proximal step on the third. The
-    parameters after each domain, SI's importances, the logged penalties and losses."""
+    parameters after each domain, SI's importances, the logged penalties and losses. ``penalty_in_loss``: the
+    penalty as an autograd loss term (the DeepSpeed path) instead of its gradient added to ``.grad``."""
     torch.manual_seed(0)
     model = tiny_llama()
     domains = {"a": lm_samples(32, seed=1, high=20), "b": lm_samples(32, seed=2, low=20), "c": lm_samples(32, seed=3)}
@@ -78,9 +81,10 @@ def train_sequence(out: str, per_device_batch_size: int) -> tuple[dict[str, torc
             output_dir=os.path.join(out, name), per_device_train_batch_size=per_device_batch_size,
             num_train_epochs=2, learning_rate=0.02, optim="adamw_torch", lr_scheduler_type="constant",
             max_grad_norm=0.5, weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True,
-            logging_steps=1, seed=0, use_cpu=True, importance_method="si", ewc_lambda=300.0, ewc_mode=modes[name],
+            logging_steps=1, seed=0, use_cpu=True, importance_method="si", ewc_lambda=3.0, ewc_mode=modes[name],
         )  # fmt: skip
         trainer = EWCTrainer(model=model, args=args, train_dataset=data, ewc_state=state)
+        trainer._penalty_in_loss = penalty_in_loss
         trainer.train()
         state = trainer.consolidate(domain=name)
         model = trainer._plain_model()

@@ -1,6 +1,9 @@
 """Importances against independent per-sample references written out here with explicit loops."""
 
+import gzip
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +20,11 @@ from testing_utils import (
 )
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel, default_data_collator
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, default_data_collator
 
 from hf_ewc import HfEwcError, collect_importance
 from hf_ewc.importance import CollectionSpec, collect
+from hf_ewc.pipeline.prepare import train_tokenizer
 
 
 MODELS = {
@@ -30,6 +34,8 @@ MODELS = {
     "bert_cls": (tiny_bert_classifier, lambda: cls_samples(10), False),
     "mlp": (MLP, lambda: vec_samples(10), False),
 }
+
+CORPORA = Path(__file__).resolve().parents[1] / "hf_ewc" / "resources" / "corpora"
 
 
 def _positions(model, sample, shift):
@@ -66,12 +72,17 @@ def _reference(model, samples, per_sample_objective, transform, shift):
     return {n: (t / count).float() for n, t in total.items()}
 
 
+def _over_positions(values):
+    """A sample's objective from its positions' values: the sum weighted by 1/√T (see importance/fisher.py)."""
+    return values.sum() / len(values) ** 0.5
+
+
 def _empirical(logits, labels):
-    yield torch.log_softmax(logits, -1).gather(-1, labels[:, None]).mean()
+    yield _over_positions(torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1))
 
 
 def _mas_probs(logits, labels):
-    yield logits.softmax(-1).square().sum(-1).mean()
+    yield logits.softmax(-1).square().sum(-1).mean()  # MAS: the mean over positions (see importance/mas.py)
 
 
 def _exact(logits, labels):
@@ -79,7 +90,7 @@ def _exact(logits, labels):
     T = len(labels)
     for t in range(T):
         for c in range(logits.shape[-1]):
-            yield logp[t, c].detach().exp().sqrt() * logp[t, c] / T
+            yield logp[t, c].detach().exp().sqrt() * logp[t, c] / T**0.5
 
 
 def assert_importances_close(got, expected, rtol=1e-4):
@@ -129,7 +140,7 @@ def test_exact_fisher_for_classifiers_matches_reference(name):
 
 
 def test_exact_fisher_for_a_causal_lm_equals_the_brute_force_expectation():
-    """E_y[(∇ mean_t log p(y_t))²] by enumerating every label sequence, vs the per-position formula."""
+    """E_y[(∇ Σ_t log p(y_t)/√T)²] by enumerating every label sequence, vs the per-position formula."""
     torch.manual_seed(3)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=4, n_embd=8, n_layer=1, n_head=2, n_positions=8))
     ids = torch.tensor([[1, 3, 2], [2, 0, 1]])
@@ -142,7 +153,7 @@ def test_exact_fisher_for_a_causal_lm_equals_the_brute_force_expectation():
         logp = torch.log_softmax(model(input_ids=sample["input_ids"][None]).logits[0, :-1], -1)  # 2 positions
         for ys in itertools.product(range(4), repeat=2):
             prob = float((logp[0, ys[0]] + logp[1, ys[1]]).detach().exp())
-            ll = (logp[0, ys[0]] + logp[1, ys[1]]) / 2
+            ll = (logp[0, ys[0]] + logp[1, ys[1]]) / 2**0.5
             for n, g in zip(names, torch.autograd.grad(ll, params, retain_graph=True)):
                 expected[n] += prob * g.double().square() / len(samples)
     got = collect_importance(model, samples, "fisher", estimator="exact", batch_size=2, show_progress=False)
@@ -165,7 +176,7 @@ def test_sampled_fisher_matches_reference_with_the_same_draws():
         probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
         draws = torch.multinomial(probs, 1, generator=generator).reshape(mask.shape)
         for n in range(len(mask)):
-            ll = torch.log_softmax(logits[n], -1).gather(-1, draws[n][:, None]).squeeze(-1)[mask[n]].mean()
+            ll = _over_positions(torch.log_softmax(logits[n], -1).gather(-1, draws[n][:, None]).squeeze(-1)[mask[n]])
             for name, g in zip(names, torch.autograd.grad(ll, params, retain_graph=True, allow_unused=True)):
                 if g is not None:
                     expected[name] += g.square()
@@ -190,7 +201,7 @@ def test_batched_fisher_is_the_squared_minibatch_gradient():
         lls = []
         for sample in samples[start : start + 4]:
             logits, labels = _positions(model, sample, True)
-            lls.append(torch.log_softmax(logits, -1).gather(-1, labels[:, None]).mean())
+            lls.append(_over_positions(torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)))
         for (n, _), g in zip(params.items(), torch.autograd.grad(torch.stack(lls).mean(), list(params.values()))):
             expected[n] += g.square() / 3
     result = collect(model, samples, CollectionSpec("fisher", estimator="batched", batch_size=4, show_progress=False))
@@ -461,3 +472,51 @@ def test_tuple_batches_are_refused_with_a_clear_error():
         collect_importance(MLP(), data)
     with pytest.raises(HfEwcError, match="A DataLoader batch is a list"):
         collect_importance(MLP(), DataLoader(data, batch_size=2))
+
+
+def _docs() -> list[str]:
+    with gzip.open(CORPORA / "python_docs.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def _blocks_of_real_text(tokenizer, length: int, count: int) -> list[dict]:
+    """``count`` consecutive blocks of ``length`` tokens from the start of the shipped Python-docs corpus."""
+    ids = [t for text in _docs()[:40] for t in tokenizer(text)["input_ids"]][: length * count]
+    blocks = torch.tensor(ids).reshape(count, length)
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b} for b in blocks]
+
+
+def test_sampled_fisher_of_a_language_model_does_not_shrink_with_the_block_length():
+    """The same 2,048 tokens of real text as 64 blocks of 32 and as 16 blocks of 128: Ω̄ within 1.5× (with the mean
+    over positions as a sample's log-likelihood it would be 4× smaller for the long blocks)."""
+    tokenizer = train_tokenizer("causal_lm", iter(_docs()), 512)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    means = {}
+    for length, count in ((32, 64), (128, 16)):
+        blocks = _blocks_of_real_text(tokenizer, length, count)
+        omega = collect_importance(model, blocks, "fisher", estimator="sampled", batch_size=8, show_progress=False)
+        means[length] = sum(float(t.double().sum()) for t in omega.values()) / sum(t.numel() for t in omega.values())
+    assert 1 / 1.5 < means[128] / means[32] < 1.5, means
+
+
+def test_exact_fisher_and_mas_of_a_language_model_keep_their_scale_over_block_lengths():
+    """Exact Fisher (small vocabulary, so that T·V backward passes stay cheap) and MAS, 4- vs 16-token blocks of the
+    same token stream: Ω̄ within 1.5×."""
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=6, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    stream = torch.randint(0, 6, (256,), generator=torch.Generator().manual_seed(0))
+    means = {}
+    for method in ("exact", "mas"):
+        for length in (4, 16):
+            blocks = [
+                {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b} for b in stream.view(-1, length)
+            ]
+            options = {"estimator": "exact", "max_backward_per_batch": 1000} if method == "exact" else {}
+            omega = collect_importance(
+                model, blocks, "fisher" if method == "exact" else "mas", batch_size=8, show_progress=False, **options
+            )
+            means[method, length] = sum(float(t.double().sum()) for t in omega.values()) / sum(
+                t.numel() for t in omega.values()
+            )
+        assert 1 / 1.5 < means[method, 16] / means[method, 4] < 1.5, means

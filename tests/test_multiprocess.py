@@ -98,6 +98,10 @@ def test_training_on_two_processes_equals_one_process_si_penalty_proximal(tmp_pa
     proximal = [log["ewc/penalty"] for log in logs0["c"]]
     assert max(proximal) > 0
     assert proximal == pytest.approx([log["ewc/penalty"] for log in logs["c"]], rel=1e-3, abs=1e-7)
+    # the penalty gradient added to .grad on 2 ranks equals the penalty as a loss term through autograd in 1 process
+    autograd, logs_autograd = train_sequence(str(tmp_path / "autograd"), 8, penalty_in_loss=True)
+    assert_close_to({k: r0[k] for k in autograd}, autograd, rel=1e-3)
+    assert penalties == pytest.approx([log["ewc/penalty"] for log in logs_autograd["b"]], rel=1e-3, abs=1e-7)
 
 
 def test_cli_on_two_processes_writes_once_and_equals_one_process(tmp_path, capsys):

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from hf_ewc.penalty import (
+    Penalty,
     ewc_penalty,
     penalty_coefficients,
+    penalty_gradient_,
     proximal_step_,
     proximal_weights,
     stabilized_coefficients,
@@ -152,3 +154,40 @@ def test_workspace_form_refuses_a_second_backward():
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per call"):
         value.backward()
+
+
+def test_direct_gradient_equals_autograd_and_is_exactly_zero_at_the_anchor():
+    omega, theta, anchor = _case()
+    coefficients = stabilized_coefficients(omega, 3.0, 0.1)
+    params = [torch.nn.Parameter(t.clone()) for t in theta]
+    ewc_penalty(params, anchor, coefficients).backward()
+    expected = [p.grad.clone() for p in params]
+    direct = [torch.nn.Parameter(t.clone()) for t in theta]
+    direct[0].grad = torch.full_like(direct[0], 0.25)  # an existing gradient is added to; a missing one is created
+    two_c = [2 * c for c in coefficients]
+    penalty_gradient_(direct, anchor, two_c, [torch.empty_like(t) for t in theta], scale=4.0)
+    torch.testing.assert_close(direct[0].grad, 0.25 + 4.0 * expected[0])
+    torch.testing.assert_close(direct[1].grad, 4.0 * expected[1])
+    at_anchor = [torch.nn.Parameter(a.clone() + 1e3) for a in anchor]  # far from 0: 2c·θ − 2c·θ* would not cancel
+    penalty_gradient_(at_anchor, [a + 1e3 for a in anchor], two_c, [torch.empty_like(t) for t in theta])
+    assert all(bool((p.grad == 0).all()) for p in at_anchor)
+
+
+def test_penalty_object_value_gradient_and_loss_agree():
+    omega, theta, anchor = _case()
+    params = {f"p{i}": torch.nn.Parameter(t.clone()) for i, t in enumerate(theta)}
+    anchors = {f"p{i}": a for i, a in enumerate(anchor)}
+    importances = {f"p{i}": o for i, o in enumerate(omega)}
+    penalty = Penalty.build(params, anchors, importances, mode="stabilized", ewc_lambda=3.0, lr=0.1)
+    coefficients = stabilized_coefficients(omega, 3.0, 0.1)
+    expected = sum(float((c * (t - a) ** 2).sum()) for c, t, a in zip(coefficients, theta, anchor))
+    assert penalty.value() == pytest.approx(expected, rel=1e-6)
+    assert float(penalty.loss().detach()) == pytest.approx(expected, rel=1e-6)
+    assert penalty.omega_mean == pytest.approx(float(sum(o.sum() for o in omega)) / 7)
+    penalty.loss().backward()
+    via_autograd = [p.grad.clone() for p in params.values()]
+    for p in params.values():
+        p.grad = None
+    penalty.add_gradient_()
+    for p, g in zip(params.values(), via_autograd):
+        torch.testing.assert_close(p.grad, g)

@@ -159,7 +159,7 @@ def test_resume_refuses_a_different_config(tmp_path, capsys):
         ["train", str(config), "--resume", "--ewc_lambda", "5", "--domains.1.max_samples", "3"], capsys
     )
     assert rc == 2
-    assert "different config" in err and "ewc_lambda: 10000.0 → 5.0" in err and "domains.1.max_samples: 24 → 3" in err
+    assert "different config" in err and "ewc_lambda: 10.0 → 5.0" in err and "domains.1.max_samples: 24 → 3" in err
     assert len(err.strip().splitlines()) == 1
     assert snapshot(tmp_path) == before
     # The same config resumes a finished run as a no-op.

@@ -23,11 +23,12 @@ def test_consolidate_sum_adds_importances_and_moves_anchors():
     model = MLP()
     state = EWCState()
     assert state.is_empty and state.max_importance() == 0.0
-    state.consolidate(model, _ones_like(model, 2.0), domain="a", method="fisher", estimator="empirical", num_samples=5)
+    raw = {"method": "fisher", "estimator": "empirical", "num_samples": 5, "normalization": "none"}
+    state.consolidate(model, _ones_like(model, 2.0), domain="a", **raw)
     first_anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(torch.equal(state.anchors[n], first_anchor[n]) for n in first_anchor)
     _perturb(model)
-    state.consolidate(model, _ones_like(model, 3.0), domain="b", method="fisher", estimator="empirical", num_samples=5)
+    state.consolidate(model, _ones_like(model, 3.0), domain="b", **raw)
     assert all(bool((v == 5.0).all()) for v in state.importances.values())
     assert all(torch.equal(state.anchors[n], p.detach()) for n, p in model.named_parameters())
     assert [d["name"] for d in state.domains] == ["a", "b"] and state.num_consolidations == 2
@@ -36,8 +37,8 @@ def test_consolidate_sum_adds_importances_and_moves_anchors():
 def test_consolidate_online_decays():
     model = MLP()
     state = EWCState()
-    state.consolidate(model, _ones_like(model, 2.0), mode="online", decay=0.5)
-    state.consolidate(model, _ones_like(model, 3.0), mode="online", decay=0.5)
+    state.consolidate(model, _ones_like(model, 2.0), mode="online", decay=0.5, normalization="none")
+    state.consolidate(model, _ones_like(model, 3.0), mode="online", decay=0.5, normalization="none")
     assert all(torch.allclose(v, torch.full_like(v, 0.5 * 2.0 + 3.0)) for v in state.importances.values())
     assert state.consolidation == "online" and state.decay == 0.5
 
@@ -143,7 +144,7 @@ def test_interrupted_save_keeps_the_previous_state(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hf_ewc.state.save_file", crash)
+    monkeypatch.setattr("hf_ewc.state_io.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         state.save(tmp_path)
     assert (tmp_path / STATE_WEIGHTS_NAME).read_bytes() == before
@@ -186,7 +187,7 @@ def test_state_copies_what_it_is_given():
     importances["net.0.weight"].mul_(100)  # ...and the caller reuses its tensors
     assert not torch.equal(state.anchors["net.0.weight"], params["net.0.weight"].detach())
     assert bool((state.importances["net.0.weight"] == 1).all())
-    consolidated = EWCState().consolidate(model, importances)
+    consolidated = EWCState().consolidate(model, importances, normalization="none")
     importances["net.2.weight"].mul_(7)
     assert bool((consolidated.importances["net.2.weight"] == 1).all())
 
@@ -203,3 +204,61 @@ def test_corrupt_metadata_is_a_clear_error(tmp_path):
               metadata={"hf_ewc": "{not json"})  # fmt: skip
     with pytest.raises(HfEwcError, match="corrupt hf_ewc metadata"):
         EWCState.load(tmp_path)
+
+
+def test_mean_normalization_divides_each_domain_by_its_mean_and_records_it():
+    model = MLP()
+    params = dict(model.named_parameters())
+    count = sum(p.numel() for p in params.values())
+    first = {
+        n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) for i, (n, p) in enumerate(params.items())
+    }
+    mean = sum(float(t.double().sum()) for t in first.values()) / count
+    state = EWCState().consolidate(model, first, domain="a")  # the default
+    for n, t in first.items():
+        torch.testing.assert_close(state.importances[n], t / mean)
+    assert state.domains[0]["normalization"] == "mean"
+    assert state.domains[0]["normalization_divisor"] == pytest.approx(mean, rel=1e-12)
+    assert sum(float(t.double().sum()) for t in state.importances.values()) / count == pytest.approx(1.0, rel=1e-6)
+    # a second domain 1000× larger in raw scale enters with the same weight: Ω = Ω_1/mean_1 + Ω_2/mean_2
+    second = {n: 1000 * t.flip(0) for n, t in first.items()}
+    state.consolidate(model, second, domain="b")
+    for n, t in first.items():
+        torch.testing.assert_close(state.importances[n], t / mean + t.flip(0) / mean, rtol=1e-5, atol=1e-6)
+    assert state.domains[1]["normalization_divisor"] == pytest.approx(1000 * mean, rel=1e-6)
+    assert state.metadata["importance_normalization"] == "mean"
+
+
+def test_normalization_conventions_are_not_mixed_and_old_states_say_theirs(tmp_path):
+    model = MLP()
+    state = EWCState().consolidate(model, _ones_like(model), domain="a")
+    with pytest.raises(HfEwcError, match=r"holds importances with importance_normalization='mean'.*continue it with"):
+        state.consolidate(model, _ones_like(model), domain="b", normalization="none")
+    assert len(state.domains) == 1  # refused before anything changed
+    # a state written before the normalization existed: raw importances, and it says so
+    raw = EWCState().consolidate(model, _ones_like(model, 5.0), domain="old", normalization="none")
+    raw.save(tmp_path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / STATE_WEIGHTS_NAME), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        header = json.loads(f.metadata()["hf_ewc"])
+    del header["importance_normalization"]
+    for domain in header["domains"]:
+        del domain["normalization"], domain["normalization_divisor"]
+    save_file(tensors, str(tmp_path / STATE_WEIGHTS_NAME), metadata={"hf_ewc": json.dumps(header)})
+    (tmp_path / STATE_CONFIG_NAME).unlink()
+    old = EWCState.load(tmp_path)
+    assert old.normalization == "none" and old.metadata["importance_normalization"] == "none"
+    with pytest.raises(HfEwcError, match="continue it with importance_normalization='none', or start a new state"):
+        old.consolidate(model, _ones_like(model), domain="new")
+    old.consolidate(model, _ones_like(model, 2.0), domain="new", normalization="none")
+    assert all(bool((t == 7.0).all()) for t in old.importances.values())
+
+
+def test_all_zero_importances_cannot_be_normalized():
+    model = MLP()
+    with pytest.raises(HfEwcError, match=r"importances of domain 'quiet' are all 0: there is nothing to normalize"):
+        EWCState().consolidate(model, _ones_like(model, 0.0), domain="quiet")
+    assert EWCState().consolidate(model, _ones_like(model, 0.0), normalization="none").max_importance() == 0.0

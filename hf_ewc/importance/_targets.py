@@ -17,6 +17,12 @@ from torch import Tensor
 from ..utils import HfEwcError, logger
 
 
+# How a sample's objective is formed from its positions, recorded with Fisher and MAS importances (Fisher states
+# written before 0.2 used the mean over positions and carry no such entry).
+SUM_OVER_SQRT_T = "sum over positions / sqrt(positions)"
+MEAN_OVER_T = "mean over positions"
+
+
 def outputs_logits(outputs: Any, labels_given: bool) -> Tensor:
     if isinstance(outputs, Mapping) or hasattr(outputs, "logits"):
         logits = outputs.get("logits") if isinstance(outputs, Mapping) else outputs.logits
@@ -53,7 +59,7 @@ class Targets:
     logits: Tensor  # [B, T, V]
     labels: Tensor | None  # [B, T] (−100 replaced by 0 where masked)
     mask: Tensor  # [B, T] float
-    tokens: Tensor  # [B] number of counted positions
+    tokens: Tensor  # [B] number of counted positions T_n
     valid: Tensor  # [B] bool: samples with at least one counted position
 
     _log_probs: Tensor | None = None
@@ -68,9 +74,16 @@ class Targets:
             self._log_probs = torch.log_softmax(self.logits.float(), dim=-1)
         return self._log_probs
 
-    def per_sample_mean(self, per_position: Tensor) -> Tensor:
-        """``Σ_t mask·x / T_n`` for each sample (0 for samples without positions)."""
-        return (per_position * self.mask).sum(1) / self.tokens.clamp(min=1)
+    def per_sample(self, per_position: Tensor, weighting: str = SUM_OVER_SQRT_T) -> Tensor:
+        """A sample's objective from per-position values: ``Σ_t mask·x / √T_n`` (`SUM_OVER_SQRT_T`) or
+        ``Σ_t mask·x / T_n`` (`MEAN_OVER_T`); 0 for samples without positions. A classifier (T = 1) is unaffected.
+
+        The Fisher uses the first: for labels drawn from the model the per-position gradients ``g_t`` have mean 0
+        given the inputs and are independent across positions, so ``E[(Σ_t g_t/√T)²] = (1/T)·Σ_t E[g_t²]`` — the mean
+        per-token Fisher, whatever T (the mean over positions would give 1/T of it). MAS uses the second: its
+        per-position gradients do not have mean 0, ``|Σ_t ∇‖f_t‖²|`` grows about as T, and the mean keeps it level."""
+        scale = self.tokens.clamp(min=1)
+        return (per_position * self.mask).sum(1) / (scale.sqrt() if weighting == SUM_OVER_SQRT_T else scale)
 
 
 def build_targets(

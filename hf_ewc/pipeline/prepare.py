@@ -66,6 +66,8 @@ def prepare(
     initial_state = None
     if from_dir is not None:
         initial_state = _from_state(from_dir)
+        for i in range(len(run.domains)):  # before anything is written, not when the first domain consolidates
+            initial_state.check_normalization(run.training_args(i, run.output_dir).importance_normalization)
         tokenizer = load_tokenizer(from_dir, revision=None, trust_remote_code=False, task=run.task)
     elif resumed_stage is not None:
         tokenizer = load_tokenizer(str(resumed_stage), revision=None, trust_remote_code=False, task=run.task)
