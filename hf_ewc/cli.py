@@ -5,6 +5,7 @@
     hf-ewc train CONFIG.yaml --resume         # continue an interrupted run (finished domains are kept)
     hf-ewc train NEXT.yaml --from RUN_DIR     # new domains on top of a finished run's model and EWC state
     hf-ewc train --fields                     # every key a config may set
+    hf-ewc sweep [CONFIG] --lambdas 1,10,100 --methods fisher,mas   # forgetting removed vs gain kept; best.yaml
     hf-ewc env                      # versions of hf_ewc and its stack, the device and the accelerate setup
     hf-ewc state DIR                # what a saved EWC state holds (domains, methods, sizes, importance statistics)
     hf-ewc prune RUN_DIR --sparsity 0.5 --criterion obd --out pruned   # prune by the run's own Fisher; export
@@ -28,9 +29,13 @@ from ._version import __version__
 from .pipeline import Pipeline, load_run_config, prune_pretrained
 from .pipeline.config_io import describe_type
 from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec, PruneSpec, training_fields
+from .pipeline.sweep import MethodSpec, Sweep, parse_lambdas
 from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
 from .state import EWCState
 from .utils import HfEwcError, versions
+
+
+DEFAULT_LAMBDAS = "1,3,10,30,100"
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -87,6 +92,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    run = load_run_config(args.config, args.overrides)
+    lambdas = parse_lambdas(args.lambdas)
+    if args.methods:
+        methods = [MethodSpec.parse(m) for m in args.methods.split(",") if m.strip()]
+    else:  # the config's own method, estimator and mode
+        training = run.training_args(0, run.output_dir)
+        estimator = training.fisher_estimator if training.importance_method == "fisher" else None
+        methods = [MethodSpec(training.importance_method, estimator, training.ewc_mode)]
+    if not methods:
+        raise HfEwcError("--methods is empty; give importance methods like fisher,mas (or leave it out).")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    sweep = Sweep(
+        run.raw, source=run.source, lambdas=lambdas, methods=methods, min_gain_kept=args.min_gain_kept,
+        resume=args.resume, overwrite=args.overwrite, keep_models=args.keep_models,
+    )  # fmt: skip
+    sweep.run()
+    return 0
+
+
 def _prune(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()  # loading/saving bars; the scoring bar stays
     prune_pretrained(
@@ -139,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--fields", action="store_true", help="List every key a config may set, then exit.")
     train.set_defaults(func=_train)
+    sweep = sub.add_parser(
+        "sweep",
+        help="Run naive fine-tuning and each (method, λ) over CONFIG's sequence; choose λ (writes best.yaml).",
+        description="Train CONFIG's sequence with naive fine-tuning and with every (method, λ), sharing the first "
+        "domain's training; measure the share of naive's forgetting each removes and of its gain each keeps; "
+        "choose the λ that removes the most while keeping --min-gain-kept. Writes sweep.json, sweep.md, frontier.png "
+        "and best.yaml into the config's output_dir. Config keys can be overridden as for train.",
+        allow_abbrev=False,
+    )
+    sweep.add_argument("config", nargs="?", help="YAML run config (default: the embedded demo).")
+    sweep.add_argument(
+        "--lambdas", default=DEFAULT_LAMBDAS, help=f"Comma-separated λ values (default {DEFAULT_LAMBDAS})."
+    )
+    sweep.add_argument("--methods", help="Comma-separated [mode:]method[/estimator] (default: the config's own).")
+    sweep.add_argument("--min-gain-kept", type=float, default=0.9, help="Share of naive's gain to keep (default 0.9).")
+    sweep.add_argument("--resume", action="store_true", help="Reuse the finished runs of the sweep in output_dir.")
+    sweep.add_argument("--overwrite", action="store_true", help="Replace a sweep already in output_dir.")
+    sweep.add_argument("--keep-models", action="store_true", help="Keep every run's weights (default: results only).")
+    sweep.set_defaults(func=_sweep)
     env = sub.add_parser("env", help="Print versions, device and accelerate setup (paste it into bug reports).")
     env.set_defaults(func=_env)
     state = sub.add_parser("state", help="Summarise a saved EWC state (a directory with ewc_state.safetensors).")
@@ -186,19 +231,25 @@ def _add_prune_parser(sub) -> None:
     prune.set_defaults(func=_prune)
 
 
-def _split_train_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `hf-ewc train`'s own flags and CONFIG from `--key value` overrides (argparse cannot tell them apart:
+OWN_FLAGS = {  # a command's own flags (and whether they take a value); every other --key is a config override
+    "train": {"--resume": False, "--overwrite": False, "--fields": False, "--from": True},
+    "sweep": {"--resume": False, "--overwrite": False, "--keep-models": False, "--lambdas": True, "--methods": True,
+              "--min-gain-kept": True},
+}  # fmt: skip
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate a command's own flags and CONFIG from `--key value` overrides (argparse cannot tell them apart:
     in `--disable_tqdm true` it would take `true` for CONFIG)."""
-    own_flags = {"--resume", "--overwrite", "--fields", "-h", "--help"}
+    own_flags = {**OWN_FLAGS[argv[0]], "-h": False, "--help": False}
     own, overrides = argv[:1], []
     i = 1
     while i < len(argv):
         token = argv[i]
-        if token in own_flags:
+        flag = token.partition("=")[0]
+        if flag in own_flags:
             own.append(token)
-        elif token == "--from" or token.startswith("--from="):
-            own.append(token)
-            if token == "--from" and i + 1 < len(argv):
+            if own_flags[flag] and "=" not in token and i + 1 < len(argv):
                 own.append(argv[i + 1])
                 i += 1
         elif token.startswith("--"):
@@ -216,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
-    if argv and argv[0] == "train":
-        argv, overrides = _split_train_overrides(argv)
+    if argv and argv[0] in OWN_FLAGS:
+        argv, overrides = _split_overrides(argv)
     args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "train":
+    if getattr(args, "command", None) in OWN_FLAGS:
         args.overrides = overrides
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)

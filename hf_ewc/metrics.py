@@ -13,25 +13,24 @@ reads "positive = better" in the metric's own units:
 """
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .utils import HfEwcError, atomic_path
+from .utils import HfEwcError
 
 
 __all__ = [
+    "as_initial",
+    "as_matrix",
     "continual_metrics",
+    "domain_names",
     "format_matrix",
     "format_summary",
     "perplexity",
-    "plot_matrix",
-    "plot_trajectories",
 ]
 
-_DPI = 110
 _NONE = "–"
 
 
@@ -57,7 +56,7 @@ def _cell_name(i: int, j: int, domains: Sequence[str] | None) -> str:
     return f"(after {i} {domains[i]!r}, on {j} {domains[j]!r})"
 
 
-def _as_matrix(matrix: Any, domains: Sequence[str] | None = None) -> np.ndarray:
+def as_matrix(matrix: Any, domains: Sequence[str] | None = None) -> np.ndarray:
     try:
         array = np.asarray(matrix, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -85,7 +84,7 @@ def _as_matrix(matrix: Any, domains: Sequence[str] | None = None) -> np.ndarray:
     return array
 
 
-def _as_initial(initial: Any, size: int) -> np.ndarray | None:
+def as_initial(initial: Any, size: int) -> np.ndarray | None:
     if initial is None:
         return None
     try:
@@ -136,9 +135,9 @@ def continual_metrics(matrix: Any, *, higher_is_better: bool, initial: Any = Non
     Raises:
         `HfEwcError`: The matrix is not square, is empty, has a non-finite cell, or `initial` has the wrong length.
     """
-    values = _as_matrix(matrix)
+    values = as_matrix(matrix)
     size = values.shape[0]
-    start = _as_initial(initial, size)
+    start = as_initial(initial, size)
     sign = 1.0 if higher_is_better else -1.0
     score = sign * values
     start_score = None if start is None else sign * start
@@ -163,7 +162,7 @@ def continual_metrics(matrix: Any, *, higher_is_better: bool, initial: Any = Non
     }
 
 
-def _domain_names(domains: Sequence[str]) -> list[str]:
+def domain_names(domains: Sequence[str]) -> list[str]:
     # A bare string is iterable too, and would silently become one domain per character.
     if isinstance(domains, (str, bytes)) or not hasattr(domains, "__iter__"):
         raise HfEwcError(f"`domains` must be a list of domain names, got {type(domains).__name__}.")
@@ -218,9 +217,9 @@ def format_matrix(
     Returns:
         `str`: The table, without a trailing newline.
     """
-    names = _domain_names(domains)
-    values = _as_matrix(matrix, names)
-    start = _as_initial(initial, len(names))
+    names = domain_names(domains)
+    values = as_matrix(matrix, names)
+    start = as_initial(initial, len(names))
     _check_digits(digits)
     rows = [[str(metric), *names]]
     if start is not None:
@@ -249,7 +248,7 @@ def format_summary(
     Returns:
         `str`: The summary (`None` values shown as "–"), without a trailing newline.
     """
-    names = _domain_names(domains)
+    names = domain_names(domains)
     _check_digits(digits)
     missing = [key for key in ("acc", "bwt", "fwt", "forgetting", "avg_forgetting", "learned") if key not in metrics]
     if missing:
@@ -282,157 +281,3 @@ def format_summary(
     if markdown:
         return "\n\n".join([_table(overall, markdown=True), _table(per_domain, markdown=True), f"*{note}*"])
     return "\n".join([_table(overall, markdown=False), "", _table(per_domain, markdown=False), note])
-
-
-def _pyplot_free_figure(figsize: tuple[float, float]):
-    """A `Figure` on its own Agg canvas: no pyplot, no global backend, nothing to leak when it goes out of scope."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (~0.5 s): only when a plot is drawn
-        from matplotlib.figure import Figure  # heavy, as above
-    except ImportError as err:
-        raise ImportError("Plotting needs matplotlib (a dependency of hf-ewc): `pip install matplotlib`.") from err
-    figure = Figure(figsize=figsize, dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        # The temp file ends in ".tmp", so the format cannot come from the name.
-        figure.savefig(tmp, format="png", dpi=_DPI)
-
-
-def _heatmap_size(size: int) -> tuple[float, float]:
-    cell = min(0.9, max(0.45, 8.0 / size))
-    return (2.6 + cell * size, 1.9 + cell * size)
-
-
-def _trajectories_size(points: int) -> tuple[float, float]:
-    return (max(5.5, 3.0 + 0.8 * points), 4.0)
-
-
-def _cell_format(values: np.ndarray) -> str:
-    """One decimal count for the whole heatmap, so that cells of a column line up and compare at a glance."""
-    largest = float(np.abs(values).max())
-    return ".0f" if largest >= 100 else ".1f" if largest >= 10 else ".2f"
-
-
-def _line_colours(count: int) -> list:
-    from matplotlib import colormaps  # heavy (~0.5 s): only when a plot is drawn
-
-    palette = colormaps["tab10" if count <= 10 else "tab20"]
-    return [palette(k % palette.N) for k in range(count)]
-
-
-def _tick_rotation(labels: Sequence[str]) -> int:
-    return 30 if len(labels) > 4 or max(len(label) for label in labels) > 8 else 0
-
-
-def plot_matrix(
-    matrix: Any,
-    domains: Sequence[str],
-    path: str | os.PathLike,
-    *,
-    metric: str,
-    higher_is_better: bool,
-    title: str | None = None,
-) -> None:
-    """Write the evaluation matrix as an annotated PNG heatmap; better cells get the same colour for any metric.
-
-    Args:
-        matrix (`list[list[float]]` or `np.ndarray`):
-            The T×T matrix (row i: after training domain i; column j: evaluated on domain j).
-        domains (`list[str]`):
-            The T domain names, in training order.
-        path (`str` or `os.PathLike`):
-            The PNG to write (atomically: a failed plot leaves an existing file untouched).
-        metric (`str`):
-            The metric's name, on the colour bar.
-        higher_is_better (`bool`):
-            `True` for accuracy-like metrics, `False` for loss or perplexity (the colour map is reversed).
-        title (`str`, *optional*):
-            Defaults to "<metric> after each domain".
-    """
-    names = _domain_names(domains)
-    values = _as_matrix(matrix, names)
-    size = len(names)
-    figure = _pyplot_free_figure(_heatmap_size(size))
-    ax = figure.add_subplot()
-    cmap = "viridis" if higher_is_better else "viridis_r"
-    image = ax.imshow(values, cmap=cmap, aspect="equal")
-    figure.colorbar(image, ax=ax, label=f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
-    fontsize = max(6.0, min(10.0, 80.0 / size))
-    cell_format = _cell_format(values)
-    for (i, j), value in np.ndenumerate(values):
-        red, green, blue, _ = image.cmap(image.norm(value))
-        # Dark text on the bright end of viridis, light text on the dark end.
-        colour = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
-        weight = "bold" if i == j else "normal"
-        text = format(value, cell_format)
-        ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize, fontweight=weight)
-    rotation = _tick_rotation(names)
-    ax.set_xticks(range(size), names, rotation=rotation, ha="right" if rotation else "center", rotation_mode="anchor")
-    ax.set_yticks(range(size), names)
-    ax.set_xlabel("evaluated on")
-    ax.set_ylabel("after training on")
-    ax.set_title(title if title is not None else f"{metric} after each domain")
-    _save(figure, path)
-
-
-def plot_trajectories(
-    matrix: Any,
-    domains: Sequence[str],
-    path: str | os.PathLike,
-    *,
-    metric: str,
-    initial: Any = None,
-    title: str | None = None,
-) -> None:
-    """Write a PNG with one line per domain: its metric after each step of the sequence, a star where it was trained.
-
-    Args:
-        matrix (`list[list[float]]` or `np.ndarray`):
-            The T×T matrix (row i: after training domain i; column j: evaluated on domain j).
-        domains (`list[str]`):
-            The T domain names, in training order.
-        path (`str` or `os.PathLike`):
-            The PNG to write (atomically: a failed plot leaves an existing file untouched).
-        metric (`str`):
-            The metric's name, on the y axis.
-        initial (`list[float]` or `np.ndarray`, *optional*):
-            The metric before any training, plotted as the first point of every line.
-        title (`str`, *optional*):
-            Defaults to "<metric> of each domain along the sequence".
-    """
-    names = _domain_names(domains)
-    values = _as_matrix(matrix, names)
-    start = _as_initial(initial, len(names))
-    if start is not None:
-        values = np.vstack([start, values])
-    offset = 0 if start is None else 1
-    labels = (["initial"] if start is not None else []) + [f"after {name}" for name in names]
-    figure = _pyplot_free_figure(_trajectories_size(len(labels)))
-    ax = figure.add_subplot()
-    steps = np.arange(len(labels))
-    # tab10 repeats its colours from the 11th line on.
-    ax.set_prop_cycle(color=_line_colours(len(names)))
-    for j, name in enumerate(names):
-        (line,) = ax.plot(steps, values[:, j], marker="o", markersize=4, label=name)
-        ax.plot(
-            j + offset,
-            values[j + offset, j],
-            marker="*",
-            markersize=14,
-            color=line.get_color(),
-            markeredgecolor="black",
-            linestyle="none",
-        )
-    # A proxy artist, so the legend explains the stars once rather than once per domain.
-    ax.plot([], [], marker="*", markersize=12, color="grey", markeredgecolor="black", ls="none", label="trained")
-    rotation = _tick_rotation(labels)
-    ax.set_xticks(steps, labels, rotation=rotation, ha="right" if rotation else "center", rotation_mode="anchor")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.set_title(title if title is not None else f"{metric} of each domain along the sequence")
-    figure.legend(loc="outside right upper", fontsize="small")
-    _save(figure, path)

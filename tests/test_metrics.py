@@ -5,15 +5,12 @@ import numpy as np
 import pytest
 
 from hf_ewc.metrics import (
-    _heatmap_size,
-    _trajectories_size,
     continual_metrics,
     format_matrix,
     format_summary,
     perplexity,
-    plot_matrix,
-    plot_trajectories,
 )
+from hf_ewc.plots import _heatmap_size, _trajectories_size, plot_frontier, plot_matrix, plot_trajectories
 from hf_ewc.utils import HfEwcError
 
 
@@ -248,3 +245,10 @@ def test_plot_trajectories(tmp_path):
     plot_trajectories(LOSS, DOMAINS, path, metric="loss")
     _read_png(path, _trajectories_size(3))
     assert [p.name for p in tmp_path.iterdir()] == ["trajectories.png"]
+
+
+def test_plot_frontier(tmp_path):
+    path = tmp_path / "frontier.png"
+    curves = {"fisher": [(1.0, 0.95, 0.3), (10.0, 0.8, 0.6)], "mas": [(1.0, 0.97, 0.2), (10.0, 0.9, 0.5)]}
+    plot_frontier(curves, path, min_gain_kept=0.9, best=("mas", 10.0), title="sweep")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

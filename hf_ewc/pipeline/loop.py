@@ -84,7 +84,8 @@ class Pipeline:
         """The matrix's metric and whether higher is better (accuracy for classification, eval loss for LMs)."""
         return primary_metric(self.run.task)
 
-    def _record(self) -> dict:
+    def record(self) -> dict:
+        """What this run writes to ``run_config.json`` (and what `--resume` compares)."""
         return {"config": self.run.to_dict(), "from": self.from_dir, "hf_ewc": __version__}
 
     def _show_row(self, when: str, row: dict) -> None:
@@ -92,10 +93,13 @@ class Pipeline:
         self.print(f"[hf_ewc] {when}, {self.metric}: {shown}")
 
     # ---------------------------------------------------------------------------------------------- the sequence
-    def run_sequence(self) -> dict:
-        """Run (or resume) the whole sequence; returns the results written to ``results.json``."""
+    def run_sequence(self, *, stop_after: int | None = None) -> dict:
+        """Run (or resume) the whole sequence; returns the results written to ``results.json``.
+
+        With ``stop_after=k`` it stops once domain k is done (trained, evaluated, consolidated, its stage saved) and
+        returns the run's progress instead: the run directory stays resumable (what `hf-ewc sweep` shares)."""
         run, run_dir = self.run, self.run_dir
-        progress = run_dir.check(self._record(), resume=self.resume, overwrite=self.overwrite, from_dir=self.from_dir)
+        progress = run_dir.check(self.record(), resume=self.resume, overwrite=self.overwrite, from_dir=self.from_dir)
         if progress is not None and progress.get("finished"):
             results = run_dir.read_json(RESULTS_NAME)
             if results is not None and results.get("summary") is not None:
@@ -105,7 +109,7 @@ class Pipeline:
             progress["finished"] = False  # interrupted while finishing: finish again (the stage is still there)
         started = time.perf_counter()
         prepared = prepare(run, run_dir, progress=progress, from_dir=self.from_dir, base_dirs=self.base_dirs)
-        run_dir.start(self._record(), fresh=progress is None, overwrite=self.overwrite)
+        run_dir.start(self.record(), fresh=progress is None, overwrite=self.overwrite)
         if progress is None:
             progress = {"initial": None, "completed": [], "finished": False}
 
@@ -122,6 +126,8 @@ class Pipeline:
         prepared.model = None
 
         for i, spec in enumerate(run.domains):
+            if stop_after is not None and i > stop_after:
+                return progress
             if i < len(progress["completed"]):
                 continue
             run_dir.cleanup(len(progress["completed"]))

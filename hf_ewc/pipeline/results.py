@@ -4,7 +4,8 @@
 import math
 from pathlib import Path
 
-from ..metrics import continual_metrics, format_matrix, format_summary, plot_matrix, plot_trajectories
+from ..metrics import continual_metrics, format_matrix, format_summary
+from ..plots import plot_matrix, plot_trajectories
 from ..state import EWCState
 from ..utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 from .card import write_model_card

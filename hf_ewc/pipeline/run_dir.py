@@ -243,6 +243,24 @@ class RunDir:
         if domains.is_dir() and not any(domains.iterdir()):
             domains.rmdir()
 
+    def seed_from(self, source: "RunDir", record: dict, done: int) -> None:
+        """Start this run where ``source`` stands after its first ``done`` domains: their stage (and a `peft:` run's
+        base model) and progress are copied, and ``record`` becomes this run's config — for runs whose first domains
+        are the same whatever differs in ``record`` (a λ grid: no penalty before the first consolidation). The copy
+        is then resumed as usual."""
+        if self.accel.is_main_process:
+            progress = source.read_json(PROGRESS_NAME)
+            if progress is None or len(progress.get("completed", [])) < done:
+                raise HfEwcError(f"{source.path} has not finished its first {done} domain(s); run it first.")
+            for name in (f"stages/{source.stage(done - 1).name}", BASE_MODEL_DIR):
+                if (source.path / name).is_dir():
+                    with atomic_directory(self.path / name) as tmp:
+                        shutil.copytree(source.path / name, tmp, dirs_exist_ok=True)
+            progress = {"initial": progress["initial"], "completed": progress["completed"][:done], "finished": False}
+            write_json_atomic(self.path / RUN_CONFIG_NAME, record)
+            write_json_atomic(self.path / PROGRESS_NAME, progress)
+        self.accel.wait_for_everyone()
+
     def remove_stages(self) -> None:
         if self.accel.is_main_process:
             shutil.rmtree(self.path / "stages", ignore_errors=True)

@@ -1,0 +1,219 @@
+"""Figures of a continual-learning run, drawn without pyplot (no global backend, nothing left open): the evaluation
+matrix as a heatmap, each domain's metric along the sequence, and the frontier of a λ sweep."""
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .metrics import as_initial, as_matrix, domain_names
+from .utils import atomic_path
+
+
+__all__ = ["plot_frontier", "plot_matrix", "plot_trajectories"]
+
+_DPI = 110
+
+
+def _pyplot_free_figure(figsize: tuple[float, float]):
+    """A `Figure` on its own Agg canvas: no pyplot, no global backend, nothing to leak when it goes out of scope."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (~0.5 s): only when a plot is drawn
+        from matplotlib.figure import Figure  # heavy, as above
+    except ImportError as err:
+        raise ImportError("Plotting needs matplotlib (a dependency of hf-ewc): `pip install matplotlib`.") from err
+    figure = Figure(figsize=figsize, dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        # The temp file ends in ".tmp", so the format cannot come from the name.
+        figure.savefig(tmp, format="png", dpi=_DPI)
+
+
+def _heatmap_size(size: int) -> tuple[float, float]:
+    cell = min(0.9, max(0.45, 8.0 / size))
+    return (2.6 + cell * size, 1.9 + cell * size)
+
+
+def _trajectories_size(points: int) -> tuple[float, float]:
+    return (max(5.5, 3.0 + 0.8 * points), 4.0)
+
+
+def _cell_format(values: np.ndarray) -> str:
+    """One decimal count for the whole heatmap, so that cells of a column line up and compare at a glance."""
+    largest = float(np.abs(values).max())
+    return ".0f" if largest >= 100 else ".1f" if largest >= 10 else ".2f"
+
+
+def _line_colours(count: int) -> list:
+    from matplotlib import colormaps  # heavy (~0.5 s): only when a plot is drawn
+
+    palette = colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(k % palette.N) for k in range(count)]
+
+
+def _tick_rotation(labels: Sequence[str]) -> int:
+    return 30 if len(labels) > 4 or max(len(label) for label in labels) > 8 else 0
+
+
+def plot_matrix(
+    matrix: Any,
+    domains: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    metric: str,
+    higher_is_better: bool,
+    title: str | None = None,
+) -> None:
+    """Write the evaluation matrix as an annotated PNG heatmap; better cells get the same colour for any metric.
+
+    Args:
+        matrix (`list[list[float]]` or `np.ndarray`):
+            The T×T matrix (row i: after training domain i; column j: evaluated on domain j).
+        domains (`list[str]`):
+            The T domain names, in training order.
+        path (`str` or `os.PathLike`):
+            The PNG to write (atomically: a failed plot leaves an existing file untouched).
+        metric (`str`):
+            The metric's name, on the colour bar.
+        higher_is_better (`bool`):
+            `True` for accuracy-like metrics, `False` for loss or perplexity (the colour map is reversed).
+        title (`str`, *optional*):
+            Defaults to "<metric> after each domain".
+    """
+    names = domain_names(domains)
+    values = as_matrix(matrix, names)
+    size = len(names)
+    figure = _pyplot_free_figure(_heatmap_size(size))
+    ax = figure.add_subplot()
+    cmap = "viridis" if higher_is_better else "viridis_r"
+    image = ax.imshow(values, cmap=cmap, aspect="equal")
+    figure.colorbar(image, ax=ax, label=f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    fontsize = max(6.0, min(10.0, 80.0 / size))
+    cell_format = _cell_format(values)
+    for (i, j), value in np.ndenumerate(values):
+        red, green, blue, _ = image.cmap(image.norm(value))
+        # Dark text on the bright end of viridis, light text on the dark end.
+        colour = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+        weight = "bold" if i == j else "normal"
+        text = format(value, cell_format)
+        ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize, fontweight=weight)
+    rotation = _tick_rotation(names)
+    ax.set_xticks(range(size), names, rotation=rotation, ha="right" if rotation else "center", rotation_mode="anchor")
+    ax.set_yticks(range(size), names)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after training on")
+    ax.set_title(title if title is not None else f"{metric} after each domain")
+    _save(figure, path)
+
+
+def plot_trajectories(
+    matrix: Any,
+    domains: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    metric: str,
+    initial: Any = None,
+    title: str | None = None,
+) -> None:
+    """Write a PNG with one line per domain: its metric after each step of the sequence, a star where it was trained.
+
+    Args:
+        matrix (`list[list[float]]` or `np.ndarray`):
+            The T×T matrix (row i: after training domain i; column j: evaluated on domain j).
+        domains (`list[str]`):
+            The T domain names, in training order.
+        path (`str` or `os.PathLike`):
+            The PNG to write (atomically: a failed plot leaves an existing file untouched).
+        metric (`str`):
+            The metric's name, on the y axis.
+        initial (`list[float]` or `np.ndarray`, *optional*):
+            The metric before any training, plotted as the first point of every line.
+        title (`str`, *optional*):
+            Defaults to "<metric> of each domain along the sequence".
+    """
+    names = domain_names(domains)
+    values = as_matrix(matrix, names)
+    start = as_initial(initial, len(names))
+    if start is not None:
+        values = np.vstack([start, values])
+    offset = 0 if start is None else 1
+    labels = (["initial"] if start is not None else []) + [f"after {name}" for name in names]
+    figure = _pyplot_free_figure(_trajectories_size(len(labels)))
+    ax = figure.add_subplot()
+    steps = np.arange(len(labels))
+    # tab10 repeats its colours from the 11th line on.
+    ax.set_prop_cycle(color=_line_colours(len(names)))
+    for j, name in enumerate(names):
+        (line,) = ax.plot(steps, values[:, j], marker="o", markersize=4, label=name)
+        ax.plot(
+            j + offset,
+            values[j + offset, j],
+            marker="*",
+            markersize=14,
+            color=line.get_color(),
+            markeredgecolor="black",
+            linestyle="none",
+        )
+    # A proxy artist, so the legend explains the stars once rather than once per domain.
+    ax.plot([], [], marker="*", markersize=12, color="grey", markeredgecolor="black", ls="none", label="trained")
+    rotation = _tick_rotation(labels)
+    ax.set_xticks(steps, labels, rotation=rotation, ha="right" if rotation else "center", rotation_mode="anchor")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.set_title(title if title is not None else f"{metric} of each domain along the sequence")
+    figure.legend(loc="outside right upper", fontsize="small")
+    _save(figure, path)
+
+
+def plot_frontier(
+    curves: dict[str, list[tuple[float, float, float]]],
+    path: str | os.PathLike,
+    *,
+    min_gain_kept: float,
+    best: tuple[str, float] | None = None,
+    title: str | None = None,
+) -> None:
+    """Write a λ sweep's frontier as a PNG: per method, the share of naive fine-tuning's gain kept (x) against the
+    share of its forgetting removed (y), one point per λ, with the region that keeps at least ``min_gain_kept``
+    shaded.
+
+    Args:
+        curves (`dict[str, list[tuple[float, float, float]]]`):
+            Method label → ``(λ, gain kept, forgetting removed)`` per λ.
+        path (`str` or `os.PathLike`):
+            The PNG to write (atomically).
+        min_gain_kept (`float`):
+            The rule's floor on the gain kept, in (0, 1].
+        best (`tuple[str, float]`, *optional*):
+            ``(method label, λ)`` of the chosen cell, circled.
+        title (`str`, *optional*):
+            The figure's title.
+    """
+    points = [(x, y) for cells in curves.values() for _, x, y in cells if np.isfinite(x) and np.isfinite(y)]
+    xs, ys = [x for x, _ in points] + [min_gain_kept, 1.0], [y for _, y in points] + [0.0, 1.0]
+    left, right = min(xs) - 0.05, max(xs) + 0.05
+    bottom, top = min(ys) - 0.05, max(ys) + 0.05
+    figure = _pyplot_free_figure((7.5, 5.5))
+    ax = figure.add_subplot()
+    ax.axvspan(min_gain_kept, right, color="tab:green", alpha=0.12, label=f"keeps ≥ {min_gain_kept:.0%} of the gain")
+    ax.set_prop_cycle(color=_line_colours(len(curves)))
+    for label, cells in curves.items():
+        cells = sorted(cells)
+        (line,) = ax.plot([x for _, x, _ in cells], [y for _, _, y in cells], marker="o", linestyle=":", label=label)
+        for lam, x, y in cells:
+            ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                        color=line.get_color())  # fmt: skip
+            if best == (label, lam):
+                ax.plot(x, y, marker="o", markersize=16, markerfacecolor="none", markeredgecolor="black", ls="none")
+    ax.plot([1.0], [0.0], marker="s", color="grey", ls="none", label="naive fine-tuning")
+    ax.set(xlim=(left, right), ylim=(bottom, top), title=title or "forgetting removed vs gain kept, per λ")
+    ax.set_xlabel("share of naive fine-tuning's gain on the new domains kept")
+    ax.set_ylabel("share of naive fine-tuning's forgetting removed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower left")
+    _save(figure, path)
