@@ -119,8 +119,10 @@ def plot_trajectories(
     metric: str,
     initial: Any = None,
     title: str | None = None,
+    baseline: Any = None,
 ) -> None:
-    """Write a PNG with one line per domain: its metric after each step of the sequence, a star where it was trained.
+    """Write a PNG with one line per domain: its metric after each step of the sequence, a star where it was trained
+    (and, with ``baseline``, the same for naive fine-tuning as a dashed line of the same colour).
 
     Args:
         matrix (`list[list[float]]` or `np.ndarray`):
@@ -135,6 +137,8 @@ def plot_trajectories(
             The metric before any training, plotted as the first point of every line.
         title (`str`, *optional*):
             Defaults to "<metric> of each domain along the sequence".
+        baseline (`list[list[float]]` or `np.ndarray`, *optional*):
+            The T×T matrix of a baseline run of the same sequence (naive fine-tuning), drawn dashed.
     """
     names = domain_names(domains)
     values = as_matrix(matrix, names)
@@ -148,8 +152,13 @@ def plot_trajectories(
     steps = np.arange(len(labels))
     # tab10 repeats its colours from the 11th line on.
     ax.set_prop_cycle(color=_line_colours(len(names)))
+    other = as_matrix(baseline, names) if baseline is not None else None
+    if other is not None and start is not None:
+        other = np.vstack([start, other])
     for j, name in enumerate(names):
         (line,) = ax.plot(steps, values[:, j], marker="o", markersize=4, label=name)
+        if other is not None:
+            ax.plot(steps, other[:, j], linestyle="--", color=line.get_color(), alpha=0.7)
         ax.plot(
             j + offset,
             values[j + offset, j],
@@ -161,6 +170,8 @@ def plot_trajectories(
         )
     # A proxy artist, so the legend explains the stars once rather than once per domain.
     ax.plot([], [], marker="*", markersize=12, color="grey", markeredgecolor="black", ls="none", label="trained")
+    if other is not None:
+        ax.plot([], [], linestyle="--", color="grey", label="naive fine-tuning")
     rotation = _tick_rotation(labels)
     ax.set_xticks(steps, labels, rotation=rotation, ha="right" if rotation else "center", rotation_mode="anchor")
     ax.set_ylabel(metric)

@@ -14,7 +14,7 @@ import torch
 from testing_utils import AUTO, assert_same_state, make_config, run_cli, snapshot, write_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_ewc import EWCState
+from hf_ewc import EWCState, HfEwcError
 from hf_ewc.pipeline import Pipeline, build_run_config, config_differences
 from hf_ewc.pipeline.data import DomainData
 from hf_ewc.trainer import EWCTrainer
@@ -344,3 +344,33 @@ def test_a_pruned_run_keeps_its_zeros_when_continued_with_from(tmp_path):
     for name in report["layers"]:
         assert torch.equal(new[name] == 0, old[name] == 0), name
         assert not torch.equal(new[name], old[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ baseline: naive
+def test_baseline_naive_shares_the_first_domain_and_equals_a_naive_run(tmp_path, capsys):
+    raw = make_config(tmp_path, learning_rate=1e-2, num_train_epochs=6, ewc_lambda=0.03)
+    rc, out, err = run_cli(["train", str(write_yaml(tmp_path / "run.yaml", {**raw, "baseline": "naive"}))], capsys)
+    assert rc == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    baseline = results["baseline"]
+    naive = Pipeline(build_run_config({**raw, "ewc_mode": "off", "output_dir": str(tmp_path / "naive")}),
+                     print_fn=None).run_sequence()  # fmt: skip
+    assert baseline["matrix"] == naive["matrix"]["loss"]  # sharing the first domain changed nothing
+    forgetting, gain = -naive["summary"]["bwt"], sum(naive["summary"]["learned"][1:])
+    assert baseline["forgetting"] == pytest.approx(forgetting) and baseline["gain"] == pytest.approx(gain)
+    ours = -results["summary"]["bwt"], sum(results["summary"]["learned"][1:])
+    assert baseline["forgetting_removed"] == pytest.approx(1 - ours[0] / forgetting)
+    assert baseline["gain_kept"] == pytest.approx(ours[1] / gain)
+    assert f"EWC removed {baseline['forgetting_removed']:.0%} of its forgetting" in out
+    assert "## Against naive fine-tuning" in (tmp_path / "run" / "results.md").read_text()
+    assert "Against naive fine-tuning" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_baseline_with_prune_or_from_is_refused(tmp_path):
+    raw = {**make_config(tmp_path), "baseline": "naive", "prune": {"sparsity": 0.5}}
+    with pytest.raises(HfEwcError, match="baseline: and prune: exclude each other"):
+        build_run_config(raw)
+    with pytest.raises(HfEwcError, match="Unknown baseline 'ewc'"):
+        build_run_config({**make_config(tmp_path), "baseline": "ewc"})
+    with pytest.raises(HfEwcError, match="--from and baseline: exclude each other"):
+        Pipeline(build_run_config({**make_config(tmp_path), "baseline": "naive"}), from_dir=tmp_path, print_fn=None)

@@ -7,12 +7,12 @@ is [`RunDir`]'s business; what can fail on bad input happens in [`prepare`], bef
 """
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from transformers import set_seed
 
 from .._version import __version__
 from ..distributed import check_world_size
@@ -20,14 +20,14 @@ from ..sparsity import KeepSparsityCallback
 from ..state import EWCState
 from ..trainer import EWCTrainer
 from ..utils import HfEwcError, logger
-from .adapters import BASE_MODEL_DIR, parameter_summary, wrap_model
+from .adapters import parameter_summary
 from .data import DomainData, train_collator
 from .evaluation import DomainEvaluator, primary_metric
-from .prepare import Prepared, load_domains, load_model, prepare
+from .prepare import Prepared, load_domains, load_stage, prepare, save_base_and_wrap
 from .prune import prune_in_run
 from .results import collect_results, results_text, write_results
-from .run_config import RunConfig
-from .run_dir import RESULTS_NAME, RunDir
+from .run_config import RunConfig, build_run_config
+from .run_dir import PROGRESS_NAME, RESULTS_NAME, RunDir
 
 
 class Pipeline:
@@ -53,6 +53,11 @@ class Pipeline:
     ):
         if resume and overwrite:
             raise HfEwcError("--resume and --overwrite exclude each other: keep the run, or replace it.")
+        if from_dir is not None and run.baseline is not None:
+            raise HfEwcError(
+                "--from and baseline: exclude each other (the continued run's first domain carries a penalty, so a "
+                "baseline cannot share it); drop baseline: for this run."
+            )
         self.run = run
         self.resume = resume
         self.overwrite = overwrite
@@ -115,7 +120,7 @@ class Pipeline:
 
         if progress.get("initial") is None:
             if run.peft is not None:
-                self._save_base_model(prepared)
+                save_base_and_wrap(run, run_dir, prepared)
             t0 = time.perf_counter()
             row = self.evaluator.row(prepared.model, prepared.domains, prepared.tokenizer)
             self._save_stage(None, prepared.model, prepared, prepared.initial_state)
@@ -128,6 +133,8 @@ class Pipeline:
         for i, spec in enumerate(run.domains):
             if stop_after is not None and i > stop_after:
                 return progress
+            if i == 1 and run.baseline is not None:
+                self._seed_baseline()
             if i < len(progress["completed"]):
                 continue
             run_dir.cleanup(len(progress["completed"]))
@@ -144,7 +151,7 @@ class Pipeline:
 
     def _run_domain(self, index: int, prepared: Prepared) -> dict:
         run, spec, data = self.run, self.run.domains[index], prepared.domains[index]
-        model, state = self._load_stage(index - 1 if index else None, prepared)
+        model, state = load_stage(run, self.run_dir, index - 1 if index else None, prepared)
         args = run.training_args(index, str(self.run_dir.domain(index)))
         sparsity = KeepSparsityCallback.from_sparsity_config(model)  # a pruned model keeps its zeros
         trainer = EWCTrainer(
@@ -199,28 +206,34 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------------- stages
     def _save_stage(self, index: int | None, model, prepared: Prepared, state: EWCState | None) -> None:
-        for config in getattr(model, "peft_config", {}).values():  # else PEFT records this run's base_model/ path
-            config.base_model_name_or_path = prepared.hub_base
-        self.run_dir.save_stage(index, model, prepared.tokenizer, state)
+        self.run_dir.save_stage(index, model, prepared.tokenizer, state, hub_base=prepared.hub_base)
 
-    def _save_base_model(self, prepared: Prepared) -> None:
-        """A `peft:` run keeps its frozen base model once, in ``output_dir/base_model``; stages hold adapters only.
-        The model is wrapped after the base is saved (LoRA's initialisation seeded, the same on every process)."""
-        self.run_dir.save_base_model(prepared.model, source=prepared.base_source)
-        if prepared.base_source is None:
-            set_seed(self.run.seed)
-            prepared.model = wrap_model(prepared.model, self.run.peft, self.run.task)
+    def _baseline(self) -> "Pipeline":
+        """The `baseline: naive` run: this sequence without EWC, in ``output_dir/baseline``."""
+        config = build_run_config(self.run.baseline_config(), source=self.run.source)
+        return Pipeline(config, resume=True, print_fn=None)
 
-    def _load_stage(self, index: int | None, prepared: Prepared) -> tuple[Any, EWCState | None]:
-        stage = self.run_dir.stage(index)
-        model = load_model(stage, self.run, prepared.labels, base_dir=self.out / BASE_MODEL_DIR)
-        state = self.run_dir.state_in(stage)
-        return model, state if state is not None else prepared.initial_state
+    def _seed_baseline(self) -> None:
+        """Start the baseline from this run's first domain (no penalty there, so the two are the same), before its
+        stage is dropped; a baseline already started resumes on its own."""
+        baseline = self._baseline()
+        if not (baseline.out / PROGRESS_NAME).is_file():
+            if self.accel.is_main_process:
+                shutil.rmtree(baseline.out, ignore_errors=True)
+                baseline.out.mkdir(parents=True)
+            baseline.run_dir.seed_from(self.run_dir, baseline.record(), 1)
 
     def _finish(self, progress: dict, seconds: float) -> dict:
         last_stage = self.run_dir.stage(len(self.run.domains) - 1)
         state = self.run_dir.state_in(last_stage)
-        results = collect_results(self.run, progress, state=state, from_dir=self.from_dir, seconds=seconds)
+        baseline = None
+        if self.run.baseline is not None:
+            self.print("\n[hf_ewc] baseline: the same sequence with naive fine-tuning (ewc_mode: off)")
+            pipeline = self._baseline()
+            baseline = (pipeline.run_sequence(), str(pipeline.out))
+        results = collect_results(
+            self.run, progress, state=state, from_dir=self.from_dir, seconds=seconds, baseline=baseline
+        )
         if self.accel.is_main_process:
             if not progress.get("finished"):
                 self.run_dir.publish(last_stage)

@@ -32,6 +32,7 @@ from .adapters import (
     hub_base_of,
     is_adapter_dir,
     load_adapter,
+    wrap_model,
 )
 from .data import DomainData, RawDomain, label_names, load_raw_domain, tokenize_domain, training_texts
 from .run_config import RunConfig
@@ -308,3 +309,22 @@ def load_model(directory: str | os.PathLike, run: RunConfig, labels: list | None
         return auto_model_class(run.task).from_pretrained(directory)
     except (OSError, ValueError, RuntimeError) as err:
         raise HfEwcError(f"Cannot load the model in {directory}: {error_line(err)}") from None
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+def load_stage(run: RunConfig, run_dir: RunDir, index: int | None, prepared: Prepared) -> tuple[Any, EWCState | None]:
+    """The model and EWC state saved after domain ``index`` (a `peft:` run's adapter onto its ``base_model/``); the
+    state `--from` brought when no domain has been consolidated yet."""
+    stage = run_dir.stage(index)
+    model = load_model(stage, run, prepared.labels, base_dir=run_dir.path / BASE_MODEL_DIR)
+    state = run_dir.state_in(stage)
+    return model, state if state is not None else prepared.initial_state
+
+
+def save_base_and_wrap(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> None:
+    """A `peft:` run keeps its frozen base model once, in ``output_dir/base_model``; stages hold adapters only. The
+    model is wrapped after the base is saved (LoRA's initialisation seeded, the same on every process)."""
+    run_dir.save_base_model(prepared.model, source=prepared.base_source)
+    if prepared.base_source is None:
+        set_seed(run.seed)
+        prepared.model = wrap_model(prepared.model, run.peft, run.task)

@@ -14,8 +14,40 @@ from .run_config import RunConfig
 from .run_dir import RESULTS_NAME
 
 
+def forgetting_and_gain(results: dict) -> dict[str, float]:
+    """Forgetting F (= −BWT: the mean loss of what the old domains had reached) and gain G (the later domains'
+    "learned", summed) of a finished run, signed so that a larger F is worse and a larger G better for any metric."""
+    summary = results["summary"]
+    if summary is None:  # a diverged run: no summary
+        return {"forgetting": math.inf, "gain": -math.inf, "acc": math.nan}
+    return {"forgetting": -summary["bwt"], "gain": sum(summary["learned"][1:]), "acc": summary["acc"]}
+
+
+def compare_with(results: dict, baseline: dict, directory: str) -> dict:
+    """How the run compares with its naive fine-tuning baseline: the share of the baseline's forgetting it removed
+    and of its gain it kept (None where the baseline did not forget or gain)."""
+    ours, theirs = forgetting_and_gain(results), forgetting_and_gain(baseline)
+    defined = theirs["forgetting"] > 0 and theirs["gain"] > 0 and math.isfinite(ours["forgetting"])
+    return {
+        "method": "naive fine-tuning (ewc_mode: off), the same run otherwise, the first domain shared",
+        "run": directory,
+        "matrix": baseline["matrix"][baseline["metric"]],
+        "forgetting": theirs["forgetting"],
+        "gain": theirs["gain"],
+        "acc": theirs["acc"],
+        "forgetting_removed": 1.0 - ours["forgetting"] / theirs["forgetting"] if defined else None,
+        "gain_kept": ours["gain"] / theirs["gain"] if defined else None,
+    }
+
+
 def collect_results(
-    run: RunConfig, progress: dict, *, state: EWCState | None, from_dir: str | None, seconds: float
+    run: RunConfig,
+    progress: dict,
+    *,
+    state: EWCState | None,
+    from_dir: str | None,
+    seconds: float,
+    baseline: tuple[dict, str] | None = None,
 ) -> dict:
     """The content of ``results.json`` from the run's progress (every row measured) and its final EWC state."""
     names = [d.name for d in run.domains]
@@ -33,7 +65,7 @@ def collect_results(
     else:  # a diverged run still gets its results written, so it can be inspected
         logger.warning(f"Some {metric} values are not finite (the training diverged); no summary or plots.")
         summary = None
-    return {
+    results = {
         "task": run.task,
         "domains": names,
         "metric": metric,
@@ -57,6 +89,9 @@ def collect_results(
             "importance_seconds": sum(c["timings"]["importance_seconds"] for c in completed),
         },
     }
+    if baseline is not None:
+        results["baseline"] = compare_with(results, *baseline)
+    return results
 
 
 def write_results(out: Path, run: RunConfig, results: dict, *, from_dir: str | None) -> None:
@@ -71,9 +106,10 @@ def write_results(out: Path, run: RunConfig, results: dict, *, from_dir: str | N
             matrix, names, out / "matrix.png", metric=metric, higher_is_better=results["higher_is_better"],
             title=f"{metric} after each domain",
         )  # fmt: skip
+        baseline = results.get("baseline")
         plot_trajectories(
             matrix, names, out / "trajectories.png", metric=metric, initial=initial,
-            title=f"{metric} of each domain over the sequence",
+            title=f"{metric} of each domain over the sequence", baseline=baseline["matrix"] if baseline else None,
         )  # fmt: skip
     tables = results_markdown(results, level=3)
     write_model_card(out, run=run, results=results, markdown_tables=tables, from_dir=from_dir)
@@ -87,7 +123,22 @@ def results_text(results: dict) -> str:
         table = "\n".join(f"after {n}: {row}" for n, row in zip(names, matrix))
         return table + "\n\n(no summary: non-finite values)"
     table = format_matrix(matrix, names, metric=metric, initial=results["initial"][metric])
-    return table + "\n\n" + format_summary(results["summary"], names, metric=metric)
+    text = table + "\n\n" + format_summary(results["summary"], names, metric=metric)
+    return text + ("\n\n" + baseline_text(results["baseline"]) if results.get("baseline") else "")
+
+
+def baseline_text(baseline: dict) -> str:
+    """What EWC bought against naive fine-tuning, in one sentence."""
+    if baseline["forgetting_removed"] is None:
+        return (
+            f"Naive fine-tuning (same run, ewc_mode: off) did not forget (forgetting {baseline['forgetting']:.4g}) or "
+            "gained nothing: there was nothing for EWC to remove."
+        )
+    return (
+        f"Against naive fine-tuning (same run, ewc_mode: off; forgetting {baseline['forgetting']:.4g}, gain "
+        f"{baseline['gain']:.4g}): EWC removed {baseline['forgetting_removed']:.0%} of its forgetting and kept "
+        f"{baseline['gain_kept']:.0%} of its gain on the new domains."
+    )
 
 
 def results_markdown(results: dict, level: int = 2) -> str:
@@ -104,4 +155,6 @@ def results_markdown(results: dict, level: int = 2) -> str:
     if results["summary"] is None:
         return "\n".join([*parts, "No summary: the matrix has non-finite values (the training diverged).", ""])
     parts += [f"{h} Summary", "", format_summary(results["summary"], names, metric=metric, markdown=True), ""]
+    if results.get("baseline"):
+        parts += [f"{h} Against naive fine-tuning", "", baseline_text(results["baseline"]), ""]
     return "\n".join(parts)

@@ -110,6 +110,7 @@ class RunConfig:
     raw: dict = field(default_factory=dict)  # the merged mapping before defaults: what resume compares
     prune: PruneSpec | None = None
     peft: PeftSpec | None = None
+    baseline: str | None = None  # "naive": naive fine-tuning runs alongside, sharing the first domain
 
     @property
     def prune_after(self) -> int | None:
@@ -122,6 +123,17 @@ class RunConfig:
         if isinstance(after, int):
             return after
         return [d.name for d in self.domains].index(after)
+
+    def baseline_config(self) -> dict:
+        """The config mapping of the `baseline: naive` run: this one without EWC (importances unused, so uniform),
+        in ``output_dir/baseline``."""
+        raw = copy.deepcopy(self.raw)
+        raw.pop("baseline", None)
+        raw.update(ewc_mode="off", importance_method="uniform", output_dir=str(Path(self.output_dir) / "baseline"))
+        for domain in raw["domains"]:
+            if domain.get("training"):
+                domain["training"].update({k: v for k, v in raw.items() if k in ("ewc_mode", "importance_method")})
+        return raw
 
     def training_args(self, domain_index: int, output_dir: str, **extra: Any) -> EWCConfig:
         """The `EWCConfig` of one domain: run-wide fields, then the domain's own `training:` overrides."""
@@ -139,6 +151,7 @@ class RunConfig:
             "seed": self.seed,
             **({"prune": asdict(self.prune)} if self.prune is not None else {}),
             **({"peft": asdict(self.peft)} if self.peft is not None else {}),
+            **({"baseline": self.baseline} if self.baseline is not None else {}),
             **self.training,
         }
 
@@ -186,7 +199,8 @@ def _spec(cls, raw: Any, where: str):
     return cls(**values)
 
 
-PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed", "prune", "peft")
+PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed", "prune", "peft", "baseline")
+BASELINES = ("naive",)
 
 
 def default_config_path() -> Path:
@@ -270,9 +284,19 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
             "prune: and peft: exclude each other (pruning an adapter prunes nothing of the model); after the run, "
             "prune the merged model with `hf-ewc prune OUTPUT_DIR`."
         )
+    baseline = raw.get("baseline")
+    if baseline is not None and baseline not in BASELINES:
+        raise HfEwcError(f"Unknown baseline {baseline!r}; choose one of: {', '.join(BASELINES)} (or leave it out).")
+    if baseline is not None and prune is not None:
+        raise HfEwcError(
+            "baseline: and prune: exclude each other (the two runs would differ by the pruning too); drop one."
+        )
+    if baseline is not None and len(domains) < 2:
+        raise HfEwcError("baseline: needs at least two domains (it measures forgetting of the first ones).")
     config = RunConfig(
-        task, model, domains, output_dir, seed, training, source=source, raw=raw, prune=prune, peft=peft
-    )
+        task, model, domains, output_dir, seed, training, source=source, raw=raw, prune=prune, peft=peft,
+        baseline=baseline,
+    )  # fmt: skip
     for i, domain in enumerate(domains):  # every domain's EWCConfig is valid before anything runs
         domain_args = config.training_args(i, output_dir)
         _check_report_to(domain_args.report_to)

@@ -35,8 +35,8 @@ RESUME_FREE_KEYS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", 
 # What `hf-ewc train` (and `save_pretrained` of a model and tokenizer) writes at the top of output_dir.
 RUN_ARTEFACTS = (
     RUN_CONFIG_NAME, PROGRESS_NAME, RESULTS_NAME, "results.md", "matrix.png", "trajectories.png", "README.md",
-    STATE_DIR, "stages", "domains", "config.json", "generation_config.json", "special_tokens_map.json", "merges.txt",
-    "vocab.json", "vocab.txt", "chat_template.jinja", "added_tokens.json", BASE_MODEL_DIR,
+    STATE_DIR, "stages", "domains", "baseline", "config.json", "generation_config.json", "special_tokens_map.json",
+    "merges.txt", "vocab.json", "vocab.txt", "chat_template.jinja", "added_tokens.json", BASE_MODEL_DIR,
     ADAPTER_CONFIG_NAME,
 )  # fmt: skip
 
@@ -178,10 +178,13 @@ class RunDir:
         if self.accel.is_main_process:
             write_json_atomic(self.path / PROGRESS_NAME, progress)
 
-    def save_stage(self, index: int | None, model, tokenizer, state: EWCState | None) -> None:
-        """Model, tokenizer and EWC state after domain ``index``, as one atomic folder."""
+    def save_stage(self, index: int | None, model, tokenizer, state: EWCState | None, hub_base: str | None = None):
+        """Model, tokenizer and EWC state after domain ``index``, as one atomic folder. A `peft:` run's adapter
+        config names ``hub_base`` as its base (a Hub id, or None), never this run's local ``base_model/``."""
         if not self.accel.is_main_process:
             return
+        for config in getattr(model, "peft_config", {}).values():
+            config.base_model_name_or_path = hub_base
         with atomic_directory(self.stage(index)) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

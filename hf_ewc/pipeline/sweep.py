@@ -41,6 +41,7 @@ from ..plots import plot_frontier
 from ..utils import HfEwcError, atomic_path, write_json_atomic
 from .data import resolve_data_files
 from .loop import Pipeline
+from .results import forgetting_and_gain
 from .run_config import build_run_config
 from .run_dir import PROGRESS_NAME, is_run_artefact
 
@@ -109,15 +110,6 @@ def parse_lambdas(text: str) -> list[float]:
     if not values:
         raise HfEwcError("--lambdas is empty; give values like 0.1,1,10.")
     return sorted(set(values))
-
-
-def scores(results: dict) -> dict[str, float]:
-    """Forgetting F (= −BWT) and gain G (the later domains' "learned", summed) of a finished run, signed so that a
-    larger F is worse and a larger G is better for any metric."""
-    summary = results["summary"]
-    if summary is None:  # a diverged run: no summary
-        return {"forgetting": math.inf, "gain": -math.inf, "acc": math.nan}
-    return {"forgetting": -summary["bwt"], "gain": sum(summary["learned"][1:]), "acc": summary["acc"]}
 
 
 def choose(cells: list[dict], naive: dict, min_gain_kept: float) -> dict:
@@ -267,7 +259,7 @@ class Sweep:
         metric = results["metric"]
         return {
             "method": label, "lam": lam, "run": str(pipeline.out), "domains": results["domains"], "metric": metric,
-            "matrix": results["matrix"][metric], "initial": results["initial"][metric], **scores(results),
+            "matrix": results["matrix"][metric], "initial": results["initial"][metric], **forgetting_and_gain(results),
             "last_logs": [d["train"]["last_log"] for d in results["domains_detail"]],
         }  # fmt: skip
 
