@@ -20,6 +20,7 @@ def config(tmp_path):
     # a learning rate and epochs at which naive fine-tuning forgets the first domain
     raw = make_config(tmp_path, learning_rate=1e-2, num_train_epochs=6)
     raw["output_dir"] = str(tmp_path / "sweep")
+    raw["baseline"] = "naive"  # the sweep runs its own naive cell; best.yaml keeps the config's baseline
     return write_yaml(tmp_path / "run.yaml", raw)
 
 
@@ -60,6 +61,12 @@ def test_sweep_chooses_by_the_rule_and_best_yaml_reproduces_its_cell(tmp_path, c
     flat = [v for row in again["matrix"]["loss"] for v in row]
     assert flat == pytest.approx([v for row in cell["matrix"] for v in row], rel=1e-6)
     assert yaml.safe_load(text)["ewc_lambda"] == best["lam"]
+    # ... and its baseline is the sweep's naive cell, measured again
+    assert yaml.safe_load(text)["baseline"] == "naive"
+    flat = [v for row in again["baseline"]["matrix"] for v in row]
+    assert flat == pytest.approx([v for row in naive["matrix"] for v in row], rel=1e-6)
+    assert again["baseline"]["forgetting"] == pytest.approx(naive["forgetting"], rel=1e-6)
+    assert not (sweep / "runs" / "naive" / "baseline").exists()  # no cell ran a baseline of its own
 
 
 def test_resume_reuses_the_finished_runs_and_refuses_other_arguments(tmp_path, config, capsys, monkeypatch):
@@ -89,7 +96,8 @@ def test_resume_reuses_the_finished_runs_and_refuses_other_arguments(tmp_path, c
         (["--methods", "fisher,ewc"], "unknown method 'ewc'"),
         (["--methods", "mas/exact"], "only fisher takes an estimator"),
         (["--domains.1.data_files", "x.jsonl"], "data file 'x.jsonl' not found"),
-        (["--domains", "[{name: a, data_files: x.jsonl}]"], "A sweep needs a sequence of at least two domains"),
+        (["--domains", "[{name: a, data_files: x.jsonl}]"], "baseline: needs at least two domains"),
+        (["--domains", "[{name: a, data_files: x.jsonl}]", "--baseline", "null"], "A sweep needs a sequence of at"),
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, config, capsys, extra, message):

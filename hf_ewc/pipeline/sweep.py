@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ..config import EWC_MODES, FISHER_ESTIMATORS, IMPORTANCE_METHODS
@@ -152,11 +153,15 @@ class Sweep:
         if resume and overwrite:
             raise HfEwcError("--resume and --overwrite exclude each other: keep the sweep, or replace it.")
         self.raw, self.source = copy.deepcopy(raw), source
+        # every cell is compared with the sweep's own naive run; `best.yaml` keeps the config's choice
+        self.baseline = self.raw.pop("baseline", None)
+        # under `accelerate launch` every process runs every cell; the sweep's own files are the main process's
+        self.accel = PartialState()
         self.lambdas, self.methods, self.min_gain_kept = lambdas, methods, min_gain_kept
         self.resume, self.overwrite, self.keep_models, self.print = resume, overwrite, keep_models, print_fn
         self.out = Path(self.raw["output_dir"])
         self.raw["disable_tqdm"] = True
-        self.record = {"config": raw, "lambdas": lambdas, "methods": [m.label for m in methods]}
+        self.record = {"config": self.raw, "lambdas": lambdas, "methods": [m.label for m in methods]}
         self.runs = [(m, self._cell_config(m, lam, self.out / "runs" / f"{m.slug}-lambda-{lam:g}")) for m in methods
                      for lam in lambdas]  # fmt: skip
         naive = self._cell_config(MethodSpec("uniform"), lambdas[0], self.out / "runs" / "naive")
@@ -186,9 +191,11 @@ class Sweep:
         if not entries:
             return
         if self.overwrite:
-            for entry in entries:
-                path = self.out / entry
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if self.accel.is_main_process:
+                for entry in entries:
+                    path = self.out / entry
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            self.accel.wait_for_everyone()
             return
         if not self.resume:
             raise HfEwcError(
@@ -205,19 +212,29 @@ class Sweep:
     def run(self) -> dict:
         self._check_output_dir()
         firsts = {m: self._first(m) for m in self.methods}  # bad data fails here, before anything is written
-        write_json_atomic(self.out / SWEEP_CONFIG_NAME, self.record)
+        main = self.accel.is_main_process
+        if main:
+            write_json_atomic(self.out / SWEEP_CONFIG_NAME, self.record)
         cells = []
-        bar = tqdm(total=1 + len(self.runs), desc="sweep", unit="run")
+        bar = tqdm(total=1 + len(self.runs), desc="sweep", unit="run", disable=not main)
         naive = self._cell(self.naive, firsts[self.methods[0]], "naive", None)
         bar.update()
         for method, config in self.runs:
             cells.append(self._cell(config, firsts[method], method.label, config["ewc_lambda"]))
             cell = cells[-1]
-            bar.write(f"{method.label:>18}  λ={cell['lam']:<8g} F={cell['forgetting']:.4g}  G={cell['gain']:.4g}")
+            if main:
+                bar.write(f"{method.label:>18}  λ={cell['lam']:<8g} F={cell['forgetting']:.4g}  G={cell['gain']:.4g}")
             bar.update()
         bar.close()
         choice = choose(cells, naive, self.min_gain_kept)
         report = {"naive": naive, "cells": cells, "choice": choice, **self.record, "min_gain_kept": self.min_gain_kept}
+        if main:
+            self._report(report)
+        self.accel.wait_for_everyone()
+        return report
+
+    def _report(self, report: dict) -> None:
+        cells, naive, choice = report["cells"], report["naive"], report["choice"]
         write_json_atomic(self.out / "sweep.json", report)
         self._write_markdown(report)
         curves: dict[str, list] = {}
@@ -236,25 +253,26 @@ class Sweep:
         if not self.keep_models:  # every cell has finished: the first-domain runs are not needed any more
             _drop_weights(self.out / "first")
         self.print(self._summary(report))
-        return report
 
     def _first(self, method: MethodSpec) -> Pipeline:
         """The first domain with ``method``'s consolidation, run once and stopped there (resumable)."""
         config = self._cell_config(method, self.lambdas[0], self.out / "first" / method.slug)
         pipeline = Pipeline(build_run_config(config, source=self.source), resume=True, print_fn=None)
-        with _quiet(self.out / "logs" / f"first-{method.slug}.log"):
+        with _quiet(self._log(f"first-{method.slug}")):
             pipeline.run_sequence(stop_after=0)
         return pipeline
 
     def _cell(self, config: dict, first: Pipeline, label: str, lam: float | None) -> dict:
         pipeline = Pipeline(build_run_config(config, source=self.source), resume=True, print_fn=None)
         if not (pipeline.out / PROGRESS_NAME).is_file():  # new (or its seeding was interrupted): start from the copy
-            shutil.rmtree(pipeline.out, ignore_errors=True)
-            pipeline.out.mkdir(parents=True)
+            self.accel.wait_for_everyone()  # every process has looked before the main one rewrites it
+            if self.accel.is_main_process:
+                shutil.rmtree(pipeline.out, ignore_errors=True)
+                pipeline.out.mkdir(parents=True)
             pipeline.run_dir.seed_from(first.run_dir, pipeline.record(), 1)
-        with _quiet(self.out / "logs" / f"{pipeline.out.name}.log"):
+        with _quiet(self._log(pipeline.out.name)):
             results = pipeline.run_sequence()
-        if not self.keep_models:
+        if not self.keep_models and self.accel.is_main_process:
             _drop_weights(pipeline.out)
         metric = results["metric"]
         return {
@@ -262,6 +280,10 @@ class Sweep:
             "matrix": results["matrix"][metric], "initial": results["initial"][metric], **forgetting_and_gain(results),
             "last_logs": [d["train"]["last_log"] for d in results["domains_detail"]],
         }  # fmt: skip
+
+    def _log(self, name: str) -> Path:
+        rank = self.accel.process_index
+        return self.out / "logs" / (f"{name}.log" if rank == 0 else f"{name}.rank{rank}.log")
 
     # ------------------------------------------------------------------------------------------------ reports
     def _write_best(self, best: dict) -> None:
@@ -272,6 +294,8 @@ class Sweep:
             if domain.get("data_files") is not None:  # absolute: best.yaml runs from anywhere
                 domain["data_files"] = resolve_data_files(domain["data_files"], base_dirs, f"domains.{i}")
         raw.pop("disable_tqdm", None)
+        if self.baseline is not None:
+            raw["baseline"] = self.baseline
         path = self.out / "best.yaml"
         text = f"# hf-ewc train {path}\n# λ chosen by hf-ewc sweep (sweep.md): {best['method']}, λ = {best['lam']:g}\n"
         with atomic_path(path) as tmp:
