@@ -212,7 +212,7 @@ def plot_frontier(
     figure = _pyplot_free_figure((7.5, 5.5))
     ax = figure.add_subplot()
     ax.axvspan(min_gain_kept, right, color="tab:green", alpha=0.12, label=f"keeps ≥ {min_gain_kept:.0%} of the gain")
-    ax.set_prop_cycle(color=_line_colours(len(curves)))
+    ax.set_prop_cycle(color=_line_colours(max(len(curves), 1)))
     for label, cells in curves.items():
         cells = sorted(cells)
         (line,) = ax.plot([x for _, x, _ in cells], [y for _, _, y in cells], marker="o", linestyle=":", label=label)

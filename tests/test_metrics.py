@@ -252,3 +252,5 @@ def test_plot_frontier(tmp_path):
     curves = {"fisher": [(1.0, 0.95, 0.3), (10.0, 0.8, 0.6)], "mas": [(1.0, 0.97, 0.2), (10.0, 0.9, 0.5)]}
     plot_frontier(curves, path, min_gain_kept=0.9, best=("mas", 10.0), title="sweep")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    plot_frontier({}, tmp_path / "empty.png", min_gain_kept=0.9)  # naive did not forget: no point to draw
+    assert (tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
