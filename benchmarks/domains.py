@@ -1,12 +1,13 @@
 """Domain-sequence benchmark: how much of naive fine-tuning's forgetting each method removes, and at what cost.
 
-    python benchmarks/domains.py          # ~12 min on 2 CPU cores; writes benchmarks/results/domains.{json,md,png}
+    python benchmarks/domains.py          # ~15 min on 2 CPU cores; writes benchmarks/results/domains.{json,md,png}
     python benchmarks/domains.py --quick  # smoke test, about a minute: writes domains_quick.* instead
 
 A thin caller of `hf-ewc sweep` (`hf_ewc.pipeline.sweep.Sweep`) on the embedded default of `hf-ewc train`: a small
 Llama built from config with a BPE tokenizer trained on the shipped text, python_docs (English prose, acting as
-pretraining) → python_code → man_pages, evaluated on every domain after each one. Compared over one λ grid — with
-mean-normalized importances (`importance_normalization: mean`, the default) one grid serves every method:
+pretraining) → python_code → man_pages, evaluated on every domain after each one. Compared over one λ grid, 0.003–3
+— with mean-normalized importances (`importance_normalization: mean`, the default) one scale serves every penalty;
+proximal EWC's useful λ lies about two decades higher, so the grid spans both:
 
 - naive fine-tuning (``ewc_mode: off``);
 - L2: stabilized penalty with ``importance_method: uniform`` (Ω = 1);
@@ -48,7 +49,9 @@ from hf_ewc.utils import versions
 
 TARGETS = {"forgetting_removed": 0.6, "gain_kept": 0.9}
 METHODS = ["uniform", "fisher", "mas", "proximal:fisher"]
-LAMBDAS = [0.003, 0.01, 0.03, 0.1]
+# One grid for every method. Proximal EWC's pull bypasses Adam's normalisation (a plain η·λ·Ω step per optimizer
+# step), so its useful λ sits about two decades above the penalties' (as on permuted digits): the grid spans both.
+LAMBDAS = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
 # --quick: a few training blocks per domain and one epoch of pretraining; the numbers mean nothing, the plumbing runs.
 QUICK = {"max_samples": 48, "max_eval_samples": 32, "pretrain_epochs": 1, "lambdas": [0.01], "methods": ["fisher"]}
 

@@ -1,11 +1,11 @@
 """The ``hf-ewc`` command line.
 
     hf-ewc train                    # the embedded default: a tiny Llama over prose → code → man pages
-    hf-ewc train CONFIG.yaml --ewc_lambda 50 --domains.1.max_samples 200   # a config, with overrides
+    hf-ewc train CONFIG.yaml --ewc_lambda 0.03 --domains.1.max_samples 200   # a config, with overrides
     hf-ewc train CONFIG.yaml --resume         # continue an interrupted run (finished domains are kept)
     hf-ewc train NEXT.yaml --from RUN_DIR     # new domains on top of a finished run's model and EWC state
     hf-ewc train --fields                     # every key a config may set
-    hf-ewc sweep [CONFIG] --lambdas 1,10,100 --methods fisher,mas   # forgetting removed vs gain kept; best.yaml
+    hf-ewc sweep [CONFIG] --lambdas 0.003,0.01,0.03 --methods fisher,mas   # forgetting removed vs gain kept; best.yaml
     hf-ewc env                      # versions of hf_ewc and its stack, the device and the accelerate setup
     hf-ewc state DIR                # what a saved EWC state holds (domains, methods, sizes, importance statistics)
     hf-ewc prune RUN_DIR --sparsity 0.5 --criterion obd --out pruned   # prune by the run's own Fisher; export
@@ -35,7 +35,7 @@ from .state import EWCState
 from .utils import HfEwcError, versions
 
 
-DEFAULT_LAMBDAS = "1,3,10,30,100"
+DEFAULT_LAMBDAS = "0.003,0.01,0.03,0.1"
 
 
 def _env(args: argparse.Namespace) -> int:

@@ -600,7 +600,9 @@ def test_a_penalty_too_weak_to_matter_is_reported_once_and_the_default_is_not(tm
     for lam, expect in ((1e-6, True), (EWCConfig.ewc_lambda, False)):  # a tiny λ, and the default
         hf_logs.clear()
         model = MLP()
-        args = make_args(tmp_path, importance_normalization="mean", ewc_lambda=lam, num_train_epochs=3)
+        # trained as a real run is (Adam), so that the weights move as far as a real domain moves them
+        args = make_args(tmp_path, importance_normalization="mean", ewc_lambda=lam, num_train_epochs=10,
+                         optim="adamw_torch", learning_rate=1e-2)  # fmt: skip
         trainer = EWCTrainer(model=model, args=args, train_dataset=samples)
         trainer.train()
         trainer = EWCTrainer(model=model, args=args, train_dataset=shifted, ewc_state=trainer.consolidate(domain="a"))
