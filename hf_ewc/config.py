@@ -132,6 +132,7 @@ class EWCConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._check_training_values()
         super().__post_init__()
         for name, choices in (
             ("ewc_mode", EWC_MODES),
@@ -171,6 +172,52 @@ class EWCConfig(TrainingArguments):
                 f"ewc_decay={self.ewc_decay} only applies to consolidation='online'; set consolidation='online' or "
                 "ewc_decay=1.0."
             )
+
+    def _check_training_values(self) -> None:
+        """Refuse the numeric `TrainingArguments` values the Trainer would misuse silently (a negative epoch count
+        trains nothing and exits 0; a zero batch size fails deep inside a DataLoader)."""
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        checks = (
+            ("num_train_epochs", number(self.num_train_epochs) and self.num_train_epochs >= 0, "a number >= 0"),
+            ("max_steps", integer(self.max_steps) and self.max_steps >= -1, "an integer >= 0 (or -1: use epochs)"),
+            ("per_device_train_batch_size", integer(self.per_device_train_batch_size)
+             and self.per_device_train_batch_size >= 1, "an integer >= 1"),
+            ("per_device_eval_batch_size", integer(self.per_device_eval_batch_size)
+             and self.per_device_eval_batch_size >= 1, "an integer >= 1"),
+            ("gradient_accumulation_steps", integer(self.gradient_accumulation_steps)
+             and self.gradient_accumulation_steps >= 1, "an integer >= 1"),
+            ("learning_rate", number(self.learning_rate) and self.learning_rate >= 0, "a finite number >= 0"),
+            ("weight_decay", number(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("adam_beta1", number(self.adam_beta1) and 0 <= self.adam_beta1 < 1, "in [0, 1)"),
+            ("adam_beta2", number(self.adam_beta2) and 0 <= self.adam_beta2 < 1, "in [0, 1)"),
+            ("adam_epsilon", number(self.adam_epsilon) and self.adam_epsilon >= 0, "a finite number >= 0"),
+            ("max_grad_norm", self.max_grad_norm is None or (number(self.max_grad_norm) and self.max_grad_norm >= 0),
+             "a finite number >= 0 (0 or None: no clipping)"),
+            ("warmup_steps", number(self.warmup_steps) and self.warmup_steps >= 0,
+             "a number >= 0 (below 1: a share of the steps)"),
+            ("logging_steps", number(self.logging_steps) and self.logging_steps > 0,
+             "a number > 0 (below 1: a share of the steps)"),
+            ("save_steps", number(self.save_steps) and self.save_steps > 0,
+             "a number > 0 (below 1: a share of the steps)"),
+            ("eval_steps", self.eval_steps is None or (number(self.eval_steps) and self.eval_steps > 0),
+             "a number > 0 (below 1: a share of the steps), or None"),
+            ("label_smoothing_factor", number(self.label_smoothing_factor) and 0 <= self.label_smoothing_factor < 1,
+             "in [0, 1)"),
+            ("dataloader_num_workers", integer(self.dataloader_num_workers) and self.dataloader_num_workers >= 0,
+             "an integer >= 0"),
+            ("seed", integer(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
+            ("save_total_limit", self.save_total_limit is None
+             or (integer(self.save_total_limit) and self.save_total_limit >= 1), "an integer >= 1, or None"),
+        )  # fmt: skip
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}.")
 
     @property
     def ewc_step_size(self) -> float:

@@ -139,6 +139,14 @@ def _bad_inputs(tmp_path: Path) -> dict:
             "eval_fraction=0.999 cannot split",
         ),
         "duplicate key": (tmp_path / "duplicate.yaml", "duplicate key 'seed' (line 2)"),
+        "negative epochs": (variant(base, num_train_epochs=-1), "num_train_epochs must be a number >= 0, got -1"),
+        "negative epochs of one domain": (
+            variant(base, domains__1__training={"num_train_epochs": -2}),
+            "domains.1.training.num_train_epochs must be a number >= 0, got -2",
+        ),
+        "zero batch size": (variant(base, per_device_train_batch_size=0), "per_device_train_batch_size must be"),
+        "negative learning rate": (variant(base, learning_rate=-0.1), "learning_rate must be a finite number >= 0"),
+        "negative warmup": (variant(base, warmup_steps=-3), "warmup_steps"),
     }
 
 
@@ -146,7 +154,8 @@ def _bad_inputs(tmp_path: Path) -> dict:
     "case",
     ["malformed YAML", "missing file", "missing column", "empty domain", "no label column", "one class",
      "task the model cannot do", "unknown key", "typo in model.config", "blocks longer than the model",
-     "SI without training", "eval_fraction too large", "duplicate key"],
+     "SI without training", "eval_fraction too large", "duplicate key", "negative epochs",
+     "negative epochs of one domain", "zero batch size", "negative learning rate", "negative warmup"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, case):
     config, message = _bad_inputs(tmp_path)[case]
