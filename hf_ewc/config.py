@@ -6,13 +6,12 @@ from typing import Literal, get_args
 
 from transformers import TrainingArguments
 
+from .state_io import CONSOLIDATIONS, NORMALIZATIONS, STATE_DTYPES
+
 
 EWC_MODES = ("stabilized", "vanilla", "proximal", "off")
 IMPORTANCE_METHODS = ("fisher", "mas", "si", "signal", "uniform")
 FISHER_ESTIMATORS = ("empirical", "sampled", "exact", "batched")
-CONSOLIDATIONS = ("sum", "online")
-NORMALIZATIONS = ("mean", "none")
-STATE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass

@@ -16,11 +16,15 @@ from torch import nn
 
 from .distributed import trainable_parameters
 from .state_io import (
+    CONSOLIDATIONS,
     FORMAT_VERSION,
     LAMBDA_CONVENTION,
+    NORMALIZATIONS,
     STATE_CONFIG_NAME,
     STATE_DIR,
+    STATE_DTYPES,
     STATE_WEIGHTS_NAME,
+    check_loaded_state,
     check_side_file,
     find_ewc_state,
     read_state_file,
@@ -33,21 +37,18 @@ from .utils import HfEwcError, logger, versions
 __all__ = ["STATE_CONFIG_NAME", "STATE_DIR", "STATE_WEIGHTS_NAME", "EWCState", "check_importances", "find_ewc_state"]
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise HfEwcError(f"Unsupported EWC state dtype {dtype}; choose one of: {', '.join(_DTYPES)}.")
+        if dtype not in STATE_DTYPES.values():
+            raise HfEwcError(f"Unsupported EWC state dtype {dtype}; choose one of: {', '.join(STATE_DTYPES)}.")
         return dtype
-    if dtype not in _DTYPES:
-        raise HfEwcError(f"Unknown EWC state dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}.")
-    return _DTYPES[dtype]
+    if dtype not in STATE_DTYPES:
+        raise HfEwcError(f"Unknown EWC state dtype {dtype!r}; choose one of: {', '.join(STATE_DTYPES)}.")
+    return STATE_DTYPES[dtype]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in _DTYPES.items() if d == dtype)
+    return next(name for name, d in STATE_DTYPES.items() if d == dtype)
 
 
 def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "importance") -> None:
@@ -66,9 +67,6 @@ def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "i
                 f"The {what} of parameter {name!r} has negative values (min {float(value.min()):.3g}); importances "
                 "must be >= 0 for the penalty to pull towards the anchors."
             )
-
-
-NORMALIZATIONS = ("mean", "none")
 
 
 def _normalize(importances: Mapping[str, torch.Tensor], kind: str, domain: str) -> tuple[Mapping, float | None]:
@@ -264,7 +262,7 @@ class EWCState:
         Returns:
             `EWCState`: ``self``.
         """
-        if mode not in ("sum", "online"):
+        if mode not in CONSOLIDATIONS:
             raise HfEwcError(f"Unknown consolidation mode {mode!r}; choose one of: sum, online.")
         if not (isinstance(decay, (int, float)) and 0 < decay <= 1):
             raise HfEwcError(f"decay must be in (0, 1], got {decay!r}.")
@@ -375,11 +373,10 @@ class EWCState:
         path, side = state_file_of(directory)
         importances, anchors, meta = read_state_file(path)
         check_side_file(side, path, meta)
+        check_loaded_state(importances, anchors, meta, path)  # a damaged file never reaches training or pruning
         dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
         state = cls(metadata=meta, dtype=dtype)
         state._set_tensors(importances, anchors, copy=False)
-        if len(state.importances) != meta.get("num_tensors", len(state.importances)):
-            raise HfEwcError(f"{str(path)!r} is incomplete: metadata lists {meta['num_tensors']} tensors.")
         return state
 
     # ------------------------------------------------------------------ helpers

@@ -31,6 +31,16 @@ LAMBDA_CONVENTION = (
     "stabilized c = lambda*Omega/(2*(1 + eta*lambda*Omega)); proximal theta <- theta_star + (theta - theta_star)/"
     "(1 + eta*lambda*Omega)"
 )
+CONSOLIDATIONS = ("sum", "online")
+NORMALIZATIONS = ("mean", "none")
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the metadata a state file may carry, and what each value must be (None: absent from a state never consolidated)
+METADATA_TYPES = {
+    "anchors_from": (str, type(None)), "consolidation": (str, type(None)), "decay": (int, float, type(None)),
+    "domains": (list,), "dtype": (str,), "format_version": (int,), "importance_normalization": (str, type(None)),
+    "lambda_convention": (str,), "num_parameters": (int,), "num_tensors": (int,), "state_id": (str,),
+    "versions": (dict,),
+}  # fmt: skip
 KNOWN_METADATA = {
     "anchors_from", "consolidation", "decay", "domains", "dtype", "format_version", "importance_normalization",
     "lambda_convention", "num_parameters", "num_tensors", "state_id", "versions",
@@ -119,3 +129,50 @@ def check_side_file(side: Path, path: Path, meta: dict) -> None:
         logger.warning(
             f"{side} does not match {path.name} (an interrupted save?); using the metadata inside {path.name}."
         )
+
+
+def check_loaded_state(importances: dict, anchors: dict, meta: dict, path: Path) -> None:
+    """Refuse a state file whose contents cannot be used as they are, naming the file and the first fault: mixed or
+    unsupported dtypes, NaN/Inf anywhere, negative importances, importances without anchors (or the reverse), shapes
+    that differ, metadata of the wrong type or an unknown choice, counts that do not match the tensors."""
+
+    def fail(fault: str) -> None:
+        raise HfEwcError(
+            f"The EWC state {str(path)!r} is damaged: {fault}. Re-save it from the run that wrote it, or consolidate "
+            "the domains again."
+        )
+
+    for key, types in METADATA_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            expected = " or ".join(t.__name__ for t in types)
+            fail(f"metadata {key!r} is {value!r} ({type(value).__name__}), expected {expected}")
+    for i, domain in enumerate(meta.get("domains", [])):
+        if not (isinstance(domain, dict) and isinstance(domain.get("name"), str)):
+            fail(f"metadata domains[{i}] is not a mapping with a name")
+    for key, choices in (("consolidation", CONSOLIDATIONS), ("importance_normalization", NORMALIZATIONS),
+                         ("dtype", tuple(STATE_DTYPES))):  # fmt: skip
+        if meta.get(key) is not None and meta[key] not in choices:
+            fail(f"metadata {key!r} is {meta[key]!r}, not one of {', '.join(choices)}")
+    if meta.get("decay") is not None and not 0 < meta["decay"] <= 1:
+        fail(f"metadata 'decay' is {meta['decay']!r}, not in (0, 1]")
+    if set(importances) != set(anchors):
+        name = min(set(importances) ^ set(anchors))
+        fail(f"{name!r} has an {'importance' if name in importances else 'anchor'} but no "
+             f"{'anchor' if name in importances else 'importance'}")  # fmt: skip
+    dtypes = {t.dtype for t in (*importances.values(), *anchors.values())}
+    if len(dtypes) > 1 or not dtypes <= set(STATE_DTYPES.values()):
+        fail(f"its tensors are {', '.join(sorted(map(str, dtypes)))}; a state holds float32 or bfloat16, one dtype")
+    for name, importance in importances.items():
+        anchor = anchors[name]
+        if importance.shape != anchor.shape:
+            fail(f"{name!r}: importance shape {tuple(importance.shape)}, anchor shape {tuple(anchor.shape)}")
+        for kind, t in (("importance", importance), ("anchor", anchor)):
+            if not bool(torch.isfinite(t).all()):
+                fail(f"the {kind} of {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
+        if bool((importance < 0).any()):
+            fail(f"the importance of {name!r} holds negative values (min {float(importance.min()):.3g})")
+    counts = {"num_tensors": len(importances), "num_parameters": sum(t.numel() for t in importances.values())}
+    for key, actual in counts.items():
+        if key in meta and meta[key] != actual:
+            fail(f"metadata {key!r} says {meta[key]}, the file holds {actual}")

@@ -2,6 +2,7 @@
 stderr naming the cause and the fix, exit code 2, nothing written."""
 
 import json
+import math
 import os
 import random
 import re
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from testing_utils import MLP, make_config, run_cli, snapshot, tiny_gpt2, write_yaml
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -18,6 +21,7 @@ from hf_ewc import EWCState, prune_model
 from hf_ewc.cli import build_parser, main
 from hf_ewc.pipeline import Pipeline, build_run_config
 from hf_ewc.pipeline.prepare import train_tokenizer
+from hf_ewc.state import STATE_WEIGHTS_NAME
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +61,15 @@ def test_state_summary_and_bad_directory(tmp_path, capsys):
     assert main(["state", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-ewc state: error: No EWC state at")
+    tensors = load_file(tmp_path / STATE_WEIGHTS_NAME)
+    tensors["anchor.net.0.weight"][0, 0] = math.inf  # a damaged file: refused, not summarized
+    with safe_open(tmp_path / STATE_WEIGHTS_NAME, framework="pt") as f:
+        save_file(tensors, tmp_path / STATE_WEIGHTS_NAME, metadata=f.metadata())
+    assert main(["state", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert not captured.out and len(err) == 1
+    assert "is damaged: the anchor of 'net.0.weight' holds 1 NaN/Inf value(s)" in err[0]
 
 
 def test_module_entry_point_runs():
@@ -253,7 +266,29 @@ def _cli_bad_inputs(root: Path, tmp: Path) -> dict:
     other.consolidate(gpt2, {n: torch.ones_like(p) for n, p in gpt2.named_parameters()}, domain="x")
     other.save(tmp / "other_state")
     model, out = str(root / "model"), str(tmp / "out")
+    own = AutoModelForCausalLM.from_pretrained(model)
+    EWCState().consolidate(own, {n: torch.ones_like(p) for n, p in own.named_parameters()}, domain="x").save(
+        tmp / "nan_state"
+    )
+    tensors = load_file(tmp / "nan_state" / "ewc_state.safetensors")
+    tensors[next(k for k in tensors if k.startswith("importance."))].view(-1)[0] = math.nan
+    with safe_open(tmp / "nan_state" / "ewc_state.safetensors", framework="pt") as f:
+        save_file(tensors, tmp / "nan_state" / "ewc_state.safetensors", metadata=f.metadata())
     return {
+        "damaged importances": (
+            [
+                model,
+                "--sparsity",
+                "0.5",
+                "--criterion",
+                "fisher",
+                "--importances",
+                str(tmp / "nan_state"),
+                "--out",
+                out,
+            ],
+            "is damaged: the importance of",
+        ),
         "missing model": ([str(tmp / "nope"), "--sparsity", "0.5", "--out", out], "does not exist"),
         "not a model": ([str(tmp / "notamodel"), "--sparsity", "0.5", "--out", out], "cannot load a model from"),
         "existing out": ([model, "--sparsity", "0.5", "--out", str(tmp / "exists")], "already exists"),
@@ -289,7 +324,7 @@ def _cli_bad_inputs(root: Path, tmp: Path) -> dict:
 @pytest.mark.parametrize(
     "case",
     ["missing model", "not a model", "existing out", "sparsity", "criterion", "structure", "no importances",
-     "foreign importances", "n:m", "missing importances dir"],
+     "foreign importances", "n:m", "missing importances dir", "damaged importances"],
 )  # fmt: skip
 def test_cli_bad_input_gives_one_line_exit_2_and_writes_nothing(saved_model, tmp_path, capsys, case):
     argv, message = _cli_bad_inputs(saved_model, tmp_path)[case]

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -262,3 +263,65 @@ def test_all_zero_importances_cannot_be_normalized():
     with pytest.raises(HfEwcError, match=r"importances of domain 'quiet' are all 0: there is nothing to normalize"):
         EWCState().consolidate(model, _ones_like(model, 0.0), domain="quiet")
     assert EWCState().consolidate(model, _ones_like(model, 0.0), normalization="none").max_importance() == 0.0
+
+
+def _damaged_copy(src, dst, edit_tensors=None, edit_meta=None):
+    """A copy of the state saved in ``src`` with its tensors and/or metadata edited, as a damaged file would be."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src / STATE_WEIGHTS_NAME), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = json.loads(f.metadata()["hf_ewc"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    dst.mkdir()
+    save_file(tensors, str(dst / STATE_WEIGHTS_NAME), metadata={"hf_ewc": json.dumps(meta)})
+    return dst
+
+
+def _set(tensors, key, index, value):
+    tensors[key][index] = value
+
+
+DAMAGES = {
+    "NaN importance": (lambda t: _set(t, "importance.net.0.weight", (0, 0), float("nan")), None,
+                       r"the importance of 'net.0.weight' holds 1 NaN/Inf value\(s\)"),
+    "Inf anchor": (lambda t: _set(t, "anchor.net.2.bias", 0, float("inf")), None,
+                   r"the anchor of 'net.2.bias' holds 1 NaN/Inf value\(s\)"),
+    "negative importance": (lambda t: _set(t, "importance.net.0.bias", 1, -0.5), None,
+                            r"the importance of 'net.0.bias' holds negative values \(min -0.5\)"),
+    "anchor missing": (lambda t: t.pop("anchor.net.0.bias"), None, "'net.0.bias' has an importance but no anchor"),
+    "shapes differ": (lambda t: t.__setitem__("anchor.net.0.bias", torch.zeros(3)), None,
+                      r"'net.0.bias': importance shape \(\d+,\), anchor shape \(3,\)"),
+    "mixed dtypes": (lambda t: t.__setitem__("anchor.net.0.bias", t["anchor.net.0.bias"].bfloat16()), None,
+                     "torch.bfloat16, torch.float32; a state holds float32 or bfloat16, one dtype"),
+    "integer tensors": (lambda t: t.update({k: v.long() for k, v in t.items()}), None, "its tensors are torch.int64"),
+    "tensor count": (None, lambda m: m.update(num_tensors=3), "metadata 'num_tensors' says 3, the file holds 6"),
+    "parameter count": (None, lambda m: m.update(num_parameters=7), "metadata 'num_parameters' says 7"),
+    "count of the wrong type": (None, lambda m: m.update(num_tensors="4"), r"metadata 'num_tensors' is '4' \(str\)"),
+    "a bool for a count": (None, lambda m: m.update(num_tensors=True), "metadata 'num_tensors' is True"),
+    "domains not a list": (None, lambda m: m.update(domains="a"), r"'domains' is 'a' \(str\), expected list"),
+    "domain without name": (None, lambda m: m["domains"][0].pop("name"), r"metadata domains\[0\] is not a mapping"),
+    "unknown normalization": (None, lambda m: m.update(importance_normalization="max"),
+                              "metadata 'importance_normalization' is 'max', not one of mean, none"),
+    "unknown consolidation": (None, lambda m: m.update(consolidation="avg"), "'consolidation' is 'avg'"),
+    "decay out of range": (None, lambda m: m.update(decay=2.0), r"metadata 'decay' is 2.0, not in \(0, 1\]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_a_damaged_state_is_refused_when_loaded_naming_the_file_and_the_fault(tmp_path, case):
+    model = MLP()
+    EWCState().consolidate(model, _ones_like(model), domain="a").save(tmp_path / "good")
+    EWCState.load(tmp_path / "good")  # the undamaged copy loads
+    edit_tensors, edit_meta, message = DAMAGES[case]
+    bad = _damaged_copy(tmp_path / "good", tmp_path / "bad", edit_tensors, edit_meta)
+    with pytest.raises(HfEwcError) as err:
+        EWCState.load(bad)
+    text = str(err.value)
+    assert text.startswith(f"The EWC state {str(bad / STATE_WEIGHTS_NAME)!r} is damaged: "), text
+    assert re.search(message, text), text
+    assert "\n" not in text
