@@ -138,3 +138,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Refuse a model whose weights hold NaN/Inf (a damaged checkpoint, or a training run that diverged before it
+    was saved), naming the first such tensor: training or pruning it would only spread the damage."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
+            bad = int((~torch.isfinite(param.detach())).sum())
+            raise HfEwcError(
+                f"{where}: weight {name!r} holds {bad} NaN/Inf value(s) of {param.numel()}; the checkpoint is damaged "
+                "or the run that wrote it diverged. Load an earlier checkpoint, or retrain it."
+            )

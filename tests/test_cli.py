@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -334,3 +335,25 @@ def test_cli_bad_input_gives_one_line_exit_2_and_writes_nothing(saved_model, tmp
     lines = [line for line in err.strip().splitlines() if line.startswith("hf-ewc prune: error:")]
     assert len(lines) == 1 and message in lines[0], err
     assert snapshot(tmp_path) == before and snapshot(saved_model) == before_model
+
+
+def test_a_model_with_nan_weights_is_refused_before_training_or_pruning(saved_model, tmp_path, capsys):
+    poisoned = tmp_path / "nan_model"
+    shutil.copytree(saved_model / "model", poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, :2] = torch.tensor([math.nan, math.inf])
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    raw = make_config(tmp_path)
+    raw["model"] = {"name_or_path": str(poisoned), "max_length": 32}
+    config = write_yaml(tmp_path / "run.yaml", raw)
+    expected = "weight 'model.layers.1.mlp.up_proj.weight' holds 2 NaN/Inf value(s)"
+    before = snapshot(tmp_path)
+    for command in (
+        ["train", str(config)],
+        ["prune", str(poisoned), "--sparsity", "0.5", "--out", str(tmp_path / "p")],
+    ):
+        rc, _out, err = run_cli(command, capsys)
+        lines = [line for line in err.strip().splitlines() if line.startswith(f"hf-ewc {command[0]}: error:")]
+        assert rc == 2 and len(lines) == 1 and expected in lines[0] and str(poisoned) in lines[0], err
+        assert "Traceback" not in err
+        assert snapshot(tmp_path) == before

@@ -24,7 +24,7 @@ from transformers import (
 
 from ..models import auto_model_class, check_max_length, check_task
 from ..state import STATE_WEIGHTS_NAME, EWCState, find_ewc_state
-from ..utils import HfEwcError, error_line
+from ..utils import HfEwcError, check_finite_weights, error_line
 from .adapters import (
     BASE_MODEL_DIR,
     check_adapter_matches,
@@ -279,6 +279,7 @@ def build_model(run: RunConfig, tokenizer, labels: list | None = None):
         model = auto_model_class(task).from_pretrained(spec.name_or_path, **kwargs, **extra)
     except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear line
         raise HfEwcError(f"Cannot load the model {spec.name_or_path!r}: {error_line(err)}") from None
+    check_finite_weights(model, f"model {spec.name_or_path!r}")
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -306,9 +307,11 @@ def load_model(directory: str | os.PathLike, run: RunConfig, labels: list | None
                 "continue with domains that use the same labels."
             )
     try:
-        return auto_model_class(run.task).from_pretrained(directory)
+        model = auto_model_class(run.task).from_pretrained(directory)
     except (OSError, ValueError, RuntimeError) as err:
         raise HfEwcError(f"Cannot load the model in {directory}: {error_line(err)}") from None
+    check_finite_weights(model, f"the model in {directory}")
+    return model
 
 
 # ------------------------------------------------------------------------------------------------------ stages

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..models import auto_class_for, check_max_length, max_positions, task_of_auto_class
 from ..pruning import IMPORTANCE_OF, PruneReport, check_prune_arguments, export_pruned, prune_model
 from ..state import EWCState, find_ewc_state
-from ..utils import HfEwcError, error_line, logger
+from ..utils import HfEwcError, check_finite_weights, error_line, logger
 from .adapters import base_model_of, hub_base_of, is_adapter_dir, load_adapter
 from .data import load_raw_domain, tokenize_domain, train_collator
 from .evaluation import evaluate_model
@@ -38,6 +38,7 @@ def _load_pretrained(name: str, *, revision: str | None, trust_remote_code: bool
     if os.path.isdir(name) and is_adapter_dir(name):
         base, auto_name = _load_pretrained(base_model_of(name), revision=revision, trust_remote_code=trust_remote_code)
         merged = load_adapter(base, name, trainable=False).merge_and_unload()
+        check_finite_weights(merged, f"the model merged from the adapter in {name!r}")
         return merged.requires_grad_(True), auto_name  # a plain model again: every weight counts
 
     looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.rstrip("/")
@@ -61,6 +62,7 @@ def _load_pretrained(name: str, *, revision: str | None, trust_remote_code: bool
         model = auto.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as err:  # missing or corrupt weights
         raise HfEwcError(f"cannot load the model weights from {name!r}: {error_line(err)}") from err
+    check_finite_weights(model, f"model {name!r}")
     return model, auto.__name__
 
 
