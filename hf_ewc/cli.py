@@ -18,6 +18,7 @@ Errors in the input print one line on stderr and exit with code 2.
 import argparse
 import json
 import platform
+import shlex
 import sys
 
 import datasets
@@ -88,7 +89,17 @@ def _train(args: argparse.Namespace) -> int:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
-    Pipeline(run, resume=args.resume, overwrite=args.overwrite, from_dir=args.from_dir).run_sequence()
+    try:
+        Pipeline(run, resume=args.resume, overwrite=args.overwrite, from_dir=args.from_dir).run_sequence()
+    except KeyboardInterrupt:  # every write is atomic, so wherever Ctrl-C lands the run directory is resumable
+        again = ["hf-ewc", "train", *([args.config] if args.config else []), *args.overrides]
+        again += [*(["--from", args.from_dir] if args.from_dir else []), "--resume"]
+        print(
+            f"\nhf-ewc train: interrupted; {run.output_dir} keeps the finished domains and the last checkpoint. "
+            f"Continue with: {shlex.join(again)}",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Small shared helpers: the library logger and error type, version stamps, atomic writes of files and folders."""
+"""Small shared helpers: the library logger and error type, version stamps, atomic writes of files and folders, the
+lock that keeps one process per output directory, and the check that a model's weights are finite."""
 
 import contextlib
 import glob
@@ -6,13 +7,17 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import accelerate
+import filelock
 import safetensors
 import torch
 import transformers
@@ -150,3 +155,38 @@ def check_finite_weights(model: torch.nn.Module, where: str) -> None:
                 f"{where}: weight {name!r} holds {bad} NaN/Inf value(s) of {param.numel()}; the checkpoint is damaged "
                 "or the run that wrote it diverged. Load an earlier checkpoint, or retrain it."
             )
+
+
+LOCK_NAME = ".hf_ewc.lock"  # held (flock) while a process works in a directory; released by the OS if it dies
+LOCK_OWNER_NAME = ".hf_ewc.owner.json"  # who holds it: pid, host, command, start time (removed on release)
+
+
+@contextlib.contextmanager
+def hold_directory(directory: str | os.PathLike, what: str = "output_dir") -> Iterator[None]:
+    """Hold ``directory`` (which must exist) for this process, or refuse at once, naming the process that holds it.
+
+    The lock is a `filelock.FileLock` (an OS file lock), so a process killed with SIGKILL leaves no stale lock that
+    could block a `--resume`: only its empty ``.hf_ewc.lock`` file remains."""
+    directory = Path(directory)
+    lock = filelock.FileLock(directory / LOCK_NAME, blocking=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        try:
+            owner = json.loads((directory / LOCK_OWNER_NAME).read_text(encoding="utf-8"))
+            who = f"pid {owner['pid']} on {owner['host']}, `{owner['command']}`, since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "owner unknown"
+        raise HfEwcError(
+            f"{what} {str(directory)!r} is in use by another hf-ewc process ({who}); wait for it to finish, or "
+            f"choose another {what}."
+        ) from None
+    try:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
+                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        write_json_atomic(directory / LOCK_OWNER_NAME, owner)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (directory / LOCK_OWNER_NAME).unlink()
+        lock.release()

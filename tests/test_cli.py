@@ -7,8 +7,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from hf_ewc.cli import build_parser, main
 from hf_ewc.pipeline import Pipeline, build_run_config
 from hf_ewc.pipeline.prepare import train_tokenizer
 from hf_ewc.state import STATE_WEIGHTS_NAME
+from hf_ewc.utils import hold_directory
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,3 +360,94 @@ def test_a_model_with_nan_weights_is_refused_before_training_or_pruning(saved_mo
         assert rc == 2 and len(lines) == 1 and expected in lines[0] and str(poisoned) in lines[0], err
         assert "Traceback" not in err
         assert snapshot(tmp_path) == before
+
+
+def test_output_dir_that_cannot_be_created_and_resume_without_a_run(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a directory")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    base = make_config(tmp_path)
+    cases = [
+        (variant_of(base, output_dir=str(tmp_path / "afile" / "run")), [], "afile' is a file"),
+        (variant_of(base, output_dir=str(tmp_path / "afile")), [], "is a file; choose a directory"),
+        (variant_of(base, output_dir=str(tmp_path / "nowhere")), ["--resume"], "--resume: there is no run in"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((variant_of(base, output_dir=str(locked / "run")), [], "locked' is not writable"))
+    for i, (raw, extra, message) in enumerate(cases):
+        config = write_yaml(tmp_path / f"c{i}.yaml", raw)
+        before = snapshot(tmp_path)
+        rc, _out, err = run_cli(["train", str(config), *extra], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and message in lines[0], err
+        assert "drop --resume" in lines[0] or not extra
+        assert snapshot(tmp_path) == before
+    locked.chmod(0o700)
+
+
+def variant_of(raw: dict, **changes) -> dict:
+    return {**json.loads(json.dumps(raw)), **changes}
+
+
+def test_one_run_per_output_dir_and_a_killed_holder_does_not_block_resume(tmp_path, capsys):
+    raw = make_config(tmp_path, num_train_epochs=1)
+    config = write_yaml(tmp_path / "run.yaml", raw)
+    out = Path(raw["output_dir"])
+    out.mkdir()
+    with hold_directory(out):  # another run is working in output_dir (here: this process, through its own lock)
+        before = snapshot(tmp_path)
+        for extra in ([], ["--overwrite"]):  # (--resume: below, on a real run)
+            rc, _out, err = run_cli(["train", str(config), *extra], capsys)
+            lines = err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1, err
+            assert f"is in use by another hf-ewc process (pid {os.getpid()} on " in lines[0], err
+            assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in out.iterdir()) == [".hf_ewc.lock"]  # released; the owner record is gone
+
+    rc, _out, err = run_cli(["train", str(config)], capsys)
+    assert rc == 0, err
+    # A holder killed with SIGKILL (no chance to release) leaves its lock file, and it blocks nothing.
+    code = (
+        "import sys, time\nfrom hf_ewc.utils import hold_directory\nwith hold_directory(sys.argv[1]):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    rc, _out, err = run_cli(["train", str(config), "--resume"], capsys)
+    assert rc == 2 and f"(pid {holder.pid} on " in err, err
+    holder.kill()
+    holder.wait()
+    assert (out / ".hf_ewc.lock").exists()
+    rc, out_text, err = run_cli(["train", str(config), "--resume"], capsys)
+    assert rc == 0 and "holds a finished run of this config; nothing to do" in out_text, err
+
+
+def test_ctrl_c_says_how_to_continue_and_resume_gives_the_uninterrupted_result(tmp_path, capsys):
+    raw = make_config(tmp_path, domains=("animals", "tools", "colours"), num_train_epochs=1)
+    raw["domains"][1]["training"] = {"num_train_epochs": 10}  # long enough for the interrupt to land inside it
+    config = write_yaml(tmp_path / "run.yaml", raw)
+    reference = Pipeline(build_run_config({**raw, "output_dir": str(tmp_path / "ref")}), print_fn=None).run_sequence()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "hf_ewc", "train", str(config)], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    progress = Path(raw["output_dir"]) / "progress.json"
+    while child.poll() is None:  # Ctrl-C once the first domain is done: during the second one
+        if progress.is_file() and json.loads(progress.read_text() or "{}").get("completed"):
+            child.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"hf-ewc train: interrupted; {raw['output_dir']} keeps the finished domains and the last checkpoint. "
+        f"Continue with: hf-ewc train {config} --resume"
+    )
+    rc, _out, err = run_cli(["train", str(config), "--resume"], capsys)
+    assert rc == 0, err
+    resumed = json.loads((Path(raw["output_dir"]) / "results.json").read_text())
+    for key in reference["matrix"]:
+        torch.testing.assert_close(torch.tensor(resumed["matrix"][key]), torch.tensor(reference["matrix"][key]),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip

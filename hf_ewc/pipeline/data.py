@@ -5,6 +5,11 @@ transformers' `run_clm.py` / `run_mlm.py`); classification domains are truncated
 evaluation sets are masked once, with a fixed seed, so every cell of the evaluation matrix sees the same masks.
 """
 
+import bz2
+import csv
+import gzip
+import json
+import lzma
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,6 +87,58 @@ def _loader_for(data_files: Any, where: str) -> str:
     return loader
 
 
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _files_of(data_files: Any) -> list[str]:
+    if isinstance(data_files, dict):
+        return [f for files in data_files.values() for f in _files_of(files)]
+    return [data_files] if isinstance(data_files, str) else list(data_files)
+
+
+def diagnose_data_file(path: str, loader: str) -> str | None:
+    """What is wrong with a local data file that `datasets` failed to read, in words a user can act on: the file is
+    empty, or the line that is not JSON / does not have the header's number of CSV fields. None when it cannot tell
+    (then the loader's own message is the best there is)."""
+    if not os.path.isfile(path):
+        return None
+    opener = _OPENERS.get(Path(path).suffix.lower(), open)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        return f"data file {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8"
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        return f"data file {path!r} cannot be read ({error_line(err)}); is it truncated or mislabelled?"
+    if not text.strip():
+        return f"data file {path!r} is empty; give it at least one row"
+    if loader == "json":
+        try:
+            json.loads(text)  # one JSON document (a list of rows, or {"data": [...]}): the loader's other format
+            return None
+        except json.JSONDecodeError:
+            pass
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"data file {path!r} line {number} is not valid JSON ({err.msg}, column {err.colno})"
+    if loader == "csv":
+        reader = csv.reader(text.splitlines(keepends=True), strict=True)
+        try:
+            header = next(reader)
+            for row in reader:
+                if row and len(row) != len(header):
+                    return (
+                        f"data file {path!r} line {reader.line_num} has {len(row)} CSV field(s), its header has "
+                        f"{len(header)} (an unquoted comma, or a quote left open?)"
+                    )
+        except csv.Error as err:
+            return f"data file {path!r} line {reader.line_num} is not valid CSV ({err})"
+    return None
+
+
 def _load_split(domain: DomainSpec, split: str, data_files: Any, where: str) -> Dataset:
     try:
         if data_files is not None:
@@ -98,6 +155,12 @@ def _load_split(domain: DomainSpec, split: str, data_files: Any, where: str) -> 
     except HfEwcError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFound, DatasetNotFound, Connection…)
+        if data_files is not None:
+            loader = domain.dataset or _loader_for(data_files, where)
+            for path in _files_of(data_files[split] if isinstance(data_files, dict) else data_files):
+                fault = diagnose_data_file(path, loader)
+                if fault:
+                    raise HfEwcError(f"{where}: {fault}.") from None
         what = f"dataset {domain.dataset!r}" if data_files is None else "data_files"
         raise HfEwcError(f"{where}: cannot load {what} (split {split!r}): {error_line(err)}") from None
 

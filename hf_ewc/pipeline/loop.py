@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from accelerate import PartialState
 
@@ -35,7 +35,8 @@ class Pipeline:
 
     Args:
         run ([`RunConfig`]): the configuration (`hf_ewc.pipeline.load_run_config`).
-        resume (`bool`): continue the run already in ``output_dir`` (it must come from the same config).
+        resume (`bool` or `"auto"`): `True` continues the run in ``output_dir`` (it must exist and come from the same
+            config); `"auto"` continues it if there is one and starts one otherwise.
         overwrite (`bool`): replace a finished or interrupted run in ``output_dir``.
         from_dir (`str`, *optional*): start from a previous run's final model and EWC state (a continual-ready
             checkpoint): the new domains are protected against forgetting the old ones, without the old data.
@@ -46,7 +47,7 @@ class Pipeline:
         self,
         run: RunConfig,
         *,
-        resume: bool = False,
+        resume: bool | Literal["auto"] = False,
         overwrite: bool = False,
         from_dir: str | os.PathLike | None = None,
         print_fn=print,
@@ -103,6 +104,13 @@ class Pipeline:
 
         With ``stop_after=k`` it stops once domain k is done (trained, evaluated, consolidated, its stage saved) and
         returns the run's progress instead: the run directory stays resumable (what `hf-ewc sweep` shares)."""
+        # validated before anything is written, then again under the directory's lock (another run may have
+        # started in between)
+        self.run_dir.check(self.record(), resume=self.resume, overwrite=self.overwrite, from_dir=self.from_dir)
+        with self.run_dir.hold():
+            return self._run_sequence(stop_after)
+
+    def _run_sequence(self, stop_after: int | None) -> dict:
         run, run_dir = self.run, self.run_dir
         progress = run_dir.check(self.record(), resume=self.resume, overwrite=self.overwrite, from_dir=self.from_dir)
         if progress is not None and progress.get("finished"):
@@ -211,7 +219,7 @@ class Pipeline:
     def _baseline(self) -> "Pipeline":
         """The `baseline: naive` run: this sequence without EWC, in ``output_dir/baseline``."""
         config = build_run_config(self.run.baseline_config(), source=self.run.source)
-        return Pipeline(config, resume=True, print_fn=None)
+        return Pipeline(config, resume="auto", print_fn=None)
 
     def _seed_baseline(self) -> None:
         """Start the baseline from this run's first domain (no penalty there, so the two are the same), before its

@@ -37,6 +37,7 @@ from .adapters import (
 from .data import DomainData, RawDomain, label_names, load_raw_domain, tokenize_domain, training_texts
 from .run_config import RunConfig
 from .run_dir import RunDir
+from .sources import check_model_source
 
 
 @dataclass
@@ -76,6 +77,7 @@ def prepare(
         tokenizer = train_tokenizer(run.task, training_texts(raws, run.domains), run.model.tokenizer_vocab_size)
     else:
         spec = run.model
+        check_model_source(spec.name_or_path, revision=spec.revision)  # before the tokenizer's less telling errors
         tokenizer = load_tokenizer(
             spec.tokenizer or spec.name_or_path,
             revision=spec.revision,

@@ -17,6 +17,7 @@ from .adapters import base_model_of, hub_base_of, is_adapter_dir, load_adapter
 from .data import load_raw_domain, tokenize_domain, train_collator
 from .evaluation import evaluate_model
 from .run_config import DomainSpec, PruneSpec
+from .sources import check_model_source
 
 
 def prune_in_run(model, state: EWCState, spec: PruneSpec) -> PruneReport:
@@ -41,9 +42,7 @@ def _load_pretrained(name: str, *, revision: str | None, trust_remote_code: bool
         check_finite_weights(merged, f"the model merged from the adapter in {name!r}")
         return merged.requires_grad_(True), auto_name  # a plain model again: every weight counts
 
-    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.rstrip("/")
-    if not os.path.exists(name) and looks_local:
-        raise HfEwcError(f"model directory {name!r} does not exist; give a directory written by save_pretrained.")
+    check_model_source(name, revision=revision, key="model")
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as err:  # OSError, ValueError, JSON errors: all mean "this is not a loadable model"

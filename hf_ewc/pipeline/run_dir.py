@@ -14,16 +14,29 @@ and once it is done: the final model and tokenizer at the top (``from_pretrained
 ``results.json``, ``results.md``, ``matrix.png``, ``trajectories.png`` and the model card ``README.md``.
 """
 
+import contextlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..state import STATE_DIR, STATE_WEIGHTS_NAME, EWCState
-from ..utils import HfEwcError, atomic_directory, atomic_path, logger, write_json_atomic
+from ..utils import (
+    LOCK_NAME,
+    LOCK_OWNER_NAME,
+    HfEwcError,
+    atomic_directory,
+    atomic_path,
+    hold_directory,
+    logger,
+    write_json_atomic,
+)
 from .adapters import ADAPTER_CONFIG_NAME, BASE_MODEL_DIR
 
 
@@ -117,7 +130,36 @@ class RunDir:
         return EWCState.load(state_dir) if (state_dir / STATE_WEIGHTS_NAME).is_file() else None
 
     # ------------------------------------------------------------------------------------------------ start
-    def check(self, record: dict, *, resume: bool, overwrite: bool, from_dir: str | None) -> dict | None:
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """One run per directory: the main process holds ``output_dir``'s lock for the whole run (every process
+        raises if another run holds it). A directory created here and left holding nothing but the lock (the run
+        stopped on bad input before writing anything) is removed again."""
+        created = not self.path.exists()
+        refusal = None
+        with contextlib.ExitStack() as held:
+            if self.accel.is_main_process:
+                self.path.mkdir(parents=True, exist_ok=True)
+                try:
+                    held.enter_context(hold_directory(self.path))
+                except HfEwcError as err:
+                    refusal = str(err)
+            if self.accel.num_processes > 1:
+                refusal = broadcast_object_list([refusal])[0]
+            if refusal is not None:
+                raise HfEwcError(refusal)
+            try:
+                yield
+            finally:
+                held.close()  # released before an empty directory is removed (never another process's)
+                only_lock = self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {
+                    LOCK_NAME,
+                    LOCK_OWNER_NAME,
+                }
+                if created and self.accel.is_main_process and only_lock:
+                    shutil.rmtree(self.path, ignore_errors=True)
+
+    def check(self, record: dict, *, resume: bool | str, overwrite: bool, from_dir: str | None) -> dict | None:
         """Decide what to do with ``output_dir`` before anything is written: refuse, start afresh (None) or return
         the progress to resume. ``record`` is what this run writes to ``run_config.json``."""
         out = self.path
@@ -125,7 +167,16 @@ class RunDir:
             raise HfEwcError(f"--from {from_dir} lies inside output_dir {out}; write the new run elsewhere.")
         if out.exists() and not out.is_dir():
             raise HfEwcError(f"output_dir {str(out)!r} is a file; choose a directory.")
-        entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if not out.exists():  # it will be created: its nearest existing ancestor must be a writable directory
+            ancestor = next(p for p in out.absolute().parents if p.exists())
+            if not ancestor.is_dir():
+                raise HfEwcError(f"output_dir {str(out)!r} cannot be created: {str(ancestor)!r} is a file.")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise HfEwcError(
+                    f"output_dir {str(out)!r} cannot be created: {str(ancestor)!r} is not writable; choose another."
+                )
+        locks = (LOCK_NAME, LOCK_OWNER_NAME)  # a stale lock of a killed process is no run
+        entries = sorted(p.name for p in out.iterdir() if p.name not in locks) if out.is_dir() else []
         recorded = self.read_json(RUN_CONFIG_NAME) if entries else None
         if entries and recorded is None:
             raise HfEwcError(
@@ -133,8 +184,9 @@ class RunDir:
                 f"{', …' if len(entries) > 3 else ''}); choose a new or empty directory."
             )
         if recorded is None:
-            if resume:
-                logger.info(f"--resume: no run in {out} yet; starting one.")
+            if resume is True:  # a typo in output_dir must not cost a whole new run
+                raise HfEwcError(f"--resume: there is no run in {str(out)!r} to continue; fix output_dir, or drop "
+                                 "--resume to start a new run there.")  # fmt: skip
             return None
         if overwrite:
             unknown = [e for e in entries if not is_run_artefact(e)]
@@ -167,6 +219,8 @@ class RunDir:
         if self.accel.is_main_process:
             if overwrite and self.path.exists():
                 for entry in self.path.iterdir():
+                    if entry.name in (LOCK_NAME, LOCK_OWNER_NAME):  # held by this process: keep it
+                        continue
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
             if fresh:

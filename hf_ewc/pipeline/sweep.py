@@ -257,13 +257,13 @@ class Sweep:
     def _first(self, method: MethodSpec) -> Pipeline:
         """The first domain with ``method``'s consolidation, run once and stopped there (resumable)."""
         config = self._cell_config(method, self.lambdas[0], self.out / "first" / method.slug)
-        pipeline = Pipeline(build_run_config(config, source=self.source), resume=True, print_fn=None)
+        pipeline = Pipeline(build_run_config(config, source=self.source), resume="auto", print_fn=None)
         with _quiet(self._log(f"first-{method.slug}")):
             pipeline.run_sequence(stop_after=0)
         return pipeline
 
     def _cell(self, config: dict, first: Pipeline, label: str, lam: float | None) -> dict:
-        pipeline = Pipeline(build_run_config(config, source=self.source), resume=True, print_fn=None)
+        pipeline = Pipeline(build_run_config(config, source=self.source), resume="auto", print_fn=None)
         if not (pipeline.out / PROGRESS_NAME).is_file():  # new (or its seeding was interrupted): start from the copy
             self.accel.wait_for_everyone()  # every process has looked before the main one rewrites it
             if self.accel.is_main_process:
