@@ -119,6 +119,11 @@ def _bad_inputs(tmp_path: Path) -> dict:
         "".join(json.dumps({"text": f"w{i} x y", "label": 1}) + "\n" for i in range(9))
     )
     cls = make_config(tmp_path, "sequence_classification")
+    (tmp_path / "zero.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a b"}\n{"text": "c d"\n{"text": "e"}\n')
+    (tmp_path / "broken.csv").write_text('text,label\n"a b",1\nc d,2,3\n')
+    (tmp_path / "not_a_model").mkdir(exist_ok=True)
+    (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
 
     def variant(raw, **changes):
         raw = json.loads(json.dumps(raw))
@@ -156,6 +161,30 @@ def _bad_inputs(tmp_path: Path) -> dict:
             "eval_fraction=0.999 cannot split",
         ),
         "duplicate key": (tmp_path / "duplicate.yaml", "duplicate key 'seed' (line 2)"),
+        "empty data file": (
+            variant(base, domains__1__data_files=str(tmp_path / "zero.jsonl")),
+            "zero.jsonl' is empty",
+        ),
+        "malformed JSON line": (
+            variant(base, domains__0__data_files=str(tmp_path / "broken.jsonl")),
+            "broken.jsonl' line 2 is not valid JSON (Expecting ',' delimiter, column 15)",
+        ),
+        "malformed CSV line": (
+            variant(cls, domains__0__data_files=str(tmp_path / "broken.csv")),
+            "broken.csv' line 3 has 3 CSV field(s), its header has 2",
+        ),
+        "missing model directory": (
+            variant(base, model={"name_or_path": "./no_such_model", "max_length": 16}),
+            "model.name_or_path './no_such_model': no such directory",
+        ),
+        "directory that is not a model": (
+            variant(base, model={"name_or_path": str(tmp_path / "not_a_model"), "max_length": 16}),
+            "is a directory but not a saved model (no config.json)",
+        ),
+        "Hub id not cached offline": (
+            variant(base, model={"name_or_path": "no-such-user/no-such-model", "max_length": 16}),
+            "is a Hub id that is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids",
+        ),
         "negative epochs": (variant(base, num_train_epochs=-1), "num_train_epochs must be a number >= 0, got -1"),
         "negative epochs of one domain": (
             variant(base, domains__1__training={"num_train_epochs": -2}),
@@ -171,7 +200,9 @@ def _bad_inputs(tmp_path: Path) -> dict:
     "case",
     ["malformed YAML", "missing file", "missing column", "empty domain", "no label column", "one class",
      "task the model cannot do", "unknown key", "typo in model.config", "blocks longer than the model",
-     "SI without training", "eval_fraction too large", "duplicate key", "negative epochs",
+     "SI without training", "eval_fraction too large", "duplicate key", "empty data file", "malformed JSON line",
+     "malformed CSV line", "missing model directory", "directory that is not a model", "Hub id not cached offline",
+     "negative epochs",
      "negative epochs of one domain", "zero batch size", "negative learning rate", "negative warmup"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, case):
