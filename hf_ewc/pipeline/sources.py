@@ -39,8 +39,9 @@ def check_model_source(name: str, *, revision: str | None = None, key: str = "mo
             )
         return
     if looks_local(name):
+        relative = "" if os.path.isabs(name) else f" (relative to {os.getcwd()})"
         raise HfEwcError(
-            f"{key} {name!r}: no such directory (looked in {os.getcwd()}); fix the path, or give a Hub id such as "
+            f"{key} {name!r}: no such directory{relative}; fix the path, or give a Hub id such as "
             "'openai-community/gpt2'."
         )
     try:
