@@ -47,7 +47,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     if origin is Literal:
         return value if value in get_args(tp) else _NOT_THIS_TYPE
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        values = {m.value for m in tp}
+        values = [m.value for m in tp]  # a list: a YAML list or mapping is unhashable, and simply not a member
         return value if value in values or isinstance(value, tp) else _NOT_THIS_TYPE
     if tp is bool:
         return value if isinstance(value, bool) else _NOT_THIS_TYPE
