@@ -1,7 +1,7 @@
 """The ``hf-ewc`` command line.
 
     hf-ewc train                    # the embedded default: a tiny Llama over prose → code → man pages
-    hf-ewc train CONFIG.yaml --ewc_lambda 0.03 --domains.1.max_samples 200   # a config, with overrides
+    hf-ewc train CONFIG.yaml --ewc_lambda 0.1 --domains.1.max_samples 200    # a config, with overrides
     hf-ewc train CONFIG.yaml --resume         # continue an interrupted run (finished domains are kept)
     hf-ewc train NEXT.yaml --from RUN_DIR     # new domains on top of a finished run's model and EWC state
     hf-ewc train --fields                     # every key a config may set
@@ -33,7 +33,7 @@ from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec,
 from .pipeline.sweep import MethodSpec, Sweep, parse_lambdas
 from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
 from .state import EWCState
-from .utils import HfEwcError, versions
+from .utils import HfEwcError, error_line, versions
 
 
 DEFAULT_LAMBDAS = "0.003,0.01,0.03,0.1"
@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except HfEwcError as err:
         print(f"hf-ewc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk or a lost mount where a library (the Trainer's checkpoints) writes on its own
+        hint = "; what was finished is kept: fix it and continue with --resume" if args.command == "train" else ""
+        print(f"hf-ewc {args.command}: error: {error_line(err)}{hint}", file=sys.stderr)
         return 2
 
 

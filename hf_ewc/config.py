@@ -33,12 +33,12 @@ class EWCConfig(TrainingArguments):
     roughly `1/batch_size` of the per-sample ones).
 
     Args:
-        ewc_lambda (`float`, *optional*, defaults to `0.01`):
-            Penalty strength λ ≥ 0. The default was chosen by measurement (`benchmarks/default_lambda.py`): with
-            mean-normalized importances it removes about half of naive fine-tuning's forgetting on the shipped causal
-            LM sequence for every importance method while keeping about 90 % of what the new domains teach. Other
-            models and tasks can want decades more (a small classifier there wants ~100): measure yours with
-            `hf-ewc sweep`.
+        ewc_lambda (`float`, *optional*, defaults to `0.03`):
+            Penalty strength λ ≥ 0. The default was chosen by measurement (`benchmarks/default_lambda.py`: a causal
+            LM, a masked LM, a classifier and permuted digits, each with the empirical and sampled Fisher, MAS and
+            SI): with mean-normalized importances it removes ≥ 40 % of naive fine-tuning's forgetting while keeping
+            ≥ 85 % of what the new domains teach in 9 of those 15 cells, and 13 of them have their own best λ within
+            10× of it. Measure your own sequence's trade-off with `hf-ewc sweep`.
         ewc_mode (`str`, *optional*, defaults to `"stabilized"`):
             One of `"stabilized"`, `"vanilla"`, `"proximal"`, `"off"`.
         ewc_lr (`float`, *optional*):
@@ -77,7 +77,7 @@ class EWCConfig(TrainingArguments):
     """
 
     ewc_lambda: float = field(
-        default=0.01,
+        default=0.03,
         metadata={"help": "Penalty strength λ >= 0 (penalty c·(θ−θ*)² with c = ½·λ·Ω, stabilized or not)."},
     )
     ewc_mode: Literal["stabilized", "vanilla", "proximal", "off"] = field(

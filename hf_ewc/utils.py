@@ -89,25 +89,38 @@ def _mode(base: int) -> int:
     return base & ~umask
 
 
+def _write_failed(path: Path, err: OSError) -> "HfEwcError":
+    return HfEwcError(
+        f"cannot write {str(path)!r}: {err.strerror or err} (errno {err.errno}); it keeps its previous content — "
+        "free space or fix the permissions, then run again"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically (``os.replace``).
 
-    On failure the temporary file is removed and ``path`` is left exactly as it was.
+    On failure the temporary file is removed and ``path`` is left exactly as it was; an `OSError` (a full disk, a
+    lost permission) becomes an `HfEwcError` that names ``path`` and says so.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, _mode(0o666))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, _mode(0o666))
+    except OSError as err:
+        raise _write_failed(path, err) from err
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _write_failed(path, err) from err
         raise
 
 
@@ -115,26 +128,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new, empty temporary folder next to ``path``; on success it takes the name ``path``.
 
-    Whatever was at ``path`` is removed just before the rename (callers decide beforehand whether it may be
-    replaced). On failure the temporary folder is removed and ``path`` is left as it was. A process killed inside
-    the block leaves a hidden ``.<name>.*.tmp`` folder, never a half-written ``path``; the next call for the same
-    ``path`` removes it (one writer per ``path`` is assumed).
+    Whatever was at ``path`` is replaced (callers decide beforehand whether it may be): it is first renamed to
+    ``.<name>.previous``, the new folder renamed into place, and only then the previous one removed. On failure the
+    temporary folder is removed and ``path`` is left as it was (an `OSError` becomes an `HfEwcError` saying so). A
+    process killed inside the block leaves a hidden ``.<name>.*.tmp`` folder (or ``.<name>.previous``), never a
+    half-written ``path``; the next call for the same ``path`` clears them and puts a ``previous`` back if ``path``
+    is missing (one writer per ``path`` is assumed).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, _mode(0o777))
+    previous = path.with_name(f".{path.name}.previous")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if previous.exists():  # killed between the two renames: restore, or drop what was already replaced
+            if path.exists():
+                shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+            else:
+                os.replace(previous, path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, _mode(0o777))
+    except OSError as err:
+        raise _write_failed(path, err) from err
     try:
         yield tmp
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        os.replace(tmp, path)
-    except BaseException:
+        replaced = path.exists()
+        if replaced:
+            os.replace(path, previous)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if replaced:
+                os.replace(previous, path)
+            raise
+        if replaced:
+            shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise _write_failed(path, err) from err
         raise
 
 

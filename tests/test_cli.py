@@ -1,6 +1,7 @@
 """The `hf-ewc` command line: help, env, state, and for `train` and `prune` the contract on bad input — one line on
 stderr naming the cause and the fix, exit code 2, nothing written."""
 
+import errno
 import json
 import math
 import os
@@ -479,6 +480,34 @@ def test_ctrl_c_says_how_to_continue_and_resume_gives_the_uninterrupted_result(t
     rc, _out, err = run_cli(["train", str(config), "--resume"], capsys)
     assert rc == 0, err
     resumed = json.loads((Path(raw["output_dir"]) / "results.json").read_text())
+    for key in reference["matrix"]:
+        torch.testing.assert_close(torch.tensor(resumed["matrix"][key]), torch.tensor(reference["matrix"][key]),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_disk_full_while_saving_a_stage_loses_nothing_and_resume_finishes(tmp_path, capsys, monkeypatch):
+    raw = make_config(tmp_path, num_train_epochs=1)
+    config = write_yaml(tmp_path / "run.yaml", raw)
+    out = Path(raw["output_dir"])
+    real_replace = os.replace
+
+    def disk_full_for_the_second_stage(src, dst):
+        if Path(dst).name == "1-tools":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", disk_full_for_the_second_stage)
+    rc, _out, err = run_cli(["train", str(config)], capsys)
+    monkeypatch.undo()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert "1-tools': No space left on device (errno 28); it keeps its previous content" in lines[0]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["0-animals"]  # the first domain's stage, whole
+    assert not list(out.rglob("*.tmp"))
+    rc, _out, err = run_cli(["train", str(config), "--resume"], capsys)
+    assert rc == 0, err
+    reference = Pipeline(build_run_config({**raw, "output_dir": str(tmp_path / "ref")}), print_fn=None).run_sequence()
+    resumed = json.loads((out / "results.json").read_text())
     for key in reference["matrix"]:
         torch.testing.assert_close(torch.tensor(resumed["matrix"][key]), torch.tensor(reference["matrix"][key]),
                                    rtol=1e-5, atol=1e-6)  # fmt: skip

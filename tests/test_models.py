@@ -1,6 +1,10 @@
 """The tables of hf_ewc/models.py (task ↔ Auto class, FFN and attention layouts, default targets) and the helpers of
 hf_ewc/utils.py and hf_ewc/distributed.py that the layers below everything share."""
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from testing_utils import MLP, tiny_bert_classifier, tiny_bert_mlm, tiny_gpt2, tiny_llama
@@ -142,3 +146,48 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
 def test_error_line_is_the_first_line_or_the_type():
     assert error_line(ValueError("first\nsecond")) == "first"
     assert error_line(KeyError()) == "KeyError"
+
+
+def test_a_write_failure_keeps_the_previous_folder_and_file_and_says_so(tmp_path, monkeypatch):
+    target = tmp_path / "stage"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def disk_full(*args, **kwargs):
+        raise full
+
+    with pytest.raises(HfEwcError, match=r"cannot write '.*stage': No space left on device \(errno 28\); it keeps its "
+                       "previous content"), atomic_directory(target) as tmp:  # fmt: skip
+        (tmp / "new.txt").write_text("half")
+        disk_full()
+    real_replace = os.replace
+    calls = []
+
+    def rename_fails_once_the_old_folder_is_moved(src, dst):
+        calls.append(Path(dst).name)
+        if Path(src).name.endswith(".tmp"):  # the new folder into place: refused
+            raise full
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", rename_fails_once_the_old_folder_is_moved)
+    with pytest.raises(HfEwcError, match="keeps its previous content"), atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert calls == [".stage.previous", "stage", "stage"]  # moved aside, refused, moved back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+    assert (target / "old.txt").read_text() == "old" and not (target / "new.txt").exists()
+
+    monkeypatch.setattr("hf_ewc.utils.json.dump", disk_full)
+    with pytest.raises(HfEwcError, match=r"cannot write '.*a\.json': No space left"):
+        write_json_atomic(tmp_path / "a.json", {"new": 1})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+    # A kill between the two renames leaves `.stage.previous` and no `stage`: the next write puts it back first.
+    os.replace(target, tmp_path / ".stage.previous")
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        assert (target / "old.txt").read_text() == "old"
+        raise RuntimeError("the write that follows fails too")
+    assert (target / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
