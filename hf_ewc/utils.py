@@ -125,7 +125,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a new, empty temporary folder next to ``path``; on success it takes the name ``path``.
 
     Whatever was at ``path`` is replaced (callers decide beforehand whether it may be): it is first renamed to
@@ -133,7 +133,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     temporary folder is removed and ``path`` is left as it was (an `OSError` becomes an `HfEwcError` saying so). A
     process killed inside the block leaves a hidden ``.<name>.*.tmp`` folder (or ``.<name>.previous``), never a
     half-written ``path``; the next call for the same ``path`` clears them and puts a ``previous`` back if ``path``
-    is missing (one writer per ``path`` is assumed).
+    is missing (one writer per ``path`` is assumed). With ``replace=False`` a ``path`` that appeared while the block
+    ran (another process writing the same output) is refused instead of replaced.
     """
     path = Path(path)
     previous = path.with_name(f".{path.name}.previous")
@@ -153,6 +154,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         replaced = path.exists()
+        if replaced and not replace:
+            raise HfEwcError(
+                f"{str(path)!r} appeared while this process was writing it (another run with the same output?); "
+                "nothing was replaced: choose another output directory."
+            )
         if replaced:
             os.replace(path, previous)
         try:

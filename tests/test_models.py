@@ -191,3 +191,14 @@ def test_a_write_failure_keeps_the_previous_folder_and_file_and_says_so(tmp_path
         raise RuntimeError("the write that follows fails too")
     assert (target / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
+def test_an_output_that_appears_while_writing_is_not_replaced_when_replace_is_off(tmp_path):
+    target = tmp_path / "pruned"
+    with pytest.raises(HfEwcError, match="appeared while this process was writing it"), \
+            atomic_directory(target, replace=False) as tmp:  # fmt: skip
+        (tmp / "mine.txt").write_text("mine")
+        target.mkdir()  # another `hf-ewc prune --out pruned` published first
+        (target / "theirs.txt").write_text("theirs")
+    assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from testing_utils import MLP, tiny_bert_classifier, tiny_gpt2
+from testing_utils import MLP, run_cli, snapshot, tiny_bert_classifier, tiny_gpt2
 
 from hf_ewc import EWCState, HfEwcError, collect_importance
 from hf_ewc.state import STATE_CONFIG_NAME, STATE_WEIGHTS_NAME
@@ -325,3 +325,17 @@ def test_a_damaged_state_is_refused_when_loaded_naming_the_file_and_the_fault(tm
     assert text.startswith(f"The EWC state {str(bad / STATE_WEIGHTS_NAME)!r} is damaged: "), text
     assert re.search(message, text), text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_hf_ewc_state_on_a_damaged_state_gives_one_line_exit_2_and_changes_nothing(tmp_path, capsys, case):
+    model = MLP()
+    EWCState().consolidate(model, _ones_like(model), domain="a").save(tmp_path / "good")
+    edit_tensors, edit_meta, message = DAMAGES[case]
+    bad = _damaged_copy(tmp_path / "good", tmp_path / "bad", edit_tensors, edit_meta)
+    before = snapshot(tmp_path)
+    rc, out, err = run_cli(["state", str(bad)], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and not out and len(lines) == 1, err
+    assert lines[0].startswith("hf-ewc state: error: The EWC state ") and re.search(message, lines[0]), lines[0]
+    assert snapshot(tmp_path) == before

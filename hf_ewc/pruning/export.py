@@ -193,7 +193,7 @@ def export_pruned(
         raise HfEwcError(f"{str(out)!r} exists and is not a directory.")
     if push_to_hub and not repo_id:
         raise HfEwcError("push_to_hub needs repo_id (e.g. 'user/model-pruned-50').")
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace=overwrite) as tmp:
         with _sparsity_config(model.config, report.sparsity_config()):
             model.save_pretrained(str(tmp))
         if tokenizer is not None:
