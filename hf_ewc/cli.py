@@ -33,7 +33,7 @@ from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec,
 from .pipeline.sweep import MethodSpec, Sweep, parse_lambdas
 from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
 from .state import EWCState
-from .utils import HfEwcError, error_line, versions
+from .utils import HfEwcError, error_line, hold_output, versions
 
 
 DEFAULT_LAMBDAS = "0.003,0.01,0.03,0.1"
@@ -126,6 +126,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()  # loading/saving bars; the scoring bar stays
+    with hold_output(args.out):  # a second `hf-ewc prune --out` to the same place is refused at once
+        _run_prune(args)
+    return 0
+
+
+def _run_prune(args: argparse.Namespace) -> None:
     prune_pretrained(
         args.model,
         args.out,
@@ -148,7 +154,6 @@ def _prune(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
     )
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

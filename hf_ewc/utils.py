@@ -200,31 +200,49 @@ LOCK_OWNER_NAME = ".hf_ewc.owner.json"  # who holds it: pid, host, command, star
 
 
 @contextlib.contextmanager
-def hold_directory(directory: str | os.PathLike, what: str = "output_dir") -> Iterator[None]:
+def _hold(lock_path: Path, owner_path: Path, shown: str, what: str, *, remove: bool) -> Iterator[None]:
+    lock = filelock.FileLock(lock_path, blocking=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        try:
+            owner = json.loads(owner_path.read_text(encoding="utf-8"))
+            who = f"pid {owner['pid']} on {owner['host']}, `{owner['command']}`, since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "owner unknown"
+        raise HfEwcError(
+            f"{what} {shown!r} is in use by another hf-ewc process ({who}); wait for it to finish, or choose another "
+            f"{what}."
+        ) from None
+    try:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
+                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        write_json_atomic(owner_path, owner)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            owner_path.unlink()
+        if remove:  # unlinked while still held, so no other process can be holding the file that is removed
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+        lock.release()
+
+
+def hold_directory(directory: str | os.PathLike, what: str = "output_dir") -> contextlib.AbstractContextManager:
     """Hold ``directory`` (which must exist) for this process, or refuse at once, naming the process that holds it.
 
     The lock is a `filelock.FileLock` (an OS file lock), so a process killed with SIGKILL leaves no stale lock that
     could block a `--resume`: only its empty ``.hf_ewc.lock`` file remains."""
     directory = Path(directory)
-    lock = filelock.FileLock(directory / LOCK_NAME, blocking=False)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        try:
-            owner = json.loads((directory / LOCK_OWNER_NAME).read_text(encoding="utf-8"))
-            who = f"pid {owner['pid']} on {owner['host']}, `{owner['command']}`, since {owner['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            who = "owner unknown"
-        raise HfEwcError(
-            f"{what} {str(directory)!r} is in use by another hf-ewc process ({who}); wait for it to finish, or "
-            f"choose another {what}."
-        ) from None
-    try:
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
-                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-        write_json_atomic(directory / LOCK_OWNER_NAME, owner)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            (directory / LOCK_OWNER_NAME).unlink()
-        lock.release()
+    return _hold(directory / LOCK_NAME, directory / LOCK_OWNER_NAME, str(directory), what, remove=False)
+
+
+def hold_output(path: str | os.PathLike, what: str = "--out") -> contextlib.AbstractContextManager:
+    """The same for an output that does not exist yet (an export): the lock lies next to it, as
+    ``.<name>.hf_ewc.lock``, and is removed when released. Nothing is held when its parent does not exist yet (nothing
+    is created before the inputs are checked)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return contextlib.nullcontext()
+    lock_path = path.with_name(f".{path.name}{LOCK_NAME}")
+    return _hold(lock_path, path.with_name(f".{path.name}{LOCK_OWNER_NAME}"), str(path), what, remove=True)

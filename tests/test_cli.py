@@ -26,7 +26,7 @@ from hf_ewc.cli import build_parser, main
 from hf_ewc.pipeline import Pipeline, build_run_config
 from hf_ewc.pipeline.prepare import train_tokenizer
 from hf_ewc.state import STATE_WEIGHTS_NAME
-from hf_ewc.utils import hold_directory
+from hf_ewc.utils import hold_directory, hold_output
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -511,3 +511,19 @@ def test_disk_full_while_saving_a_stage_loses_nothing_and_resume_finishes(tmp_pa
     for key in reference["matrix"]:
         torch.testing.assert_close(torch.tensor(resumed["matrix"][key]), torch.tensor(reference["matrix"][key]),
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_a_second_prune_to_the_same_out_is_refused_at_once_naming_the_first(saved_model, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    with hold_output(out):  # another `hf-ewc prune --out pruned` is running
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".pruned.hf_ewc.lock", ".pruned.hf_ewc.owner.json"]
+        before = snapshot(tmp_path)
+        rc, _out, err = run_cli(["prune", str(saved_model / "model"), "--sparsity", "0.5", "--out", str(out)], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, err
+        assert f"--out '{out}' is in use by another hf-ewc process (pid {os.getpid()} on " in lines[0]
+        assert snapshot(tmp_path) == before
+    assert not list(tmp_path.iterdir())  # the lock next to an export is removed once released
+    rc, _out, err = run_cli(["prune", str(saved_model / "model"), "--sparsity", "0.5", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
