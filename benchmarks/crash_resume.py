@@ -6,10 +6,11 @@
 The embedded default of `hf-ewc train`, made small (64 training blocks and 32 evaluation blocks per domain, one epoch
 of pretraining, baseline off) so that a run takes seconds. First an uninterrupted run; then the same config in a new
 directory, started and killed with SIGKILL after a random delay, then `--resume`d and killed again, until a
-`--resume` finishes. Each delay is drawn uniformly from (0, the clean run's duration), so kills land in data loading,
-training, evaluation, consolidation and saving alike; what was happening is read from the run directory at the
-moment of the kill (a half-written `*.tmp*` folder means "saving"). The finished run must give the clean run's
-evaluation matrix and EWC state. Writes ``crash_resume.json`` and ``crash_resume.md`` into ``--out``.
+`--resume` finishes: a round, whose result is compared before the next round starts afresh. Each delay is drawn
+uniformly from (0.5 s, the clean run's duration), so kills land in data loading, training, evaluation,
+consolidation and saving alike; what was happening is read from the run directory at the moment of the kill (a
+half-written `*.tmp*` folder means "saving"). Every round's finished run must give the clean run's evaluation matrix
+and EWC state. Writes ``crash_resume.json`` and ``crash_resume.md`` into ``--out``.
 """
 
 import os
@@ -22,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/domains.py
 import argparse
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,32 +112,34 @@ def main(argv: list[str] | None = None) -> dict:
         assert child.returncode == 0, log[-3000:]
         clean_seconds = time.perf_counter() - t0
         crash_cfg = write_config(small_default(tmp / "crash"), tmp / "crash.yaml")
-        kills = []
-        while len(kills) < args.kills:
-            delay = rng.uniform(0.5, clean_seconds)
+        kills, rounds = [], []
+        # Rounds: kill, resume, kill … until a resume finishes, then compare with the clean run and start the next
+        # round in a fresh directory; stop after the round in which the last kill landed.
+        while len(kills) < args.kills or (tmp / "crash").exists():
+            delay = rng.uniform(0.5, clean_seconds) if len(kills) < args.kills else None
             child = train(crash_cfg, *(["--resume"] if (tmp / "crash" / "run_config.json").exists() else []))
             try:
                 log, _ = child.communicate(timeout=delay)
-                if child.returncode == 0:  # finished before the kill: start over so that every kill lands in a run
-                    print(f"  finished within {delay:.1f} s; starting the crashed run again", flush=True)
-                    for p in sorted((tmp / "crash").rglob("*"), reverse=True):
-                        p.unlink() if p.is_file() or p.is_symlink() else p.rmdir()
-                    continue
-                raise AssertionError(f"hf-ewc train failed:\n{log[-3000:]}")
             except subprocess.TimeoutExpired:
                 child.send_signal(signal.SIGKILL)
                 log, _ = child.communicate()
-            phase = phase_of(tmp / "crash", log)
-            kills.append({"after_s": round(delay, 2), "phase": phase})
-            print(f"  kill {len(kills)} after {delay:.1f} s: {phase}", flush=True)
-        child = train(crash_cfg, "--resume")
-        log, _ = child.communicate()
-        assert child.returncode == 0, log[-3000:]
-        diffs = compare(tmp / "clean", tmp / "crash")
+                phase = phase_of(tmp / "crash", log)
+                kills.append({"round": len(rounds) + 1, "after_s": round(delay, 2), "phase": phase})
+                print(f"  kill {len(kills)} after {delay:.1f} s: {phase}", flush=True)
+                continue
+            if child.returncode != 0:
+                raise AssertionError(f"hf-ewc train failed:\n{log[-3000:]}")
+            round_kills = sum(k["round"] == len(rounds) + 1 for k in kills)
+            diffs = compare(tmp / "clean", tmp / "crash")
+            rounds.append({"kills": round_kills, **diffs})
+            print(f"  round {len(rounds)} finished after {round_kills} kill(s): {diffs}", flush=True)
+            shutil.rmtree(tmp / "crash")
+        diffs = {key: max(r[key] for r in rounds) for key in ("matrix_max_abs_diff", "state_max_abs_diff")}
     report = {
         "command": " ".join(["python", "benchmarks/crash_resume.py", *argv]),
         "clean_run_seconds": clean_seconds,
         "kills": kills,
+        "rounds": rounds,
         **diffs,
         "identical": diffs["matrix_max_abs_diff"] <= 1e-5 and diffs["state_max_abs_diff"] <= 1e-5,
         "wall_time_s": time.perf_counter() - start,
@@ -147,14 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"Command: `{report['command']}` — wall time {report['wall_time_s']:.0f} s; clean run {clean_seconds:.0f} s.",
         "",
         (
-            f"**{len(kills)} kills**, then a final `--resume`: evaluation matrix max |Δ| = "
-            f"{diffs['matrix_max_abs_diff']:.3g}, EWC state max |Δ| = {diffs['state_max_abs_diff']:.3g} against the "
+            f"**{len(kills)} kills** in {len(rounds)} round(s), each resumed to the end: evaluation matrix max |Δ| "
+            f"= {diffs['matrix_max_abs_diff']:.3g}, EWC state max |Δ| = {diffs['state_max_abs_diff']:.3g} against the "
             f"uninterrupted run — {verdict}."
         ),
         "",
-        "| kill | after (s) | what the run was doing |",
-        "|---|---|---|",
-        *[f"| {i + 1} | {k['after_s']} | {k['phase']} |" for i, k in enumerate(kills)],
+        "| kill | round | after (s) | what the run was doing |",
+        "|---|---|---|---|",
+        *[f"| {i + 1} | {k['round']} | {k['after_s']} | {k['phase']} |" for i, k in enumerate(kills)],
         "",
     ]
     if args.out is not None:

@@ -89,18 +89,25 @@ def _train(args: argparse.Namespace) -> int:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
+    pipeline = Pipeline(run, resume=args.resume, overwrite=args.overwrite, from_dir=args.from_dir)
     try:
-        Pipeline(run, resume=args.resume, overwrite=args.overwrite, from_dir=args.from_dir).run_sequence()
+        pipeline.run_sequence()
     except KeyboardInterrupt:  # every write is atomic, so wherever Ctrl-C lands the run directory is resumable
-        again = ["hf-ewc", "train", *([args.config] if args.config else []), *args.overrides]
-        again += [*(["--from", args.from_dir] if args.from_dir else []), "--resume"]
-        print(
-            f"\nhf-ewc train: interrupted; {run.output_dir} keeps the finished domains and the last checkpoint. "
-            f"Continue with: {shlex.join(again)}",
-            file=sys.stderr,
-        )
+        print(f"\nhf-ewc train: interrupted; {_how_to_continue(args, pipeline)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _how_to_continue(args: argparse.Namespace, pipeline: Pipeline | None) -> str:
+    """The command that continues an interrupted `train`: `--resume` where output_dir holds this config's run (it
+    stopped after writing its config), else the same command again (it stopped before writing anything)."""
+    command = ["hf-ewc", "train", *([args.config] if args.config else []), *args.overrides]
+    command += ["--from", args.from_dir] if args.from_dir else []
+    if pipeline is not None and pipeline.can_resume():
+        return (f"{pipeline.out} keeps the finished domains and the last checkpoint. Continue with: "
+                f"{shlex.join([*command, '--resume'])}")  # fmt: skip
+    again = [*command, *(["--overwrite"] if args.overwrite else [])]
+    return f"the run had not started (nothing of it was written). Start again with: {shlex.join(again)}"
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -297,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-ewc {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk or a lost mount where a library (the Trainer's checkpoints) writes on its own
-        hint = "; what was finished is kept: fix it and continue with --resume" if args.command == "train" else ""
+        hint = (
+            "; what was finished is kept: fix it, then --resume continues a run that had started"
+            if (args.command == "train")
+            else ""
+        )
         print(f"hf-ewc {args.command}: error: {error_line(err)}{hint}", file=sys.stderr)
         return 2
 

@@ -212,7 +212,8 @@ class EWCConfig(TrainingArguments):
              "an integer >= 0"),
             ("seed", integer(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
             ("save_total_limit", self.save_total_limit is None
-             or (integer(self.save_total_limit) and self.save_total_limit >= 1), "an integer >= 1, or None"),
+             or (integer(self.save_total_limit) and self.save_total_limit >= 0),
+             "an integer >= 0 (0: no limit), or None"),
         )  # fmt: skip
         for name, ok, expected in checks:
             if not ok:

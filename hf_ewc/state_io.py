@@ -105,6 +105,9 @@ def read_state_file(path: Path) -> tuple[dict, dict, dict]:
         meta = json.loads(header["hf_ewc"])
     except json.JSONDecodeError as err:
         raise HfEwcError(f"{str(path)!r} has corrupt hf_ewc metadata ({err}); re-save the state.") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version", 0), int):
+        raise HfEwcError(f"{str(path)!r} has corrupt hf_ewc metadata (not a mapping with an integer format_version); "
+                         "re-save the state.")  # fmt: skip
     version = meta.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise HfEwcError(

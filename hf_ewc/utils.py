@@ -167,13 +167,16 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
             if replaced:
                 os.replace(previous, path)
             raise
-        if replaced:
-            shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
             raise _write_failed(path, err) from err
         raise
+    if replaced:  # the new folder is in place: failing to remove the old one only leaves a hidden folder behind
+        try:
+            shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+        except OSError as err:
+            logger.warning(f"{path} was written, but its previous version {previous} could not be removed: {err}")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -201,7 +204,7 @@ LOCK_OWNER_NAME = ".hf_ewc.owner.json"  # who holds it: pid, host, command, star
 
 @contextlib.contextmanager
 def _hold(lock_path: Path, owner_path: Path, shown: str, what: str, *, remove: bool) -> Iterator[None]:
-    lock = filelock.FileLock(lock_path, blocking=False)
+    lock = filelock.FileLock(lock_path, timeout=0)  # timeout=0: refuse at once (filelock >= 3.12)
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -241,8 +244,8 @@ def hold_output(path: str | os.PathLike, what: str = "--out") -> contextlib.Abst
     """The same for an output that does not exist yet (an export): the lock lies next to it, as
     ``.<name>.hf_ewc.lock``, and is removed when released. Nothing is held when its parent does not exist yet (nothing
     is created before the inputs are checked)."""
-    path = Path(path)
-    if not path.parent.is_dir():
+    path = Path(path).absolute()
+    if not path.name or not path.parent.is_dir():  # "/" (refused later as existing), or nothing to lock next to
         return contextlib.nullcontext()
     lock_path = path.with_name(f".{path.name}{LOCK_NAME}")
     return _hold(lock_path, path.with_name(f".{path.name}{LOCK_OWNER_NAME}"), str(path), what, remove=True)

@@ -527,3 +527,29 @@ def test_a_second_prune_to_the_same_out_is_refused_at_once_naming_the_first(save
     rc, _out, err = run_cli(["prune", str(saved_model / "model"), "--sparsity", "0.5", "--out", str(out)], capsys)
     assert rc == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_ctrl_c_before_the_run_starts_suggests_the_same_command_not_resume(tmp_path, capsys, monkeypatch):
+    raw = make_config(tmp_path)
+    config = write_yaml(tmp_path / "run.yaml", raw)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hf_ewc.pipeline.loop.prepare", interrupted)  # Ctrl-C while the data loads
+    before = snapshot(tmp_path)
+    rc, _out, err = run_cli(["train", str(config), "--seed", "3"], capsys)
+    assert rc == 130
+    assert err.strip().splitlines()[-1] == (
+        "hf-ewc train: interrupted; the run had not started (nothing of it was written). Start again with: "
+        f"hf-ewc train {config} --seed 3"
+    )
+    assert snapshot(tmp_path) == before and not Path(raw["output_dir"]).exists()
+
+
+def test_a_model_built_from_config_may_take_a_saved_tokenizer(saved_model, tmp_path, capsys):
+    raw = make_config(tmp_path)
+    raw["model"]["tokenizer"] = str(saved_model / "model")  # `config:` and `tokenizer:`, no `name_or_path`
+    rc, _out, err = run_cli(["train", str(write_yaml(tmp_path / "run.yaml", raw))], capsys)
+    assert rc == 0, err
+    assert (Path(raw["output_dir"]) / "results.json").is_file()

@@ -64,7 +64,7 @@ def test_every_ewc_field_has_help():
         ({"label_smoothing_factor": 2.0}, r"label_smoothing_factor must be in \[0, 1\)"),
         ({"dataloader_num_workers": -1}, "dataloader_num_workers must be an integer >= 0"),
         ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\)"),
-        ({"save_total_limit": -1}, "save_total_limit must be an integer >= 1, or None"),
+        ({"save_total_limit": -1}, r"save_total_limit must be an integer >= 0 \(0: no limit\), or None"),
     ],
 )
 def test_invalid_values_name_the_choices(tmp_path, kwargs, match):

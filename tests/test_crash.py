@@ -20,5 +20,5 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_p
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "crash_resume.json").read_text())
-    assert len(report["kills"]) == 2
+    assert len(report["kills"]) == 2 and sum(r["kills"] for r in report["rounds"]) == 2
     assert report["matrix_max_abs_diff"] <= 1e-5 and report["state_max_abs_diff"] <= 1e-5, report

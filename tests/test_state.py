@@ -205,6 +205,11 @@ def test_corrupt_metadata_is_a_clear_error(tmp_path):
               metadata={"hf_ewc": "{not json"})  # fmt: skip
     with pytest.raises(HfEwcError, match="corrupt hf_ewc metadata"):
         EWCState.load(tmp_path)
+    for meta in ('["a list"]', '{"format_version": "1"}'):  # JSON, but not the metadata of a state
+        save_file({"importance.x": torch.ones(2), "anchor.x": torch.ones(2)}, str(tmp_path / STATE_WEIGHTS_NAME),
+                  metadata={"hf_ewc": meta})  # fmt: skip
+        with pytest.raises(HfEwcError, match="corrupt hf_ewc metadata .not a mapping with an integer format_version"):
+            EWCState.load(tmp_path)
 
 
 def test_mean_normalization_divides_each_domain_by_its_mean_and_records_it():

@@ -96,13 +96,22 @@ def _files_of(data_files: Any) -> list[str]:
     return [data_files] if isinstance(data_files, str) else list(data_files)
 
 
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def diagnose_data_file(path: str, loader: str) -> str | None:
     """What is wrong with a local data file that `datasets` failed to read, in words a user can act on: the file is
     empty, or the line that is not JSON / does not have the header's number of CSV fields. None when it cannot tell
     (then the loader's own message is the best there is)."""
-    if not os.path.isfile(path):
-        return None
-    opener = _OPENERS.get(Path(path).suffix.lower(), open)
+    suffix = Path(path).suffix.lower()
+    if not os.path.isfile(path) or loader not in ("json", "csv", "text") or suffix in (".zst", ".lz4", ".parquet"):
+        return None  # binary formats, and compressions only `datasets` knows how to read: its own message stands
+    opener = _OPENERS.get(suffix, open)
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
@@ -116,8 +125,11 @@ def diagnose_data_file(path: str, loader: str) -> str | None:
         try:
             json.loads(text)  # one JSON document (a list of rows, or {"data": [...]}): the loader's other format
             return None
-        except json.JSONDecodeError:
-            pass
+        except json.JSONDecodeError as err:
+            first = text.lstrip()[:1]
+            first_line = next(line for line in text.splitlines() if line.strip())
+            if first in "[{" and not _parses(first_line):  # a (pretty-printed) document, not JSON lines
+                return f"data file {path!r} line {err.lineno} is not valid JSON ({err.msg}, column {err.colno})"
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:

@@ -27,7 +27,7 @@ from .prepare import Prepared, load_domains, load_stage, prepare, save_base_and_
 from .prune import prune_in_run
 from .results import collect_results, results_text, write_results
 from .run_config import RunConfig, build_run_config
-from .run_dir import PROGRESS_NAME, RESULTS_NAME, RunDir
+from .run_dir import PROGRESS_NAME, RESULTS_NAME, RUN_CONFIG_NAME, RunDir, config_differences
 
 
 class Pipeline:
@@ -93,6 +93,15 @@ class Pipeline:
     def record(self) -> dict:
         """What this run writes to ``run_config.json`` (and what `--resume` compares)."""
         return {"config": self.run.to_dict(), "from": self.from_dir, "hf_ewc": __version__}
+
+    def can_resume(self) -> bool:
+        """Whether ``output_dir`` holds a run of this very config, which `--resume` would continue."""
+        recorded = self.run_dir.read_json(RUN_CONFIG_NAME) if (self.out / RUN_CONFIG_NAME).is_file() else None
+        return (
+            recorded is not None
+            and recorded.get("from") == self.from_dir
+            and not config_differences(recorded.get("config", {}), self.record()["config"])
+        )
 
     def _show_row(self, when: str, row: dict) -> None:
         shown = ", ".join(f"{n} {row[n][self.metric]:.3f}" for n in self.run_dir.names)

@@ -77,7 +77,8 @@ def prepare(
         tokenizer = train_tokenizer(run.task, training_texts(raws, run.domains), run.model.tokenizer_vocab_size)
     else:
         spec = run.model
-        check_model_source(spec.name_or_path, revision=spec.revision)  # before the tokenizer's less telling errors
+        if spec.name_or_path is not None:  # (a model built from `config:` may still load a pretrained `tokenizer:`)
+            check_model_source(spec.name_or_path, revision=spec.revision)  # before the tokenizer's own errors
         tokenizer = load_tokenizer(
             spec.tokenizer or spec.name_or_path,
             revision=spec.revision,

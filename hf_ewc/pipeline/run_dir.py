@@ -100,6 +100,12 @@ def _readable_json(path: Path) -> bool:
     return True
 
 
+def _remove_if_only_lock(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if {p.name for p in path.iterdir()} <= {LOCK_NAME, LOCK_OWNER_NAME}:
+            shutil.rmtree(path)
+
+
 class RunDir:
     """``output_dir`` of one run over ``domain_names``, written by the main process of ``accel``."""
 
@@ -133,17 +139,17 @@ class RunDir:
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """One run per directory: the main process holds ``output_dir``'s lock for the whole run (every process
-        raises if another run holds it). A directory created here and left holding nothing but the lock (the run
-        stopped on bad input before writing anything) is removed again."""
-        created = not self.path.exists()
+        raises if another run holds it, or if the directory cannot be made). Directories created here and left
+        holding nothing but the lock (the run stopped on bad input before writing anything) are removed again."""
+        created = [p for p in (self.path, *self.path.absolute().parents) if not p.exists()]
         refusal = None
         with contextlib.ExitStack() as held:
             if self.accel.is_main_process:
-                self.path.mkdir(parents=True, exist_ok=True)
                 try:
+                    self.path.mkdir(parents=True, exist_ok=True)
                     held.enter_context(hold_directory(self.path))
-                except HfEwcError as err:
-                    refusal = str(err)
+                except (HfEwcError, OSError) as err:  # every process learns it, none waits for the others forever
+                    refusal = str(err) if isinstance(err, HfEwcError) else f"output_dir {str(self.path)!r}: {err}"
             if self.accel.num_processes > 1:
                 refusal = broadcast_object_list([refusal])[0]
             if refusal is not None:
@@ -152,12 +158,11 @@ class RunDir:
                 yield
             finally:
                 held.close()  # released before an empty directory is removed (never another process's)
-                only_lock = self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {
-                    LOCK_NAME,
-                    LOCK_OWNER_NAME,
-                }
-                if created and self.accel.is_main_process and only_lock:
-                    shutil.rmtree(self.path, ignore_errors=True)
+                if created and self.accel.is_main_process:
+                    _remove_if_only_lock(self.path)
+                    for parent in created[1:]:  # the parents it made, innermost first, while they are empty
+                        with contextlib.suppress(OSError):
+                            parent.rmdir()
 
     def check(self, record: dict, *, resume: bool | str, overwrite: bool, from_dir: str | None) -> dict | None:
         """Decide what to do with ``output_dir`` before anything is written: refuse, start afresh (None) or return

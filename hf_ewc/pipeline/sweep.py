@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..config import EWC_MODES, FISHER_ESTIMATORS, IMPORTANCE_METHODS
 from ..plots import plot_frontier
-from ..utils import HfEwcError, atomic_path, write_json_atomic
+from ..utils import LOCK_NAME, LOCK_OWNER_NAME, HfEwcError, atomic_path, write_json_atomic
 from .data import resolve_data_files
 from .loop import Pipeline
 from .results import forgetting_and_gain
@@ -182,7 +182,7 @@ class Sweep:
         entries = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
         if self.out.exists() and not self.out.is_dir():
             raise HfEwcError(f"output_dir {str(self.out)!r} is a file; choose a directory for the sweep.")
-        foreign = [e for e in entries if e not in SWEEP_ARTEFACTS]
+        foreign = [e for e in entries if e not in SWEEP_ARTEFACTS and e not in (LOCK_NAME, LOCK_OWNER_NAME)]
         if foreign:
             raise HfEwcError(
                 f"output_dir {str(self.out)!r} holds files a sweep did not write ({', '.join(foreign[:3])}); choose a "
