@@ -219,8 +219,8 @@ def plot_frontier(
         for lam, x, y in cells:
             ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
                         color=line.get_color())  # fmt: skip
-            if best == (label, lam):
-                ax.plot(x, y, marker="o", markersize=16, markerfacecolor="none", markeredgecolor="black", ls="none")
+            if best == (label, lam):  # an explicit colour: the ring does not take the next curve's colour
+                ax.plot(x, y, marker="o", markersize=16, markerfacecolor="none", color="black", ls="none")
     ax.plot([1.0], [0.0], marker="s", color="grey", ls="none", label="naive fine-tuning")
     ax.set(xlim=(left, right), ylim=(bottom, top), title=title or "forgetting removed vs gain kept, per λ")
     ax.set_xlabel("share of naive fine-tuning's gain on the new domains kept")
