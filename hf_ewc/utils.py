@@ -124,6 +124,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def recover_replaced(path: str | os.PathLike) -> None:
+    """Finish what a process killed between `atomic_directory`'s two renames left: ``.<name>.previous`` is put back
+    where ``path`` is missing, and removed where the new ``path`` already took its place."""
+    path = Path(path)
+    previous = path.with_name(f".{path.name}.previous")
+    if previous.exists():
+        if path.exists():
+            shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+        else:
+            os.replace(previous, path)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a new, empty temporary folder next to ``path``; on success it takes the name ``path``.
@@ -142,11 +154,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        if previous.exists():  # killed between the two renames: restore, or drop what was already replaced
-            if path.exists():
-                shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
-            else:
-                os.replace(previous, path)
+        recover_replaced(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         os.chmod(tmp, _mode(0o777))
     except OSError as err:

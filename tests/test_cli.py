@@ -394,19 +394,21 @@ def test_a_model_with_nan_weights_is_refused_before_training_or_pruning(saved_mo
         assert snapshot(tmp_path) == before
 
 
-def test_output_dir_that_cannot_be_created_and_resume_without_a_run(tmp_path, capsys):
+def test_output_dir_that_cannot_be_created_and_resume_without_a_run(tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("not a directory")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: let the permission check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
     base = make_config(tmp_path)
     cases = [
         (variant_of(base, output_dir=str(tmp_path / "afile" / "run")), [], "afile' is a file"),
         (variant_of(base, output_dir=str(tmp_path / "afile")), [], "is a file; choose a directory"),
         (variant_of(base, output_dir=str(tmp_path / "nowhere")), ["--resume"], "--resume: there is no run in"),
+        (variant_of(base, output_dir=str(locked / "run")), [], "locked' is not writable; choose another"),
     ]
-    if os.geteuid() != 0:  # root writes anywhere
-        cases.append((variant_of(base, output_dir=str(locked / "run")), [], "locked' is not writable"))
     for i, (raw, extra, message) in enumerate(cases):
         config = write_yaml(tmp_path / f"c{i}.yaml", raw)
         before = snapshot(tmp_path)
@@ -553,3 +555,12 @@ def test_a_model_built_from_config_may_take_a_saved_tokenizer(saved_model, tmp_p
     rc, _out, err = run_cli(["train", str(write_yaml(tmp_path / "run.yaml", raw))], capsys)
     assert rc == 0, err
     assert (Path(raw["output_dir"]) / "results.json").is_file()
+
+
+def test_prune_after_an_interrupted_overwrite_sees_the_previous_export_at_once(saved_model, tmp_path, capsys):
+    (tmp_path / ".pruned.previous").mkdir()  # `prune --overwrite` killed between its two renames
+    (tmp_path / ".pruned.previous" / "config.json").write_text("{}")
+    rc, _out, err = run_cli(["prune", str(saved_model / "model"), "--sparsity", "0.5", "--out",
+                             str(tmp_path / "pruned")], capsys)  # fmt: skip
+    assert rc == 2 and "pruned' already exists; choose another --out or pass --overwrite" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # the previous export, back in place

@@ -35,7 +35,7 @@ from hf_ewc.models import (
     pipeline_tag,
     task_of_auto_class,
 )
-from hf_ewc.utils import atomic_directory, error_line, write_json_atomic
+from hf_ewc.utils import atomic_directory, error_line, recover_replaced, write_json_atomic
 
 
 def test_task_table_round_trips():
@@ -201,4 +201,15 @@ def test_an_output_that_appears_while_writing_is_not_replaced_when_replace_is_of
         target.mkdir()  # another `hf-ewc prune --out pruned` published first
         (target / "theirs.txt").write_text("theirs")
     assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_an_export_interrupted_while_replacing_counts_as_the_previous_export(tmp_path):
+    out = tmp_path / "pruned"
+    (tmp_path / ".pruned.previous").mkdir()  # killed between the renames of `prune --overwrite`: old export aside
+    (tmp_path / ".pruned.previous" / "config.json").write_text("{}")
+    recover_replaced(out)
+    assert (out / "config.json").is_file() and not (tmp_path / ".pruned.previous").exists()
+    (tmp_path / ".pruned.previous").mkdir()  # killed after the new folder took the name: the old one just goes
+    recover_replaced(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..models import auto_class_for, check_max_length, max_positions, task_of_auto_class
 from ..pruning import IMPORTANCE_OF, PruneReport, check_prune_arguments, export_pruned, prune_model
 from ..state import EWCState, find_ewc_state
-from ..utils import HfEwcError, check_finite_weights, error_line, logger
+from ..utils import HfEwcError, check_finite_weights, error_line, logger, recover_replaced
 from .adapters import base_model_of, hub_base_of, is_adapter_dir, load_adapter
 from .data import load_raw_domain, tokenize_domain, train_collator
 from .evaluation import evaluate_model
@@ -98,6 +98,8 @@ def prune_pretrained(
     """
     _, _, sparsity, scope = check_prune_arguments(sparsity, criterion, structure, scope, include, exclude)
     out = Path(out_dir)
+    if out.name:
+        recover_replaced(out)  # an export interrupted while replacing `out` counts as the `out` it was
     if out.exists() and not overwrite:
         raise HfEwcError(f"output directory {str(out)!r} already exists; choose another --out or pass --overwrite.")
     if os.path.exists(model_name_or_path) and out.resolve() == Path(model_name_or_path).resolve():
