@@ -16,7 +16,7 @@ Conventions (one λ for every mode, see ``../shared/research/methods.md`` §3.4)
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -281,6 +281,7 @@ class Penalty:
     two_coefficients: list[Tensor] | None = None
     proximal_weights: list[Tensor] | None = None
     workspace: list[Tensor] | None = None
+    _sqrt_coefficients: list[Tensor] | None = field(default=None, repr=False)  # √c, built by the first `loss()`
 
     @classmethod
     def build(
@@ -338,8 +339,10 @@ class Penalty:
 
     def loss(self) -> Tensor:
         """``Σ c·(θ − θ*)²`` as a differentiable loss term (autograd computes the same gradient as
-        `add_gradient_`, in about 2.4× the memory traffic)."""
-        return ewc_penalty(self.params, self.anchors, [c / 2 for c in self.two_coefficients])
+        `add_gradient_`, in about 2.4× the memory traffic). ``√c`` is computed on the first call only."""
+        if self._sqrt_coefficients is None:
+            self._sqrt_coefficients = [torch.sqrt(c / 2) for c in self.two_coefficients]
+        return ewc_penalty(self.params, self.anchors, sqrt_coefficients=self._sqrt_coefficients)
 
     def proximal_step_(self) -> None:
         """``θ ← θ* + (θ − θ*)/(1 + η·λ·Ω)`` in place."""

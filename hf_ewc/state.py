@@ -151,7 +151,20 @@ class EWCState:
         # "mean" or "none" (raw); states saved before hf_ewc 0.2 carry no key and hold raw importances
         self.normalization: str | None = meta.get("importance_normalization", "none" if self.domains else None)
 
-    def _set_tensors(self, importances: dict, anchors: dict, *, copy: bool) -> None:
+    def _set_tensors(self, importances: dict, anchors: dict, *, copy: bool, checked: bool = False) -> None:
+        if not checked:  # (a loaded state was checked, more thoroughly, by `check_loaded_state`)
+            self._check_tensors(importances, anchors)
+        # Copies, unless the tensors were just read from disk: an anchor must not share storage with a live
+        # parameter, nor Ω with the caller's tensor.
+        self.importances: dict[str, torch.Tensor] = {
+            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in importances.items()
+        }
+        self.anchors: dict[str, torch.Tensor] = {
+            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in anchors.items()
+        }
+
+    @staticmethod
+    def _check_tensors(importances: dict, anchors: dict) -> None:
         if set(importances) != set(anchors):
             only_imp = sorted(set(importances) - set(anchors))
             only_anc = sorted(set(anchors) - set(importances))
@@ -166,14 +179,6 @@ class EWCState:
                     f"{tuple(anchors[name].shape)}."
                 )
         check_importances(importances)
-        # Copies, unless the tensors were just read from disk: an anchor must not share storage with a live
-        # parameter, nor Ω with the caller's tensor.
-        self.importances: dict[str, torch.Tensor] = {
-            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in importances.items()
-        }
-        self.anchors: dict[str, torch.Tensor] = {
-            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in anchors.items()
-        }
 
     # ------------------------------------------------------------------ properties
     @property
@@ -376,7 +381,7 @@ class EWCState:
         check_loaded_state(importances, anchors, meta, path)  # a damaged file never reaches training or pruning
         dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
         state = cls(metadata=meta, dtype=dtype)
-        state._set_tensors(importances, anchors, copy=False)
+        state._set_tensors(importances, anchors, copy=False, checked=True)
         return state
 
     # ------------------------------------------------------------------ helpers

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from testing_utils import MLP, make_config, run_cli, snapshot, tiny_gpt2, write_yaml
+from testing_utils import MLP, damaged_state, make_config, run_cli, snapshot, tiny_gpt2, write_yaml
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_ewc import EWCState, prune_model
 from hf_ewc.cli import build_parser, main
 from hf_ewc.pipeline import Pipeline, build_run_config
 from hf_ewc.pipeline.prepare import train_tokenizer
-from hf_ewc.state import STATE_WEIGHTS_NAME
 from hf_ewc.utils import hold_directory, hold_output
 
 
@@ -66,10 +64,7 @@ def test_state_summary_and_bad_directory(tmp_path, capsys):
     assert main(["state", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-ewc state: error: No EWC state at")
-    tensors = load_file(tmp_path / STATE_WEIGHTS_NAME)
-    tensors["anchor.net.0.weight"][0, 0] = math.inf  # a damaged file: refused, not summarized
-    with safe_open(tmp_path / STATE_WEIGHTS_NAME, framework="pt") as f:
-        save_file(tensors, tmp_path / STATE_WEIGHTS_NAME, metadata=f.metadata())
+    damaged_state(tmp_path, edit_tensors=lambda t: t["anchor.net.0.weight"].view(-1)[:1].fill_(math.inf))  # refused
     assert main(["state", str(tmp_path)]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
@@ -306,10 +301,11 @@ def _cli_bad_inputs(root: Path, tmp: Path) -> dict:
     EWCState().consolidate(own, {n: torch.ones_like(p) for n, p in own.named_parameters()}, domain="x").save(
         tmp / "nan_state"
     )
-    tensors = load_file(tmp / "nan_state" / "ewc_state.safetensors")
-    tensors[next(k for k in tensors if k.startswith("importance."))].view(-1)[0] = math.nan
-    with safe_open(tmp / "nan_state" / "ewc_state.safetensors", framework="pt") as f:
-        save_file(tensors, tmp / "nan_state" / "ewc_state.safetensors", metadata=f.metadata())
+
+    def nan_in_an_importance(tensors):
+        tensors[min(k for k in tensors if k.startswith("importance."))].view(-1)[0] = math.nan
+
+    damaged_state(tmp / "nan_state", edit_tensors=nan_in_an_importance)
     return {
         "damaged importances": (
             [

@@ -32,10 +32,11 @@ VALUES = st.recursive(
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _loads_or_refuses(path, overrides=()) -> None:
+def _loads_or_refuses(path, overrides=(), *, must_load: bool = False) -> None:
     try:
         load_run_config(path, list(overrides))
     except HfEwcError as err:
+        assert not must_load, f"the unchanged config was refused: {err}"  # a loader refusing everything fails here
         assert str(err).strip() and "\n" not in str(err).strip(), repr(err)
 
 
@@ -60,7 +61,7 @@ def test_any_yaml_mapping_near_a_valid_config_loads_or_gives_the_library_error(t
             node[last] = value
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    _loads_or_refuses(path)
+    _loads_or_refuses(path, must_load=not changes)
 
 
 @FUZZ
@@ -69,4 +70,11 @@ def test_any_override_list_loads_or_gives_the_library_error(tmp_path, tokens):
     path = tmp_path / "base.yaml"
     if not path.exists():
         path.write_text(yaml.safe_dump(make_config(tmp_path)), encoding="utf-8")
-    _loads_or_refuses(path, tokens)
+    _loads_or_refuses(path, tokens, must_load=not tokens)
+
+
+def test_the_unfuzzed_inputs_load(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(make_config(tmp_path)), encoding="utf-8")
+    assert len(load_run_config(path, []).domains) == 2
+    assert load_run_config(path, ["--ewc_lambda", "0.1"]).raw["ewc_lambda"] == 0.1

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from testing_utils import MLP, run_cli, snapshot, tiny_bert_classifier, tiny_gpt2
+from testing_utils import MLP, damaged_state, run_cli, snapshot, tiny_bert_classifier, tiny_gpt2
 
 from hf_ewc import EWCState, HfEwcError, collect_importance
 from hf_ewc.state import STATE_CONFIG_NAME, STATE_WEIGHTS_NAME
@@ -270,23 +270,6 @@ def test_all_zero_importances_cannot_be_normalized():
     assert EWCState().consolidate(model, _ones_like(model, 0.0), normalization="none").max_importance() == 0.0
 
 
-def _damaged_copy(src, dst, edit_tensors=None, edit_meta=None):
-    """A copy of the state saved in ``src`` with its tensors and/or metadata edited, as a damaged file would be."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src / STATE_WEIGHTS_NAME), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        meta = json.loads(f.metadata()["hf_ewc"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    dst.mkdir()
-    save_file(tensors, str(dst / STATE_WEIGHTS_NAME), metadata={"hf_ewc": json.dumps(meta)})
-    return dst
-
-
 def _set(tensors, key, index, value):
     tensors[key][index] = value
 
@@ -323,7 +306,7 @@ def test_a_damaged_state_is_refused_when_loaded_naming_the_file_and_the_fault(tm
     EWCState().consolidate(model, _ones_like(model), domain="a").save(tmp_path / "good")
     EWCState.load(tmp_path / "good")  # the undamaged copy loads
     edit_tensors, edit_meta, message = DAMAGES[case]
-    bad = _damaged_copy(tmp_path / "good", tmp_path / "bad", edit_tensors, edit_meta)
+    bad = damaged_state(tmp_path / "good", tmp_path / "bad", edit_tensors, edit_meta)
     with pytest.raises(HfEwcError) as err:
         EWCState.load(bad)
     text = str(err.value)
@@ -337,7 +320,7 @@ def test_hf_ewc_state_on_a_damaged_state_gives_one_line_exit_2_and_changes_nothi
     model = MLP()
     EWCState().consolidate(model, _ones_like(model), domain="a").save(tmp_path / "good")
     edit_tensors, edit_meta, message = DAMAGES[case]
-    bad = _damaged_copy(tmp_path / "good", tmp_path / "bad", edit_tensors, edit_meta)
+    bad = damaged_state(tmp_path / "good", tmp_path / "bad", edit_tensors, edit_meta)
     before = snapshot(tmp_path)
     rc, out, err = run_cli(["state", str(bad)], capsys)
     lines = err.strip().splitlines()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -277,3 +279,20 @@ def assert_same_state(a: EWCState, b: EWCState, rtol: float = 1e-5, atol: float 
     assert_tensors_close(a.importances, b.importances, rtol=rtol, atol=atol)
     assert_tensors_close(a.anchors, b.anchors, rtol=rtol, atol=atol)
     assert [d["name"] for d in a.domains] == [d["name"] for d in b.domains]
+
+
+def damaged_state(src: Path, dst: Path | None = None, edit_tensors=None, edit_meta=None) -> Path:
+    """The EWC state saved in ``src``, its tensors and/or metadata edited as a damaged file would be: written to
+    ``dst`` (a new directory) or, without one, over ``src``'s own file."""
+    path = src / "ewc_state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        meta = json.loads(f.metadata()["hf_ewc"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    if dst is not None:
+        dst.mkdir()
+    save_file(tensors, str((dst or src) / "ewc_state.safetensors"), metadata={"hf_ewc": json.dumps(meta)})
+    return dst or src

@@ -28,9 +28,8 @@ COEFFICIENTS = ("pearson", "spearman", "pearson_log")
 
 
 def _pearson(x: Tensor, y: Tensor) -> float | None:
-    x, y = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    return float((x * y).sum()) / denominator if denominator > 0 else None
+    value = float(torch.corrcoef(torch.stack([x, y]))[0, 1])  # NaN where one side is constant
+    return value if math.isfinite(value) else None
 
 
 def average_ranks(x: Tensor) -> Tensor:
