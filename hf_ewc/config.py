@@ -7,10 +7,14 @@ from typing import Literal, get_args
 from transformers import TrainingArguments
 
 from .state_io import CONSOLIDATIONS, NORMALIZATIONS, STATE_DTYPES
+from .wva import WVA_APPLY, WVA_ATTENUATIONS
 
 
-EWC_MODES = ("stabilized", "vanilla", "proximal", "off")
-IMPORTANCE_METHODS = ("fisher", "mas", "si", "signal", "uniform")
+EWC_MODES = ("stabilized", "vanilla", "proximal", "wva", "off")
+IMPORTANCE_METHODS = (
+    "fisher", "sqrt_fisher", "af", "mas", "masx", "si", "siu", "sib", "sos", "onaf", "signal", "uniform",
+)  # fmt: skip
+SIGNAL_BIAS_RULES = ("abs", "output", "activation")
 FISHER_ESTIMATORS = ("empirical", "sampled", "exact", "batched")
 
 
@@ -23,6 +27,9 @@ class EWCConfig(TrainingArguments):
     - `ewc_mode="stabilized"` (default): ``c = ½·λ·Ω / (1 + η·λ·Ω)`` — never overshoots the anchor, at any λ;
     - `ewc_mode="vanilla"`: ``c = ½·λ·Ω`` (Kirkpatrick et al.);
     - `ewc_mode="proximal"`: no loss term; after every optimizer step ``θ ← θ* + (θ − θ*)/(1 + η·λ·Ω)``;
+    - `ewc_mode="wva"`: no loss term and no anchor; every optimizer step of a parameter is attenuated by
+      ``a = 1/(1 + λ·Ω)`` (or ``exp(−λ·Ω)``, `wva_attenuation`), on the step itself or on the gradient (`wva_apply`);
+      see [`hf_ewc.wva`];
     - `ewc_mode="off"`: plain fine-tuning (importances are still collected on `consolidate()`, so the sequence can be
       continued with EWC later).
 
@@ -40,15 +47,18 @@ class EWCConfig(TrainingArguments):
             ≥ 85 % of what the new domains teach in 9 of those 15 cells, and 13 of them have their own best λ within
             10× of it. Measure your own sequence's trade-off with `hf-ewc sweep`.
         ewc_mode (`str`, *optional*, defaults to `"stabilized"`):
-            One of `"stabilized"`, `"vanilla"`, `"proximal"`, `"off"`.
+            One of `"stabilized"`, `"vanilla"`, `"proximal"`, `"wva"`, `"off"`.
         ewc_lr (`float`, *optional*):
             The step size η of the stabilized coefficient and of the proximal step. Defaults to `learning_rate` (the
             peak of the schedule). η is fixed for a whole domain, so the coefficients are computed once: the proximal
             pull per optimizer step does not shrink with a decaying schedule, which makes it relatively stronger as
             the optimizer's own steps get smaller.
         importance_method (`str`, *optional*, defaults to `"fisher"`):
-            One of `"fisher"`, `"mas"`, `"si"`, `"signal"`, `"uniform"` (Ω = 1, i.e. an L2 pull towards the anchors).
-            `"si"` is accumulated online during `train()`.
+            Collected by `consolidate()`: `"fisher"`, `"sqrt_fisher"` (√ of the domain's Fisher), `"af"` (absolute
+            Fisher), `"mas"`, `"masx"` (MAS on the max probability), `"signal"`, `"uniform"` (Ω = 1, i.e. an L2 pull
+            towards the anchors). Accumulated during `train()`: `"si"`, `"siu"` (SI with an independent minibatch
+            gradient), `"sib"` (SI's bias alone), `"sos"` (running RMS gradient), `"onaf"` (mean absolute gradient);
+            see [`hf_ewc.importance.si`].
         fisher_estimator (`str`, *optional*, defaults to `"empirical"`):
             One of `"empirical"`, `"sampled"`, `"exact"`, `"batched"` (see [`collect_importance`]).
         importance_max_samples (`int`, *optional*, defaults to `512`):
@@ -59,6 +69,14 @@ class EWCConfig(TrainingArguments):
             MAS differentiates ``‖f(x)‖²`` of `"probs"` (softmax output, as Kutalev's code) or `"logits"`.
         si_damping (`float`, *optional*, defaults to `0.1`):
             ξ in SI's ``Ω = max(0, ω / (Δ² + ξ))``.
+        sos_alpha (`float`, *optional*, defaults to `0.0`):
+            α ∈ [0, 1] of `importance_method="sos"`: ``s ← β·s + (1 − β)·(α·u − g)²``; 0 is the RMS of the step's
+            gradient, 1 a pure gradient-noise estimate (robust to large batches; needs an independent minibatch per
+            step).
+        signal_bias (`str`, *optional*, defaults to `"abs"`):
+            How `importance_method="signal"` protects a bias: `"abs"` (``|b|``), `"output"` (mean ``|z|`` of the unit
+            before its activation) or `"activation"` (Kutalev's rule: mean absolute output after the activation that
+            consumes it, softmax for the output layer).
         si_gradient (`str`, *optional*, defaults to `"task"`):
             The gradient in SI's path integral ``ω = −Σ g·Δθ``: `"task"` (the task loss only, Zenke et al.) or
             `"regularized"` (task loss + EWC penalty, as the optimizer saw it).
@@ -74,26 +92,39 @@ class EWCConfig(TrainingArguments):
             γ ∈ (0, 1] for `consolidation="online"`.
         ewc_state_dtype (`str`, *optional*, defaults to `"float32"`):
             Storage dtype of the EWC state (importances and anchors): `"float32"` or `"bfloat16"`.
+        wva_attenuation (`str`, *optional*, defaults to `"hyperbolic"`):
+            `ewc_mode="wva"`: `"hyperbolic"` (``a = 1/(1 + λΩ)``, more robust to λ) or `"exponential"`
+            (``a = exp(−λΩ)``).
+        wva_apply (`str`, *optional*, defaults to `"deltas"`):
+            `ewc_mode="wva"`: attenuate the optimizer's step (`"deltas"`, works with any optimizer; AdamW's decoupled
+            weight decay is part of the step and is attenuated too) or the gradient before the step (`"gradients"`,
+            the same as `"deltas"` for plain SGD, nearly no protection under Adam).
     """
 
     ewc_lambda: float = field(
         default=0.03,
         metadata={"help": "Penalty strength λ >= 0 (penalty c·(θ−θ*)² with c = ½·λ·Ω, stabilized or not)."},
     )
-    ewc_mode: Literal["stabilized", "vanilla", "proximal", "off"] = field(
+    ewc_mode: Literal["stabilized", "vanilla", "proximal", "wva", "off"] = field(
         default="stabilized",
         metadata={
             "help": "stabilized: c = ½λΩ/(1+ηλΩ) (never overshoots); vanilla: c = ½λΩ; proximal: implicit step "
-            "θ ← θ* + (θ−θ*)/(1+ηλΩ) after each optimizer step; off: plain fine-tuning."
+            "θ ← θ* + (θ−θ*)/(1+ηλΩ) after each optimizer step; wva: attenuate every step by 1/(1+λΩ) (no anchor); "
+            "off: plain fine-tuning."
         },
     )
     ewc_lr: float | None = field(
         default=None,
         metadata={"help": "η of the stabilized coefficient and of the proximal step (default: learning_rate)."},
     )
-    importance_method: Literal["fisher", "mas", "si", "signal", "uniform"] = field(
+    importance_method: Literal[
+        "fisher", "sqrt_fisher", "af", "mas", "masx", "si", "siu", "sib", "sos", "onaf", "signal", "uniform"
+    ] = field(
         default="fisher",
-        metadata={"help": "How importances Ω are obtained: fisher, mas, si (online), signal, uniform (L2)."},
+        metadata={
+            "help": "How importances Ω are obtained: fisher, sqrt_fisher, af, mas, masx, signal, uniform (L2) after "
+            "training; si, siu, sib, sos, onaf accumulated during training."
+        },
     )
     fisher_estimator: Literal["empirical", "sampled", "exact", "batched"] = field(
         default="empirical",
@@ -110,6 +141,13 @@ class EWCConfig(TrainingArguments):
         default="probs", metadata={"help": "MAS differentiates the squared L2 norm of probs or logits."}
     )
     si_damping: float = field(default=0.1, metadata={"help": "SI damping ξ in Ω = max(0, ω/(Δ²+ξ))."})
+    sos_alpha: float = field(
+        default=0.0, metadata={"help": "α ∈ [0, 1] of importance_method=sos: s ← β·s + (1−β)·(α·u − g)²."}
+    )
+    signal_bias: Literal["abs", "output", "activation"] = field(
+        default="abs",
+        metadata={"help": "signal importance of a bias: abs (|b|), output (mean |z|), activation (mean |act(z)|)."},
+    )
     si_gradient: Literal["task", "regularized"] = field(
         default="task",
         metadata={"help": "Gradient in SI's path integral: task loss only, or task loss + EWC penalty."},
@@ -129,6 +167,13 @@ class EWCConfig(TrainingArguments):
     ewc_state_dtype: Literal["float32", "bfloat16"] = field(
         default="float32", metadata={"help": "Storage dtype of importances and anchors."}
     )
+    wva_attenuation: Literal["hyperbolic", "exponential"] = field(
+        default="hyperbolic", metadata={"help": "ewc_mode=wva: a = 1/(1+λΩ) (hyperbolic) or exp(−λΩ) (exponential)."}
+    )
+    wva_apply: Literal["deltas", "gradients"] = field(
+        default="deltas",
+        metadata={"help": "ewc_mode=wva: attenuate the optimizer's step (deltas; any optimizer) or the gradient."},
+    )
 
     def __post_init__(self):
         self._check_training_values()
@@ -138,10 +183,13 @@ class EWCConfig(TrainingArguments):
             ("importance_method", IMPORTANCE_METHODS),
             ("fisher_estimator", FISHER_ESTIMATORS),
             ("mas_output", get_args(self.__dataclass_fields__["mas_output"].type)),
+            ("signal_bias", SIGNAL_BIAS_RULES),
             ("si_gradient", get_args(self.__dataclass_fields__["si_gradient"].type)),
             ("consolidation", CONSOLIDATIONS),
             ("importance_normalization", NORMALIZATIONS),
             ("ewc_state_dtype", STATE_DTYPES),
+            ("wva_attenuation", WVA_ATTENUATIONS),
+            ("wva_apply", WVA_APPLY),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -156,6 +204,11 @@ class EWCConfig(TrainingArguments):
             raise ValueError(
                 f"ewc_mode={self.ewc_mode!r} needs a step size η > 0: set learning_rate > 0 or ewc_lr explicitly."
             )
+        if self.ewc_mode == "wva" and self.ewc_lr is not None:
+            raise ValueError(
+                "ewc_lr is the step size of the stabilized coefficient and of the proximal step; ewc_mode='wva' has "
+                "neither (its attenuation is 1/(1+λΩ)): remove ewc_lr or choose another ewc_mode."
+            )
         if self.importance_max_samples is not None and self.importance_max_samples < 1:
             raise ValueError(
                 f"importance_max_samples must be >= 1 (or None for all samples), got {self.importance_max_samples}."
@@ -164,6 +217,8 @@ class EWCConfig(TrainingArguments):
             raise ValueError(f"importance_batch_size must be >= 1, got {self.importance_batch_size}.")
         if not (math.isfinite(self.si_damping) and self.si_damping > 0):
             raise ValueError(f"si_damping (ξ) must be a finite number > 0, got {self.si_damping!r}.")
+        if not (isinstance(self.sos_alpha, (int, float)) and 0 <= self.sos_alpha <= 1):
+            raise ValueError(f"sos_alpha must be in [0, 1], got {self.sos_alpha!r}.")
         if not (0 < self.ewc_decay <= 1):
             raise ValueError(f"ewc_decay must be in (0, 1], got {self.ewc_decay!r}.")
         if self.consolidation == "sum" and self.ewc_decay != 1.0:

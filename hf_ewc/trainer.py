@@ -9,91 +9,31 @@ import math
 import os
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.training_args import trainer_log_levels
 
 from .config import EWCConfig
-from .distributed import check_world_size, sharded_setup, sharding_refusal, trainable_parameters
-from .importance import SI_STATE_NAME, CollectionSpec, ImportanceResult, SIAccumulator, collect
+from .distributed import check_world_size, trainable_parameters
+from .importance import SI_FAMILY, IndependentBatches, SIAccumulator
 from .monitor import PenaltyMonitor
 from .penalty import Penalty
 from .sparsity import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState
+from .trainer_support import (
+    as_ewc_config,
+    build_wva,
+    collect_for,
+    independent_batches,
+    independent_gradient,
+    new_si,
+    refuse_unsupported,
+    si_from_checkpoint,
+    si_result,
+    sync_log_level,
+)
 from .utils import HfEwcError, logger
-
-
-def _subsample(dataset, n: int | None, seed: int):
-    """At most ``n`` samples of ``dataset``, a random subset seeded with ``seed`` in dataset order (a DataLoader, or
-    a dataset of unknown length, as is: the collector caps those)."""
-    if isinstance(dataset, DataLoader) or n is None or not hasattr(dataset, "__len__") or len(dataset) <= n:
-        return dataset
-    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
-    return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
-
-
-def _sync_log_level(args: TrainingArguments) -> None:
-    """`log_level` (main process) / `log_level_replica` (others) set the hf_ewc logger too, unless "passive"."""
-    level = trainer_log_levels[args.log_level if args.should_log else args.log_level_replica]
-    if level != -1:
-        logger.setLevel(level)
-
-
-def _refuse_unsupported(args: EWCConfig, *, fsdp: bool, deepspeed: bool) -> None:
-    """Name what is not supported instead of silently doing nothing (see the README's support matrix)."""
-    sharded = "FSDP" if fsdp else sharded_setup(args)
-    if sharded is not None:
-        raise sharding_refusal(sharded)
-    if deepspeed and (args.ewc_mode == "proximal" or args.importance_method == "si"):
-        # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull on the module's
-        # parameters would be overwritten, and SI would read no gradient.
-        raise HfEwcError(
-            "ewc_mode='proximal' and importance_method='si' are not supported under DeepSpeed yet; use "
-            "ewc_mode='stabilized' or 'vanilla' with fisher, mas, signal or uniform importances."
-        )
-
-
-def _collect(args: EWCConfig, model: nn.Module, data, data_collator) -> ImportanceResult:
-    """Importances for `consolidate`: ``args``' method and settings, at most `importance_max_samples` samples."""
-    if data is None and args.importance_method != "uniform":
-        raise HfEwcError(
-            "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
-            "train_dataset."
-        )
-    spec = CollectionSpec(
-        args.importance_method,
-        estimator=args.fisher_estimator,
-        max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,
-        batch_size=args.importance_batch_size,
-        data_collator=data_collator,
-        seed=args.seed,
-        show_progress=not args.disable_tqdm,
-        options={"output": args.mas_output} if args.importance_method == "mas" else {},
-    )
-    return collect(model, _subsample(data, args.importance_max_samples, args.seed) if data is not None else None, spec)
-
-
-def _as_ewc_config(args: TrainingArguments | None) -> EWCConfig:
-    """A plain `TrainingArguments` upgraded to an `EWCConfig` with default EWC settings."""
-    if args is None:
-        return EWCConfig(output_dir="trainer_output")
-    if isinstance(args, EWCConfig):
-        return args
-    fields = {k: v for k, v in args.to_dict().items() if k in EWCConfig.__dataclass_fields__}
-    fields["hub_token"] = args.hub_token  # to_dict() masks tokens
-    return EWCConfig(**fields)
-
-
-def _si_from_checkpoint(checkpoint: str, model: nn.Module, args: EWCConfig) -> SIAccumulator | None:
-    """SI's running sums saved in a Trainer checkpoint (None when not training with SI or none were saved)."""
-    if args.importance_method != "si" or not os.path.isfile(os.path.join(checkpoint, SI_STATE_NAME)):
-        return None
-    si = SIAccumulator(trainable_parameters(model), damping=args.si_damping)
-    si.load(checkpoint)
-    return si
+from .wva import Attenuation
 
 
 class _EWCCallback(TrainerCallback):
@@ -106,8 +46,18 @@ class _EWCCallback(TrainerCallback):
         self.trainer._setup_ewc()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer._si is not None:
-            self.trainer._si.before_step()  # θ before the step, for SI's Δθ
+        si = self.trainer._si
+        if si is not None:
+            si.before_step()  # θ before the step, for SI's Δθ
+            if si.needs_independent_gradient:  # u_k at θ before the step, on a freshly drawn minibatch
+                trainer = self.trainer
+                batches = trainer._independent.batches(state.global_step)
+                model = trainer._plain_model()
+                si.set_independent_gradient(
+                    independent_gradient(trainer, model, si.params, batches, trainer._loss_scaled_for_ga)
+                )
+        if self.trainer._wva is not None:
+            self.trainer._wva.before_step()  # θ before the step (deltas) or g ← a ⊙ g (gradients, after clipping)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
@@ -172,7 +122,7 @@ class EWCTrainer(Trainer):
     ):
         super().__init__(
             model=model,
-            args=_as_ewc_config(args),
+            args=as_ewc_config(args),
             data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -185,10 +135,10 @@ class EWCTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        _sync_log_level(self.args)
+        sync_log_level(self.args)
         check_world_size(self.accelerator.state)
         # before training starts, not at its first step
-        _refuse_unsupported(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        refuse_unsupported(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
         if isinstance(ewc_state, (str, os.PathLike)):
             ewc_state = EWCState.load(ewc_state)
         self.ewc_state: EWCState | None = ewc_state
@@ -200,6 +150,8 @@ class EWCTrainer(Trainer):
                 logger.info(f"{len(uncovered)} trainable parameter(s) are not in the EWC state and train unprotected.")
         self._penalty: Penalty | None = None
         self._si: SIAccumulator | None = None
+        self._wva: Attenuation | None = None
+        self._independent: IndependentBatches | None = None
         self._penalty_in_loss = self.is_deepspeed_enabled  # DeepSpeed keeps gradients in its own buffers
         self._clip_coef = 1.0
         self._told_no_state = False
@@ -219,11 +171,13 @@ class EWCTrainer(Trainer):
         for callback in self._sparsity_callbacks():
             callback.managed = True  # applied in _after_optimizer_step, not again by its own hook
         args: EWCConfig = self.args
-        self._penalty = None
+        self._penalty = self._wva = None
         model = self._plain_model()
         params = trainable_parameters(model)
-        if args.importance_method == "si" and self._si is None:
-            self._si = SIAccumulator(params, damping=args.si_damping)
+        if args.importance_method in SI_FAMILY and self._si is None:
+            self._si = new_si(model, args)
+        if self._si is not None and self._si.needs_independent_gradient:
+            self._independent = independent_batches(self)
         if self._si is not None:
             self._si.subtract_penalty(None, None)  # set again below if this run has a penalty to subtract
         state = self.ewc_state
@@ -238,6 +192,9 @@ class EWCTrainer(Trainer):
                 self._told_no_state = True
             return
         state.validate(model, strict=False)
+        if args.ewc_mode == "wva":
+            self._wva = build_wva(params, state, args, self._si)
+            return
         penalty = Penalty.build(
             params, state.anchors, state.importances, mode=args.ewc_mode, ewc_lambda=args.ewc_lambda,
             lr=args.ewc_step_size,
@@ -309,6 +266,8 @@ class EWCTrainer(Trainer):
         if not skipped:
             if penalty is not None and not penalty.penalized:
                 penalty.proximal_step_()
+            if self._wva is not None:
+                self._wva.after_step()
             # Pruned weights go back to zero before SI reads the update (the callback's own hook comes later).
             for callback in self._sparsity_callbacks():
                 callback.apply(self.model)
@@ -322,6 +281,8 @@ class EWCTrainer(Trainer):
         ``loss`` is the task loss (the Trainer's mean over the logging window) plus that penalty."""
         if self._penalty is not None and "loss" in logs:
             logs.update(self._monitor.metrics(self._penalty, logs["loss"], in_loss=self._penalty_in_loss))
+        if self._wva is not None and "loss" in logs:
+            logs.update(self._wva.metrics())
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ consolidation
@@ -344,14 +305,11 @@ class EWCTrainer(Trainer):
         """
         args: EWCConfig = self.args
         model = self._plain_model()
-        if args.importance_method == "si":
-            if self._si is None or self._si.steps == 0:
-                raise HfEwcError("SI importances come from training steps: call trainer.train() before consolidate().")
-            options = {"damping": args.si_damping, "gradient": args.si_gradient, "count_unit": "optimizer_steps"}
-            result = ImportanceResult(self._si.importances(), self._si.steps, "si", None, options)
+        if args.importance_method in SI_FAMILY:
+            result = si_result(args, self._si)
         else:
             data = dataset if dataset is not None else self.train_dataset
-            result = _collect(args, model, data, self.data_collator)
+            result = collect_for(args, model, data, self.data_collator)
         state = self.ewc_state if self.ewc_state is not None else EWCState(dtype=args.ewc_state_dtype)
         state.consolidate(
             model,
@@ -366,7 +324,7 @@ class EWCTrainer(Trainer):
             normalization=args.importance_normalization,
         )
         self.ewc_state = state
-        self._penalty = None
+        self._penalty = self._wva = None
         self._si = None
         return state
 
@@ -402,4 +360,4 @@ class EWCTrainer(Trainer):
             self.ewc_state = state
         elif self.ewc_state is not None and not self.ewc_state.is_empty:
             logger.warning(f"{checkpoint} holds no EWC state; keeping the state given to the trainer.")
-        self._si = _si_from_checkpoint(checkpoint, model, self.args)
+        self._si = si_from_checkpoint(checkpoint, model, self.args)

@@ -28,8 +28,8 @@ def test_every_ewc_field_has_help():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"ewc_mode": "fancy"}, "Unknown ewc_mode 'fancy'; choose one of: stabilized, vanilla, proximal, off"),
-        ({"importance_method": "ewc"}, "choose one of: fisher, mas, si, signal, uniform"),
+        ({"ewc_mode": "fancy"}, "Unknown ewc_mode 'fancy'; choose one of: stabilized, vanilla, proximal, wva, off"),
+        ({"importance_method": "ewc"}, "choose one of: fisher, sqrt_fisher, af, mas, masx, si, siu, sib, sos, onaf, signal, uniform"),
         ({"fisher_estimator": "true"}, "choose one of: empirical, sampled, exact, batched"),
         ({"consolidation": "mean"}, "choose one of: sum, online"),
         ({"mas_output": "softmax"}, "choose one of: probs, logits"),

@@ -1,12 +1,15 @@
 """Per-parameter importances: ``collect_importance(model, data, method=...)``.
 
-| method    | what Ω is                                                  | needs           | cost                   |
-|-----------|------------------------------------------------------------|-----------------|------------------------|
-| `fisher`  | diagonal Fisher: `empirical`/`sampled`/`exact`/`batched`   | logits (labels) | ≈ 1 fwd+bwd per sample |
-| `mas`     | mean abs. gradient of ‖probs‖² (or ‖logits‖²)              | logits          | ≈ 1 fwd+bwd per sample |
-| `signal`  | |W| × mean |input| (total absolute signal)                 | a forward pass  | ≈ 1 fwd per sample     |
-| `uniform` | Ω = 1 (the L2 baseline)                                    | nothing         | 0                      |
-| `si`      | SI path integral, accumulated by `EWCTrainer` in training  | training        | ≈ 3 P-sized ops a step |
+| method        | what Ω is                                                | needs           | cost                 |
+|---------------|----------------------------------------------------------|-----------------|----------------------|
+| `fisher`      | diagonal Fisher: `empirical`/`sampled`/`exact`/`batched` | logits (labels) | ≈ 1 fwd+bwd a sample |
+| `sqrt_fisher` | √ of the Fisher of the domain (Benzing's `rEWC`)         | logits          | as `fisher`          |
+| `af`          | E_c p·|∇ log p| ("absolute Fisher", Benzing)             | logits          | 1 bwd per class      |
+| `mas`         | mean abs. gradient of ‖probs‖² (or ‖logits‖²)            | logits          | ≈ 1 fwd+bwd a sample |
+| `masx`        | MAS on the max probability (Benzing's `MASX`)            | logits          | ≈ 1 fwd+bwd a sample |
+| `signal`      | |W| × mean |input| (total absolute signal)               | a forward pass  | ≈ 1 fwd a sample     |
+| `uniform`     | Ω = 1 (the L2 baseline)                                  | nothing         | 0                    |
+| SI family     | `si`, `siu`, `sib`, `sos`, `onaf`: from training steps   | training        | see `importance.si`  |
 """
 
 from collections.abc import Callable
@@ -18,9 +21,9 @@ from torch import Tensor, nn
 from ..distributed import trainable_parameters
 from ..utils import HfEwcError
 from ._loop import ImportanceMethod, ImportanceResult, run_collection
-from .fisher import ESTIMATORS, Fisher
-from .mas import MAS
-from .si import SI_STATE_NAME, SIAccumulator
+from .fisher import ESTIMATORS, AbsoluteFisher, Fisher, SqrtFisher
+from .mas import MAS, MASX
+from .si import SI_FAMILY, SI_STATE_NAME, SOS_BETA, IndependentBatches, SIAccumulator
 from .signal import Signal
 from .uniform import Uniform
 
@@ -28,17 +31,23 @@ from .uniform import Uniform
 __all__ = [
     "ESTIMATORS",
     "METHODS",
+    "SI_FAMILY",
     "SI_STATE_NAME",
+    "SOS_BETA",
     "CollectionSpec",
     "ImportanceMethod",
     "ImportanceResult",
+    "IndependentBatches",
     "SIAccumulator",
     "collect",
     "collect_importance",
 ]
 
-# name → method; `si` is not here: it is accumulated by `EWCTrainer` on the training trajectory (`SIAccumulator`).
-METHODS: dict[str, type[ImportanceMethod]] = {m.name: m for m in (Fisher, MAS, Signal, Uniform)}
+# name → method; the SI family is not here: it is accumulated by `EWCTrainer` on the training trajectory
+# (`SIAccumulator`).
+METHODS: dict[str, type[ImportanceMethod]] = {
+    m.name: m for m in (Fisher, SqrtFisher, AbsoluteFisher, MAS, MASX, Signal, Uniform)
+}
 
 
 def collect_importance(
@@ -64,11 +73,12 @@ def collect_importance(
             (`transformers.default_data_collator` by default); a 🤗 Dataset loses the columns the forward does not
             take.
         method (`str`, *optional*, defaults to `"fisher"`):
-            `"fisher"`, `"mas"`, `"signal"` or `"uniform"` (see the module docstring). `"si"` needs the training
-            trajectory: use `EWCConfig(importance_method="si")`.
+            `"fisher"`, `"sqrt_fisher"`, `"af"`, `"mas"`, `"masx"`, `"signal"` or `"uniform"` (see the module
+            docstring). The SI family (`"si"`, `"siu"`, `"sib"`, `"sos"`, `"onaf"`) needs the training trajectory: use
+            `EWCConfig(importance_method="si")`.
         estimator (`str`, *optional*, defaults to `"empirical"`):
-            Fisher estimator: `"empirical"`, `"sampled"`, `"exact"` or `"batched"` (see [`hf_ewc.importance.fisher`]).
-            Ignored by the other methods.
+            Fisher estimator of `fisher` and `sqrt_fisher`: `"empirical"`, `"sampled"`, `"exact"` or `"batched"` (see
+            [`hf_ewc.importance.fisher`]). Ignored by the other methods.
         max_samples (`int`, *optional*):
             Use the first ``max_samples`` samples only.
         batch_size (`int`, *optional*, defaults to `8`):
@@ -116,20 +126,22 @@ class CollectionSpec:
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options (``output=`` for MAS, …)
 
     def __post_init__(self):
-        if self.method == "si":
+        if self.method in SI_FAMILY:
             raise HfEwcError(
-                "method 'si' is accumulated during training, not collected afterwards: train with "
-                "EWCTrainer(args=EWCConfig(importance_method='si')) and call trainer.consolidate()."
+                f"method {self.method!r} is accumulated during training, not collected afterwards: train with "
+                f"EWCTrainer(args=EWCConfig(importance_method={self.method!r})) and call trainer.consolidate()."
             )
         if self.method not in METHODS:
-            raise HfEwcError(f"Unknown importance method {self.method!r}; choose one of: {', '.join(METHODS)}, si.")
+            raise HfEwcError(
+                f"Unknown importance method {self.method!r}; choose one of: {', '.join((*METHODS, *SI_FAMILY))}."
+            )
         accepted = [o for o in METHODS[self.method].options if o != "estimator"]  # the estimator has its own field
         unknown = sorted(set(self.options) - set(accepted))
         if unknown:
             raise HfEwcError(
                 f"Unknown option(s) {unknown} for method {self.method!r}; it accepts: {', '.join(accepted) or 'none'}."
             )
-        if self.method == "fisher" and self.estimator not in ESTIMATORS:
+        if "estimator" in METHODS[self.method].options and self.estimator not in ESTIMATORS:
             raise HfEwcError(f"Unknown fisher estimator {self.estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
 
 

@@ -39,7 +39,7 @@ from ..models import model_shifts_labels
 from ..utils import HfEwcError
 from ._loop import ImportanceMethod
 from ._per_sample import PerSampleGradients
-from ._targets import SUM_OVER_SQRT_T, Targets, build_targets, check_loss_convention
+from ._targets import MEAN_OVER_T, SUM_OVER_SQRT_T, Targets, build_targets, check_loss_convention
 
 
 ESTIMATORS = ("empirical", "sampled", "exact", "batched")
@@ -153,3 +153,70 @@ class Fisher(ImportanceMethod):
                 "fisher_estimator='sampled' (an unbiased one-draw estimate of the same quantity) or raise the limit."
             )
         return targets.num_valid, _exact_objectives(targets)
+
+
+class SqrtFisher(Fisher):
+    """``Ω = √F`` (Benzing's `rEWC`): the square root of the Fisher of this domain, taken per domain before the state
+    sums the domains. Benzing uses the ``exact`` Fisher (SI and MAS approximate its square root); on a language model
+    ``exact`` needs T·V backward passes per batch and ``sampled`` is its unbiased one-draw estimate (the root of an
+    unbiased estimate is biased low where few samples are taken)."""
+
+    name = "sqrt_fisher"
+
+    def finalize(self, sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+        return {n: (s / count).sqrt_() for n, s in sums.items()}
+
+
+def _absolute_objectives(targets: Targets):
+    """One objective per (position, class): ``Σ_n (mask_{n,t}/T_n)·p_{n,t,c}·log p_{n,t,c}``, whose absolute per-sample
+    gradient is ``p·|∇ log p|/T_n``."""
+    logp = targets.log_probs()
+    weight = (targets.mask / targets.tokens.clamp(min=1).unsqueeze(1)).unsqueeze(-1) * logp.detach().exp()
+    positions = [t for t in range(logp.shape[1]) if bool(targets.mask[:, t].any())]
+    for t in positions:
+        for c in range(logp.shape[-1]):
+            yield weight[:, t, c] * logp[:, t, c]
+
+
+class AbsoluteFisher(ImportanceMethod):
+    r"""Benzing's "absolute Fisher" `AF`: ``Ω = (1/N) Σ_n (1/T_n) Σ_t Σ_c p(c | x_n, t) · |∇_θ log p(c | x_n, t)|``,
+    the exact Fisher's expectation over the model's labels with ``|g|`` in place of ``g²`` (a classifier has
+    ``T_n = 1``). Like the exact Fisher it needs one backward per (position, class) pair and refuses batches that need
+    more than ``max_backward_per_batch``."""
+
+    name = "af"
+    options = ("shift_labels", "per_sample", "max_backward_per_batch")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        *,
+        seed: int | None = 0,
+        shift_labels: bool | None = None,
+        per_sample: str = "auto",
+        max_backward_per_batch: int = 256,
+    ):
+        super().__init__(model, params, seed=seed)
+        self.shift_labels = model_shifts_labels(model) if shift_labels is None else shift_labels
+        self.max_backward_per_batch = max_backward_per_batch
+        self.recorded = {"shift_labels": self.shift_labels, "sample_objective": MEAN_OVER_T}
+        self.engine = PerSampleGradients(model, params, "abs", per_sample)
+        self.engine.skip_model_loss()
+        self.sums = self.engine.sums
+
+    def accumulate(self, inputs: dict[str, Any]) -> int:
+        return self.engine.run(inputs, self._objectives)
+
+    def _objectives(self, outputs: Any, inputs: dict[str, Any]):
+        targets = build_targets(outputs, inputs, shift_labels=self.shift_labels, need_labels=False, method="af")
+        positions = int(targets.mask.any(0).sum())
+        needed = positions * targets.logits.shape[-1]
+        if needed > self.max_backward_per_batch:
+            raise HfEwcError(
+                f"The absolute Fisher (af) needs {positions} positions × {targets.logits.shape[-1]} classes = "
+                f"{needed} "
+                f"backward passes for this batch (limit max_backward_per_batch={self.max_backward_per_batch}); raise "
+                "the limit, use shorter samples, or use fisher/mas."
+            )
+        return targets.num_valid, _absolute_objectives(targets)

@@ -6,6 +6,8 @@ position; a classifier has one position) and output f = softmax probabilities (`
 
     m_n(θ) = (1/T_n) · Σ_{t ∈ T_n} ‖f_θ(x_n)_t‖²,        Ω = (1/N) Σ_n |∇_θ m_n|
 
+(`masx`: ``(max_c f_θ(x_n)_{t,c})²`` in place of ``‖f_θ(x_n)_t‖²``, Benzing's variant.)
+
 — the absolute value of each sample's gradient, averaged (not the absolute value of the averaged gradient). Unlike
 the Fisher (whose per-position gradients have mean 0 and are weighted by 1/√T_n), the positions' gradients of
 ``‖f_t‖²`` share a common direction, so ``|Σ_t|`` grows about as T and the mean over positions keeps Ω level: on a
@@ -15,7 +17,7 @@ mean, 1.9× with the 1/√T weighting.
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..models import model_shifts_labels
 from ..utils import HfEwcError
@@ -61,4 +63,19 @@ class MAS(ImportanceMethod):
         values = targets.logits.float()
         if self.output == "probs":
             values = values.softmax(-1)
-        return targets.num_valid, [targets.per_sample(values.square().sum(-1), MEAN_OVER_T)]
+        return targets.num_valid, [targets.per_sample(self._reduce(values), MEAN_OVER_T)]
+
+    @staticmethod
+    def _reduce(values: Tensor) -> Tensor:
+        return values.square().sum(-1)
+
+
+class MASX(MAS):
+    """Benzing's `MASX`: MAS on the largest output only, ``m_n = (1/T_n) Σ_t (max_c f_θ(x_n)_{t,c})²`` (the max class
+    probability with ``output="probs"``; the max logit with ``"logits"``, Benzing's `MASX2`)."""
+
+    name = "masx"
+
+    @staticmethod
+    def _reduce(values: Tensor) -> Tensor:
+        return values.max(-1).values.square()

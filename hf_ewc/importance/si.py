@@ -1,9 +1,22 @@
-r"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017): importance from the training trajectory itself.
+r"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017) and Benzing's (2022) relatives: importance from the training
+trajectory itself.
 
 Over the optimizer steps k of a domain (real steps only: never per gradient-accumulation micro-batch, never a step the
-fp16 scaler skipped):
+fp16 scaler skipped), with ``g_k`` the gradient the step was taken with and ``u_k`` the gradient at the same point on
+an **independent** minibatch (drawn afresh, dropout off; see [`IndependentBatches`]):
 
-    ω = −Σ_k g_k ⊙ Δθ_k,        Ω = max(0, ω / (Δ² + ξ)),   Δ = θ_end − θ_start
+| method | per-step accumulator                           | Ω at the end of the domain                       |
+|--------|------------------------------------------------|--------------------------------------------------|
+| `si`   | ``ω −= g_k ⊙ Δθ_k``                            | ``max(0, ω / (Δ² + ξ))``, ``Δ = θ_end − θ_start`` |
+| `siu`  | ``ω −= u_k ⊙ Δθ_k`` (SI without its bias)      | same                                             |
+| `sib`  | ``ω −= (g_k − u_k) ⊙ Δθ_k`` (the bias alone)   | same                                             |
+| `sos`  | ``s ← β·s + (1 − β)·(α·u_k − g_k)²``, β = 0.999 | ``√(s / (1 − β^K))`` (no division by Δ²)         |
+| `onaf` | ``s += |g_k|``                                 | ``s / K``                                        |
+
+so ``ω_SI = ω_SIU + ω_SIB`` step by step. `sos` with α = 0 is the square root of Adam's second moment (Benzing's
+`SOS`), with α = 1 a pure gradient-noise estimate that keeps working at large batch sizes; its EMA is bias-corrected
+(``1 − β^K``) so that short domains are not scaled down (a global factor; Benzing's code has none). `siu`, `sib` and
+`sos` with α > 0 cost one more forward and backward per optimizer step (on an effective batch as large as the step's).
 
 ``g_k`` is the gradient of the loss at the point the step was taken from, before clipping (the clipping factor is
 undone) and either of the task loss alone (``gradient="task"``: the penalty gradient ``2c·(θ − θ*)`` is subtracted,
@@ -27,14 +40,25 @@ from ..utils import HfEwcError, atomic_path
 
 
 SI_STATE_NAME = "ewc_si_running.safetensors"
+SI_FAMILY = ("si", "siu", "sib", "sos", "onaf")
+SOS_BETA = 0.999
 
 
 class SIAccumulator:
-    """Running SI path integral over a model's trainable parameters (float32 buffers: ω, θ_start, θ_before-step)."""
+    """Running path integral (or gradient statistic) of the SI family over a model's trainable parameters (float32
+    buffers: ω, θ_start, θ_before-step, and the independent gradient where the method needs one)."""
 
-    def __init__(self, params: dict[str, nn.Parameter], damping: float = 0.1):
+    def __init__(
+        self, params: dict[str, nn.Parameter], damping: float = 0.1, *, method: str = "si", sos_alpha: float = 0.0
+    ):
         if not damping > 0:
             raise HfEwcError(f"SI damping ξ must be > 0, got {damping}.")
+        if method not in SI_FAMILY:
+            raise HfEwcError(f"Unknown SI-family method {method!r}; choose one of: {', '.join(SI_FAMILY)}.")
+        if not 0 <= sos_alpha <= 1:
+            raise HfEwcError(f"sos_alpha must be in [0, 1], got {sos_alpha}.")
+        self.method = method
+        self.sos_alpha = float(sos_alpha)
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self.damping = float(damping)
@@ -42,7 +66,27 @@ class SIAccumulator:
         self.omega = [torch.zeros_like(s) for s in self.start]
         self._before = [torch.zeros_like(s) for s in self.start]
         self._penalty: tuple[list[Tensor], list[Tensor]] | None = None
+        self._factors: list[Tensor] | None = None
+        self._independent: list[Tensor] | None = None
         self.steps = 0
+
+    @property
+    def needs_independent_gradient(self) -> bool:
+        """Whether each step needs ``u_k`` ([`SIAccumulator.set_independent_gradient`] before `after_step`)."""
+        return self.method in ("siu", "sib") or (self.method == "sos" and self.sos_alpha > 0)
+
+    def set_independent_gradient(self, grads: list[Tensor]) -> None:
+        """``u_k`` for the step about to be recorded, aligned with the parameters (float32)."""
+        self._independent = [g.float() for g in grads]
+
+    def set_gradient_factors(self, factors: Mapping[str, Tensor] | None) -> None:
+        """Multiply ``p.grad`` by ``factors[name]`` when reading it (undoes WVA's gradient attenuation); None: off."""
+        if factors is None:
+            self._factors = None
+            return
+        self._factors = [
+            factors[n].float() if n in factors else torch.ones_like(s) for n, s in zip(self.names, self.start)
+        ]
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -71,22 +115,50 @@ class SIAccumulator:
         ]
         if grad_scale != 1.0:
             grads = torch._foreach_mul(grads, grad_scale)
+        if self._factors is not None:
+            grads = torch._foreach_mul(grads, self._factors)
         if self._penalty is not None:
             anchors, two_c = self._penalty
             penalty = torch._foreach_sub(self._before, anchors)
             torch._foreach_mul_(penalty, two_c)
             grads = torch._foreach_sub(grads, penalty)
+        independent = self._independent
+        self._independent = None
+        if self.needs_independent_gradient and independent is None:
+            raise HfEwcError(f"{self.method} needs the independent gradient of this step before after_step().")
+        self.steps += 1
+        if self.method == "onaf":
+            torch._foreach_add_(self.omega, torch._foreach_abs(grads))
+            return
+        if self.method == "sos":
+            noise = (
+                torch._foreach_sub(torch._foreach_mul(independent, self.sos_alpha), grads)
+                if self.sos_alpha > 0
+                else grads
+            )
+            torch._foreach_mul_(self.omega, SOS_BETA)
+            torch._foreach_addcmul_(self.omega, noise, noise, value=1 - SOS_BETA)
+            return
+        if self.method == "siu":
+            grads = independent
+        elif self.method == "sib":
+            grads = torch._foreach_sub(grads, independent)
         torch._foreach_sub_(self._before, [p.detach().float() for p in self.params])  # θ_before − θ_after = −Δθ
         torch._foreach_addcmul_(self.omega, grads, self._before)
-        self.steps += 1
 
     @torch.no_grad()
     def importances(self) -> dict[str, Tensor]:
-        """``Ω = max(0, ω / ((θ − θ_start)² + ξ))`` for the trajectory so far."""
+        """Ω of the trajectory so far (the module docstring's last column)."""
         out = {}
+        steps = max(self.steps, 1)
         for name, p, start, omega in zip(self.names, self.params, self.start, self.omega):
-            delta = p.detach().float() - start
-            out[name] = (omega / (delta.square() + self.damping)).clamp_(min=0)
+            if self.method == "onaf":
+                out[name] = omega / steps
+            elif self.method == "sos":
+                out[name] = (omega / (1 - SOS_BETA**steps)).clamp(min=0).sqrt_()
+            else:
+                delta = p.detach().float() - start
+                out[name] = (omega / (delta.square() + self.damping)).clamp_(min=0)
         return out
 
     # ------------------------------------------------------------------ checkpointing
@@ -94,7 +166,8 @@ class SIAccumulator:
         tensors = {f"omega.{n}": t for n, t in zip(self.names, self.omega)}
         tensors.update({f"start.{n}": t for n, t in zip(self.names, self.start)})
         with atomic_path(os.path.join(directory, SI_STATE_NAME)) as tmp:
-            save_file(tensors, tmp, metadata={"steps": str(self.steps), "damping": repr(self.damping)})
+            metadata = {"steps": str(self.steps), "damping": repr(self.damping), "method": self.method}
+            save_file(tensors, tmp, metadata={**metadata, "sos_alpha": repr(self.sos_alpha)})
 
     def load(self, directory: str | os.PathLike) -> bool:
         """Restore ω, θ_start and the step count from a checkpoint; ``False`` when it holds no SI state."""
@@ -102,6 +175,12 @@ class SIAccumulator:
         if not os.path.isfile(path):
             return False
         with safe_open(path, framework="pt", device="cpu") as f:
+            saved = (f.metadata() or {}).get("method", "si")
+            if saved != self.method:
+                raise HfEwcError(
+                    f"{path} holds running {saved} sums, but this run collects {self.method}; resume with "
+                    f"importance_method={saved!r} or start the domain again."
+                )
             keys = set(f.keys())
             missing = [n for n in self.names if f"omega.{n}" not in keys or f"start.{n}" not in keys]
             if missing:
@@ -117,3 +196,36 @@ class SIAccumulator:
                 self.start[i].copy_(start)
             self.steps = int((f.metadata() or {}).get("steps", 0))
         return True
+
+
+class IndependentBatches:
+    """The minibatches of ``u_k``: for optimizer step k, ``processes × accumulation × batch_size`` samples drawn with
+    replacement from ``dataset`` by a generator seeded with ``(seed, k)`` — the same indices on every process, each
+    process taking its own slice, split into ``accumulation`` micro-batches of ``batch_size``. The draw depends only on
+    the seed, the step and the effective batch, so 1 process with 4 micro-batches of 2 and 2 processes with 1 of 4
+    measure ``u_k`` on the same samples. Nothing iterates over the data a second time."""
+
+    def __init__(
+        self, dataset, collator, *, batch_size: int, accumulation: int, seed: int, process_index: int = 0,
+        num_processes: int = 1,
+    ):  # fmt: skip
+        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+            raise HfEwcError(
+                "The SI-family methods siu, sib and sos (sos_alpha > 0) draw an independent minibatch at each step "
+                "from the train dataset, which must be a non-empty map-style dataset (with a length)."
+            )
+        self.dataset, self.collator = dataset, collator
+        self.batch_size, self.accumulation, self.seed = batch_size, accumulation, seed
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def indices(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (dataset indices) for optimizer step ``step``."""
+        per_process = self.batch_size * self.accumulation
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**63)
+        drawn = torch.randint(len(self.dataset), (per_process * self.num_processes,), generator=generator).tolist()
+        mine = drawn[self.process_index * per_process : (self.process_index + 1) * per_process]
+        return [mine[i : i + self.batch_size] for i in range(0, per_process, self.batch_size)]
+
+    def batches(self, step: int) -> list[dict]:
+        """The collated micro-batches of [`IndependentBatches.indices`]."""
+        return [self.collator([self.dataset[i] for i in chunk]) for chunk in self.indices(step)]

@@ -5,9 +5,12 @@ n = 1..N, with ``⟨·⟩_n`` the mean over the sample's attended positions (the
 input has one position):
 
 - weight ``W_ij``:  ``Ω_ij = |W_ij| · (1/N) Σ_n ⟨|a_j|⟩_n``  — the mean absolute signal through connection j → i;
-- bias ``b_i``:     ``Ω_i = |b_i|`` with ``bias="abs"`` (the same rule with a constant input of 1, our default), or the
-  mean absolute output ``(1/N) Σ_n ⟨|z_i|⟩_n`` with ``bias="output"`` (closest to Kutalev's code, which used the
-  layer's post-activation output; a generic Linear does not know its activation).
+- bias ``b_i``:     ``Ω_i = |b_i|`` with ``bias="abs"`` (the same rule with a constant input of 1, our default); the
+  mean absolute pre-activation output ``(1/N) Σ_n ⟨|z_i|⟩_n`` with ``bias="output"``; or Kutalev's own rule with
+  ``bias="activation"``: the mean absolute **post-activation** output ``(1/N) Σ_n ⟨|h(z)_i|⟩_n``, where h is the
+  activation module that consumes the Linear's output (``nn.ReLU``, GELU, any module of ``torch.nn`` activations or
+  ``transformers.activations``), the softmax when the output is the model's logits, and the identity otherwise
+  (attention projections feed the residual stream directly).
 
 The rule extends to the other parameter-holding layers of a transformer:
 
@@ -21,6 +24,7 @@ any other module get Ω = 0 and are named in a warning. GPT-2's ``Conv1D`` (``z 
 handled as a Linear.
 """
 
+import weakref
 from typing import Any
 
 import torch
@@ -31,7 +35,12 @@ from ..utils import HfEwcError, logger
 from ._loop import ImportanceMethod, batch_size_of
 
 
-BIAS_RULES = ("abs", "output")
+BIAS_RULES = ("abs", "output", "activation")
+ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ in ACTIVATION_MODULES and not any(True for _ in module.parameters(recurse=False))
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -80,6 +89,8 @@ class Signal(ImportanceMethod):
         self.plan: list[tuple[str, str, str]] = []
         self.hooks = []
         self.context: dict[str, Any] = {}
+        # bias="activation": per batch, sums key → (weak reference to the Linear's output z, per-sample mean |h(z)|)
+        self.pending: dict[str, tuple[weakref.ref, Tensor]] = {}
         self.device = next(iter(params.values())).device
         name_of = {id(p): n for n, p in params.items()}
         covered: set[str] = set()
@@ -87,6 +98,10 @@ class Signal(ImportanceMethod):
             own = {attr: name_of[id(p)] for attr, p in module.named_parameters(recurse=False) if id(p) in name_of}
             if own and self._watch(module, str(index), own):
                 covered.update(own.values())
+        if bias == "activation":
+            for module in model.modules():
+                if _is_activation(module):
+                    self.hooks.append(module.register_forward_hook(self._activation_hook))
         uncovered = [n for n in params if n not in covered]
         if uncovered:
             logger.warning(
@@ -111,11 +126,15 @@ class Signal(ImportanceMethod):
             if "bias" in own:
                 plan.append(("bias_" + bias, own["bias"], key + ".out"))
 
+            pending = self.pending
+
             def hook(mod, args, output):
                 batch = context["batch"]
                 sums[key + ".in"] += _per_sample_mean_abs(args[0], batch, context["mask"]).sum(0)
                 if bias == "output" and "bias" in dict(mod.named_parameters(recurse=False)):
                     sums[key + ".out"] += _per_sample_mean_abs(output, batch, context["mask"]).sum(0)
+                elif bias == "activation" and "bias" in dict(mod.named_parameters(recurse=False)):
+                    pending[key + ".out"] = (weakref.ref(output), _per_sample_mean_abs(output, batch, context["mask"]))
 
         elif isinstance(module, nn.Embedding):
             plan.append(("embedding", own["weight"], key + ".rows"))
@@ -157,12 +176,29 @@ class Signal(ImportanceMethod):
         self.hooks.append(module.register_forward_hook(hook))
         return True
 
+    def _activation_hook(self, module, args, output):
+        """A Linear's output z goes straight into an activation: its bias is protected by ``|h(z)|`` instead."""
+        if not args or not torch.is_tensor(args[0]):
+            return
+        for key, (ref, _) in self.pending.items():
+            if ref() is args[0]:
+                self.pending[key] = (ref, _per_sample_mean_abs(output, self.context["batch"], self.context["mask"]))
+
     @torch.no_grad()
     def accumulate(self, inputs: dict[str, Any]) -> int:
         self.context["batch"] = batch_size_of(inputs)
         mask = inputs.get("attention_mask")
         self.context["mask"] = mask if torch.is_tensor(mask) and mask.ndim == 2 else None
-        self.model(**inputs)
+        self.pending.clear()
+        outputs = self.model(**inputs)
+        logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", outputs)
+        for key, (ref, per_sample) in self.pending.items():
+            if logits is not None and ref() is logits:  # the output layer: Kutalev uses its softmax output
+                per_sample = _per_sample_mean_abs(
+                    logits.float().softmax(-1), self.context["batch"], self.context["mask"]
+                )
+            self.sums[key] += per_sample.sum(0)
+        self.pending.clear()
         return self.context["batch"]
 
     def close(self) -> None:
@@ -179,7 +215,7 @@ class Signal(ImportanceMethod):
                 out[name] += weight.abs() * mean.unsqueeze(0)
             elif rule in ("conv1d", "embedding"):
                 out[name] += weight.abs() * mean.unsqueeze(1)
-            elif rule in ("norm_weight", "bias_output"):
+            elif rule in ("norm_weight", "bias_output", "bias_activation"):
                 out[name] += mean
             elif rule == "bias_abs":
                 out[name] += weight.abs()

@@ -1,0 +1,192 @@
+"""What `EWCTrainer` builds from its `EWCConfig`: the importance collection of `consolidate()`, SI's accumulator and
+its independent minibatches, WVA's attenuation, and the refusals of what it cannot do. Functions of the arguments (and
+of a `transformers.Trainer`'s public API), so that the trainer itself keeps only the hooks into the training loop.
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import reduce
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from transformers import Trainer, TrainingArguments
+from transformers.training_args import trainer_log_levels
+
+from .config import EWCConfig
+from .distributed import sharded_setup, sharding_refusal, trainable_parameters
+from .importance import (
+    SI_FAMILY,
+    SI_STATE_NAME,
+    SOS_BETA,
+    CollectionSpec,
+    ImportanceResult,
+    IndependentBatches,
+    SIAccumulator,
+    collect,
+)
+from .state import EWCState
+from .utils import HfEwcError, logger
+from .wva import Attenuation
+
+
+def subsample(dataset, n: int | None, seed: int):
+    """At most ``n`` samples of ``dataset``, a random subset seeded with ``seed`` in dataset order (a DataLoader, or
+    a dataset of unknown length, as is: the collector caps those)."""
+    if isinstance(dataset, DataLoader) or n is None or not hasattr(dataset, "__len__") or len(dataset) <= n:
+        return dataset
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+    return dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
+
+
+def sync_log_level(args: TrainingArguments) -> None:
+    """`log_level` (main process) / `log_level_replica` (others) set the hf_ewc logger too, unless "passive"."""
+    level = trainer_log_levels[args.log_level if args.should_log else args.log_level_replica]
+    if level != -1:
+        logger.setLevel(level)
+
+
+def refuse_unsupported(args: EWCConfig, *, fsdp: bool, deepspeed: bool) -> None:
+    """Name what is not supported instead of silently doing nothing (see the README's support matrix)."""
+    sharded = "FSDP" if fsdp else sharded_setup(args)
+    if sharded is not None:
+        raise sharding_refusal(sharded)
+    if deepspeed and (args.ewc_mode in ("proximal", "wva") or args.importance_method in SI_FAMILY):
+        # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull or an attenuated
+        # step on the module's parameters would be overwritten, and SI would read no gradient.
+        raise HfEwcError(
+            "ewc_mode='proximal' or 'wva' and the SI family (si, siu, sib, sos, onaf) are not supported under "
+            "DeepSpeed yet; use ewc_mode='stabilized' or 'vanilla' with importances collected after training "
+            "(fisher, mas, …)."
+        )
+
+
+def collect_for(args: EWCConfig, model: nn.Module, data, data_collator) -> ImportanceResult:
+    """Importances for `consolidate`: ``args``' method and settings, at most `importance_max_samples` samples."""
+    if data is None and args.importance_method != "uniform":
+        raise HfEwcError(
+            "No data to measure importances on: pass trainer.consolidate(dataset=...) or give the trainer a "
+            "train_dataset."
+        )
+    spec = CollectionSpec(
+        args.importance_method,
+        estimator=args.fisher_estimator,
+        max_samples=args.importance_max_samples if isinstance(data, DataLoader) else None,
+        batch_size=args.importance_batch_size,
+        data_collator=data_collator,
+        seed=args.seed,
+        show_progress=not args.disable_tqdm,
+        options=method_options(args),
+    )
+    return collect(model, subsample(data, args.importance_max_samples, args.seed) if data is not None else None, spec)
+
+
+def method_options(args: EWCConfig) -> dict[str, Any]:
+    """The collector options `EWCConfig` sets for its importance method."""
+    if args.importance_method in ("mas", "masx"):
+        return {"output": args.mas_output}
+    if args.importance_method == "signal":
+        return {"bias": args.signal_bias}
+    return {}
+
+
+def as_ewc_config(args: TrainingArguments | None) -> EWCConfig:
+    """A plain `TrainingArguments` upgraded to an `EWCConfig` with default EWC settings."""
+    if args is None:
+        return EWCConfig(output_dir="trainer_output")
+    if isinstance(args, EWCConfig):
+        return args
+    fields = {k: v for k, v in args.to_dict().items() if k in EWCConfig.__dataclass_fields__}
+    fields["hub_token"] = args.hub_token  # to_dict() masks tokens
+    return EWCConfig(**fields)
+
+
+def new_si(model: nn.Module, args: EWCConfig) -> SIAccumulator:
+    return SIAccumulator(
+        trainable_parameters(model), damping=args.si_damping, method=args.importance_method, sos_alpha=args.sos_alpha
+    )
+
+
+def si_from_checkpoint(checkpoint: str, model: nn.Module, args: EWCConfig) -> SIAccumulator | None:
+    """SI's running sums saved in a Trainer checkpoint (None when not training with SI or none were saved)."""
+    if args.importance_method not in SI_FAMILY or not os.path.isfile(os.path.join(checkpoint, SI_STATE_NAME)):
+        return None
+    si = new_si(model, args)
+    si.load(checkpoint)
+    return si
+
+
+def independent_batches(trainer: Trainer) -> IndependentBatches:
+    """The independent minibatches of `siu`, `sib` and `sos` (α > 0), drawn from the trainer's train dataset."""
+    dataset = trainer.train_dataset
+    if trainer.args.remove_unused_columns and hasattr(dataset, "column_names"):
+        dataset = trainer._remove_unused_columns(dataset, description="independent minibatches")
+    args, accelerator = trainer.args, trainer.accelerator
+    return IndependentBatches(
+        dataset, trainer.data_collator, batch_size=args.per_device_train_batch_size,
+        accumulation=args.gradient_accumulation_steps, seed=args.seed, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )  # fmt: skip
+
+
+def independent_gradient(
+    trainer: Trainer, model: nn.Module, params: list[Tensor], batches: list[dict], loss_scaled_for_ga: Callable
+) -> list[Tensor]:
+    """``u_k``: the task-loss gradient at the current θ on step k's independent minibatches, dropout off, normalised
+    as the Trainer normalises a step's loss (over the global item count, or the mean per micro-batch divided by the
+    accumulation steps) and averaged across processes, as DDP averages the step's gradient. `torch.autograd.grad`
+    leaves ``.grad`` (the step's own gradient) untouched and fires no DDP hook."""
+    batches, num_items = trainer.get_batch_samples(iter(batches), len(batches), trainer.args.device)
+    was_training = model.training
+    model.eval()
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    try:
+        for inputs in batches:
+            inputs = trainer._prepare_inputs(inputs)
+            with trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(model, inputs, num_items_in_batch=num_items)
+            if not loss_scaled_for_ga(num_items):
+                loss = loss / len(batches)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            torch._foreach_add_(
+                total, [g.float() if g is not None else torch.zeros_like(t) for g, t in zip(grads, total)]
+            )
+    finally:
+        model.train(was_training)
+    return reduce(total, "mean") if trainer.accelerator.num_processes > 1 else total
+
+
+def build_wva(
+    params: dict[str, nn.Parameter], state: EWCState, args: EWCConfig, si: SIAccumulator | None
+) -> Attenuation | None:
+    """WVA for a training run (None when the state protects no trainable parameter), with the warning it needs; under
+    gradient attenuation SI is told to undo it when it reads ``.grad`` (its path integral uses the task gradient)."""
+    wva = Attenuation.build(
+        params, state.importances, ewc_lambda=args.ewc_lambda, attenuation=args.wva_attenuation, apply=args.wva_apply
+    )
+    if wva is None:
+        logger.warning("None of the parameters protected by the EWC state is trainable now: WVA attenuates nothing.")
+        return None
+    if args.wva_apply == "gradients":
+        if args.weight_decay > 0:
+            logger.warning(
+                "wva_apply='gradients' does not attenuate AdamW's decoupled weight decay: protected weights still "
+                "decay. Use wva_apply='deltas' (the decay is part of the attenuated step) or weight_decay=0."
+            )
+        if si is not None:
+            si.set_gradient_factors(wva.gradient_factors())
+    return wva
+
+
+def si_result(args: EWCConfig, si: SIAccumulator | None) -> ImportanceResult:
+    """The SI family's importances of the trajectory so far, with what the state records about them."""
+    if si is None or si.steps == 0:
+        raise HfEwcError(
+            f"{args.importance_method} importances come from training steps: call trainer.train() before "
+            "consolidate()."
+        )
+    options = {"damping": args.si_damping, "gradient": args.si_gradient, "count_unit": "optimizer_steps"}
+    if args.importance_method == "sos":
+        options.update(sos_alpha=args.sos_alpha, sos_beta=SOS_BETA)
+    return ImportanceResult(si.importances(), si.steps, args.importance_method, None, options)
