@@ -10,6 +10,7 @@
     hf-ewc state DIR                # what a saved EWC state holds (domains, methods, sizes, importance statistics)
     hf-ewc prune RUN_DIR --sparsity 0.5 --criterion obd --out pruned   # prune by the run's own Fisher; export
     hf-ewc prune MODEL_DIR --structure 2:4 --data text.jsonl --out pruned-24   # magnitude 2:4, eval before/after
+    hf-ewc correlate RUN_DIR --data text.jsonl --methods fisher,mas,signal,magnitude --out corr   # agreement report
     python -m hf_ewc env            # the same through the module
 
 Errors in the input print one line on stderr and exit with code 2.
@@ -29,6 +30,7 @@ from accelerate import PartialState
 from ._version import __version__
 from .pipeline import Pipeline, load_run_config, prune_pretrained
 from .pipeline.config_io import describe_type
+from .pipeline.correlate import CORRELATE_METHODS, correlate_pretrained
 from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec, PruneSpec, training_fields
 from .pipeline.sweep import MethodSpec, Sweep, parse_lambdas
 from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
@@ -138,6 +140,18 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _correlate(args: argparse.Namespace) -> int:
+    transformers.utils.logging.disable_progress_bar()
+    with hold_output(args.out):
+        correlate_pretrained(
+            args.model, args.out, methods=args.methods, data_files=args.data, fisher_estimator=args.fisher_estimator,
+            text_column=args.text_column, label_column=args.label_column, max_samples=args.max_samples,
+            max_length=args.max_length, batch_size=args.batch_size, overwrite=args.overwrite, revision=args.revision,
+            trust_remote_code=args.trust_remote_code, seed=args.seed,
+        )  # fmt: skip
+    return 0
+
+
 def _run_prune(args: argparse.Namespace) -> None:
     prune_pretrained(
         args.model,
@@ -215,7 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     state.set_defaults(func=_state)
     _add_prune_parser(sub)
+    _add_correlate_parser(sub)
     return parser
+
+
+def _add_correlate_parser(sub) -> None:
+    corr = sub.add_parser(
+        "correlate",
+        help="How far importance methods agree on a model: per-layer and global Pearson / Spearman.",
+        description="Measure --methods on MODEL (a save_pretrained directory, an hf-ewc train run, or a Hub id) on "
+        "the same samples of --data and write correlations.json, correlations.md and a heatmap per granularity to "
+        "--out. magnitude is |θ|; the SI family (si, siu, sib, sos, onaf) is read from the run's EWC state, or "
+        "skipped with the reason.",
+        allow_abbrev=False,
+    )
+    corr.add_argument("model", metavar="MODEL_OR_RUN", help="Model directory, hf-ewc train run, or Hub id.")
+    corr.add_argument(
+        "--methods", required=True, help=f"Comma-separated, at least two of: {','.join(CORRELATE_METHODS)}."
+    )
+    corr.add_argument("--data", nargs="+", metavar="FILE", help="Text/JSON/CSV/Parquet files to measure on.")
+    corr.add_argument("--out", required=True, metavar="DIR", help="Output directory (must not exist).")
+    corr.add_argument("--fisher-estimator", help="empirical, sampled, exact or batched (default: exact for "
+                      "classifiers, sampled for language models).")  # fmt: skip
+    corr.add_argument("--text-column", default="text", help="Text column of --data (default: text).")
+    corr.add_argument("--label-column", default="label", help="Label column of --data for classifiers.")
+    corr.add_argument("--max-samples", type=int, default=256, help="Samples of --data (default 256).")
+    corr.add_argument("--max-length", type=int, help="Tokens per example (default: min(128, positions)).")
+    corr.add_argument("--batch-size", type=int, default=8, help="Batch size of collection (default 8).")
+    corr.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    corr.add_argument("--revision", help="Model revision on the Hub.")
+    corr.add_argument("--trust-remote-code", action="store_true", help="Allow the model's custom code (Hub).")
+    corr.add_argument("--seed", type=int, default=0, help="Seed of the data split, the collection and the subsample.")
+    corr.set_defaults(func=_correlate)
 
 
 def _add_prune_parser(sub) -> None:

@@ -11,7 +11,7 @@ from .metrics import as_initial, as_matrix, domain_names
 from .utils import atomic_path
 
 
-__all__ = ["plot_frontier", "plot_matrix", "plot_trajectories"]
+__all__ = ["plot_correlations", "plot_frontier", "plot_matrix", "plot_trajectories"]
 
 _DPI = 110
 
@@ -227,4 +227,52 @@ def plot_frontier(
     ax.set_ylabel("share of naive fine-tuning's forgetting removed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower left")
+    _save(figure, path)
+
+
+def plot_correlations(result: dict, path: str | os.PathLike, *, granularity: str) -> None:
+    """Heatmaps of an `importance_correlations` result: ``granularity="global"`` draws one method × method matrix per
+    coefficient; ``"per_layer"`` draws parameter tensors × method pairs, one panel per coefficient (blank cells: the
+    coefficient is undefined there)."""
+    methods, coefficients = result["methods"], result["coefficients"]
+    pairs = [f"{a}|{b}" for a, b in result["pairs"]]
+    if granularity == "global":
+        size = len(methods)
+        width, height = _heatmap_size(size)
+        figure = _pyplot_free_figure((width * len(coefficients) * 0.85, height))
+        axes = figure.subplots(1, len(coefficients))
+        for ax, coefficient in zip(np.atleast_1d(axes), coefficients):
+            values = np.eye(size)
+            for key, row in result["global"].items():
+                a, b = key.split("|")
+                value = row[coefficient]
+                values[methods.index(a), methods.index(b)] = values[methods.index(b), methods.index(a)] = (
+                    np.nan if value is None else value
+                )
+            image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1)
+            for (i, j), value in np.ndenumerate(values):
+                ax.text(j, i, "" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
+            rotation = _tick_rotation(methods)
+            ax.set_xticks(range(size), methods, rotation=rotation, ha="right" if rotation else "center")
+            ax.set_yticks(range(size), methods)
+            ax.set_title(coefficient)
+        figure.colorbar(image, ax=axes, label="correlation over all parameters")
+    elif granularity == "per_layer":
+        names = list(result["per_parameter"])
+        figure = _pyplot_free_figure((2.5 + 1.2 * len(pairs) * len(coefficients), 1.5 + 0.18 * len(names)))
+        axes = figure.subplots(1, len(coefficients), sharey=True)
+        for ax, coefficient in zip(np.atleast_1d(axes), coefficients):
+            values = np.array(
+                [
+                    [np.nan if (v := result["per_parameter"][n][p][coefficient]) is None else v for p in pairs]
+                    for n in names
+                ]
+            )
+            image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(pairs)), pairs, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=6)
+            ax.set_title(coefficient)
+        figure.colorbar(image, ax=axes, label="correlation per parameter tensor")
+    else:
+        raise ValueError(f"Unknown granularity {granularity!r}; choose one of: global, per_layer.")
     _save(figure, path)

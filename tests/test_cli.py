@@ -89,7 +89,10 @@ def test_module_entry_point_runs():
         (["--domains.7.max_samples", "5"], "is not an index of a list of 2 item(s); use 0…1"),
         (["--ewc_lambda", "lots"], "ewc_lambda must be float, got 'lots'"),
         (["--num_train_epochs", "[1]"], "num_train_epochs must be float"),
-        (["--ewc_mode", "strong"], "ewc_mode must be one of 'stabilized', 'vanilla', 'proximal', 'off', got 'strong'"),
+        (
+            ["--ewc_mode", "strong"],
+            "ewc_mode must be one of 'stabilized', 'vanilla', 'proximal', 'wva', 'off', got 'strong'",
+        ),
         (["--ewc_lambda", "-1"], "ewc_lambda must be a finite number >= 0, got -1.0"),
         (["--task", "translation"], "Unknown task 'translation'; choose one of: causal_lm, masked_lm"),
         (["--ewc_lambda"], "has no value"),
@@ -560,3 +563,62 @@ def test_prune_after_an_interrupted_overwrite_sees_the_previous_export_at_once(s
                              str(tmp_path / "pruned")], capsys)  # fmt: skip
     assert rc == 2 and "pruned' already exists; choose another --out or pass --overwrite" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # the previous export, back in place
+
+
+def test_cli_correlate_writes_the_report_and_skips_what_it_cannot_measure(saved_model, tmp_path, capsys):
+    root = saved_model
+    argv = ["correlate", str(root / "model"), "--data", str(root / "text.jsonl"), "--max-length", "32",
+            "--methods", "fisher,sqrt_fisher,mas,signal,magnitude,si", "--out", str(tmp_path / "c")]  # fmt: skip
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert "si: skipped — si is accumulated during training" in out and "| fisher – mas |" in out
+    report = json.loads((tmp_path / "c" / "correlations.json").read_text())
+    assert report["methods"] == ["fisher", "sqrt_fisher", "mas", "signal", "magnitude"]
+    assert report["fisher_estimator"] == "sampled" and set(report["skipped"]) == {"si"}
+    assert len(report["global"]) == 10 and len(report["per_parameter"]) == len(
+        list(AutoModelForCausalLM.from_pretrained(root / "model").parameters())
+    )
+    # the root is monotone and the label draws are seeded: fisher and sqrt_fisher rank every weight alike
+    assert report["global"]["fisher|sqrt_fisher"]["spearman"] == pytest.approx(1.0, abs=1e-9)
+    assert report["global"]["fisher|sqrt_fisher"]["pearson"] < 1.0
+    for name in ("correlations.md", "correlations_global.png", "correlations_per_layer.png"):
+        assert (tmp_path / "c" / name).stat().st_size > 0
+    assert "## Per parameter tensor" in (tmp_path / "c" / "correlations.md").read_text()
+
+
+def test_cli_correlate_reads_si_from_a_run_trained_with_it(tmp_path, capsys):
+    raw = make_config(tmp_path, num_train_epochs=1, importance_method="si")
+    Pipeline(build_run_config(raw), print_fn=lambda *a: None).run_sequence()
+    run_dir = Path(raw["output_dir"])
+    rc, _, err = run_cli(
+        ["correlate", str(run_dir), "--methods", "si,magnitude", "--out", str(tmp_path / "c")], capsys
+    )
+    assert rc == 0, err
+    report = json.loads((tmp_path / "c" / "correlations.json").read_text())
+    assert report["methods"] == ["si", "magnitude"] and report["samples"] == 0
+    si = EWCState.load(run_dir / "ewc_state").importances
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    x = torch.cat([si[n].reshape(-1) for n, _ in model.named_parameters()]).double()
+    y = torch.cat([p.detach().abs().reshape(-1) for _, p in model.named_parameters()]).double()
+    assert report["global"]["si|magnitude"]["pearson"] == pytest.approx(
+        float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "fisher"], "--methods needs at least two methods to correlate; got fisher"),
+        (["--methods", "fisher,fishr"], "--methods: unknown method 'fishr'; choose from: fisher, sqrt_fisher"),
+        (["--methods", "si,magnitude"], "fewer than two usable methods (magnitude); skipped: si: si is accumulated"),
+        (["--methods", "mas,magnitude", "--no-data"], "--data FILE… is needed to measure mas"),
+    ],
+)
+def test_cli_correlate_bad_input_is_one_line(saved_model, tmp_path, capsys, extra, message):
+    root = saved_model
+    data = [] if "--no-data" in extra else ["--data", str(root / "text.jsonl"), "--max-length", "32"]
+    extra = [e for e in extra if e != "--no-data"]
+    rc, _, err = run_cli(["correlate", str(root / "model"), *data, *extra, "--out", str(tmp_path / "c")], capsys)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith("hf-ewc correlate: error: ") and message in errors[0]
+    assert not (tmp_path / "c").exists()

@@ -29,7 +29,10 @@ def test_every_ewc_field_has_help():
     ("kwargs", "match"),
     [
         ({"ewc_mode": "fancy"}, "Unknown ewc_mode 'fancy'; choose one of: stabilized, vanilla, proximal, wva, off"),
-        ({"importance_method": "ewc"}, "choose one of: fisher, sqrt_fisher, af, mas, masx, si, siu, sib, sos, onaf, signal, uniform"),
+        (
+            {"importance_method": "ewc"},
+            "choose one of: fisher, sqrt_fisher, af, mas, masx, si, siu, sib, sos, onaf, signal, uniform",
+        ),
         ({"fisher_estimator": "true"}, "choose one of: empirical, sampled, exact, batched"),
         ({"consolidation": "mean"}, "choose one of: sum, online"),
         ({"mas_output": "softmax"}, "choose one of: probs, logits"),

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..distributed import trainable_parameters
 from ..utils import HfEwcError
 from ._loop import ImportanceMethod, ImportanceResult, run_collection
+from .correlation import importance_correlations
 from .fisher import ESTIMATORS, AbsoluteFisher, Fisher, SqrtFisher
 from .mas import MAS, MASX
 from .si import SI_FAMILY, SI_STATE_NAME, SOS_BETA, IndependentBatches, SIAccumulator
@@ -41,6 +42,7 @@ __all__ = [
     "SIAccumulator",
     "collect",
     "collect_importance",
+    "importance_correlations",
 ]
 
 # name → method; the SI family is not here: it is accumulated by `EWCTrainer` on the training trajectory

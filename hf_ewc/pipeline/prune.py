@@ -33,11 +33,11 @@ def prune_in_run(model, state: EWCState, spec: PruneSpec) -> PruneReport:
     return report
 
 
-def _load_pretrained(name: str, *, revision: str | None, trust_remote_code: bool):
+def load_pretrained(name: str, *, revision: str | None, trust_remote_code: bool):
     """A model by Hub id or directory; an adapter directory (a LoRA `hf-ewc train` run) is merged into its base
     model (`merge_and_unload`), so that what is pruned and exported is one plain model."""
     if os.path.isdir(name) and is_adapter_dir(name):
-        base, auto_name = _load_pretrained(base_model_of(name), revision=revision, trust_remote_code=trust_remote_code)
+        base, auto_name = load_pretrained(base_model_of(name), revision=revision, trust_remote_code=trust_remote_code)
         merged = load_adapter(base, name, trainable=False).merge_and_unload()
         check_finite_weights(merged, f"the model merged from the adapter in {name!r}")
         return merged.requires_grad_(True), auto_name  # a plain model again: every weight counts
@@ -124,7 +124,7 @@ def prune_pretrained(
         elif found is not None:
             print_fn(f"[hf_ewc] importances: the EWC state in {found}")
             importances = EWCState.load(found)
-    model, auto_name = _load_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    model, auto_name = load_pretrained(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -139,7 +139,7 @@ def prune_pretrained(
     if data_files:
         if task is None:
             raise HfEwcError(f"--data evaluates causal LM, masked LM or classification models, not {auto_name}.")
-        data = _prune_data(model, tokenizer, task, data_files, text_column, label_column, max_samples,
+        data = data_for_model(model, tokenizer, task, data_files, text_column, label_column, max_samples,
                            max_eval_samples, max_length, seed)  # fmt: skip
     before = None
     if data is not None:
@@ -171,7 +171,7 @@ def prune_pretrained(
     return report, verification
 
 
-def _prune_data(model, tokenizer, task, data_files, text_column, label_column, max_samples, max_eval_samples,
+def data_for_model(model, tokenizer, task, data_files, text_column, label_column, max_samples, max_eval_samples,
                 max_length, seed):  # fmt: skip
     spec = DomainSpec(
         name="data", data_files=list(data_files), text_column=text_column, label_column=label_column,
