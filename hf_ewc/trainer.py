@@ -1,8 +1,8 @@
 """EWCTrainer: a `transformers.Trainer` that keeps what earlier domains taught the model.
 
-The penalty enters in `compute_loss`; everything that must happen around the optimizer step (the proximal pull, SI's
-path integral) runs in a callback on `on_pre_optimizer_step` / `on_optimizer_step`, the only events at which the
-Trainer still holds the step's gradients.
+The penalty enters in `compute_loss`; everything that must happen around the optimizer step (the proximal pull, WVA's
+attenuation, SI's path integral and its independent gradient) runs in a callback on `on_pre_optimizer_step` /
+`on_optimizer_step`, the only events at which the Trainer still holds the step's gradients.
 """
 
 import math
@@ -31,6 +31,7 @@ from .trainer_support import (
     si_from_checkpoint,
     si_result,
     sync_log_level,
+    trained_with,
 )
 from .utils import HfEwcError, logger
 from .wva import Attenuation
@@ -85,7 +86,8 @@ class EWCTrainer(Trainer):
           `num_items_in_batch` or the number of processes (it is never multiplied by the world size);
         - `ewc_mode="proximal"` adds no loss term and pulls every weight towards its anchor after each real optimizer
           step, untouched by clipping and Adam;
-        - `importance_method="si"` accumulates the path integral on real optimizer steps only;
+        - `ewc_mode="wva"` adds no loss term and attenuates each real optimizer step (or its gradient) by ``a(λΩ)``;
+        - the SI family (`si`, `siu`, `sib`, `sos`, `onaf`) accumulates on real optimizer steps only;
         - `save_model` (and so every ``checkpoint-*``) writes the EWC state next to the weights, and
           `train(resume_from_checkpoint=...)` restores it (with SI's running sums).
 
@@ -320,7 +322,7 @@ class EWCTrainer(Trainer):
             method=args.importance_method,
             estimator=result.estimator,
             num_samples=result.num_samples,
-            options=result.options,
+            options={**result.options, **trained_with(args)},
             normalization=args.importance_normalization,
         )
         self.ewc_state = state

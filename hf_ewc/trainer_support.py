@@ -175,7 +175,7 @@ def build_wva(
                 "decay. Use wva_apply='deltas' (the decay is part of the attenuated step) or weight_decay=0."
             )
         if si is not None:
-            si.set_gradient_factors(wva.gradient_factors())
+            si.keep_step_gradient()  # SI reads the gradient of the loss, not the attenuated one
     return wva
 
 
@@ -190,3 +190,11 @@ def si_result(args: EWCConfig, si: SIAccumulator | None) -> ImportanceResult:
     if args.importance_method == "sos":
         options.update(sos_alpha=args.sos_alpha, sos_beta=SOS_BETA)
     return ImportanceResult(si.importances(), si.steps, args.importance_method, None, options)
+
+
+def trained_with(args: EWCConfig) -> dict[str, Any]:
+    """How the domain being consolidated was protected while it trained (recorded with its importances)."""
+    out: dict[str, Any] = {"trained_with_mode": args.ewc_mode}
+    if args.ewc_mode == "wva":
+        out.update(wva_attenuation=args.wva_attenuation, wva_apply=args.wva_apply)
+    return out

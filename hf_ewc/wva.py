@@ -116,15 +116,6 @@ class Attenuation:
         if self.apply == "deltas":
             torch._foreach_lerp_([p.detach() for p in self.params], self._previous, self._moved_share)
 
-    def gradient_factors(self) -> dict[str, Tensor]:
-        """``1/a`` per parameter name (0 where ``a`` is 0): what undoes ``gradients`` attenuation for a reader of
-        ``.grad`` after the step (SI's path integral uses the task gradient, not the attenuated one)."""
-        out = {}
-        for name, a in zip(self.names, self.factors):
-            a = a.float()
-            out[name] = torch.where(a > 0, a.reciprocal(), torch.zeros_like(a))
-        return out
-
     def metrics(self) -> dict[str, float]:
         """``ewc/attenuation_min`` and ``ewc/attenuation_mean`` (1: no protection; 0: frozen)."""
         return {"ewc/attenuation_min": self.factor_min, "ewc/attenuation_mean": self.factor_mean}

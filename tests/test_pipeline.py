@@ -374,3 +374,29 @@ def test_baseline_with_prune_or_from_is_refused(tmp_path):
         build_run_config({**make_config(tmp_path), "baseline": "ewc"})
     with pytest.raises(HfEwcError, match="--from and baseline: exclude each other"):
         Pipeline(build_run_config({**make_config(tmp_path), "baseline": "naive"}), from_dir=tmp_path, print_fn=None)
+
+
+def test_wva_and_an_si_family_method_from_yaml_and_cli_overrides(tmp_path, capsys):
+    """The new modes and methods are ordinary config keys: YAML, `--key value` on the CLI, the state's metadata and
+    the model card all carry them."""
+    raw = make_config(tmp_path, ewc_mode="wva", wva_attenuation="exponential", importance_method="sos")
+    config = write_yaml(tmp_path / "run.yaml", raw)
+    rc, _, err = run_cli(["train", str(config), "--sos_alpha", "1.0", "--wva_apply", "gradients"], capsys)
+    assert rc == 0, err
+    run_dir = Path(raw["output_dir"])
+    state = EWCState.load(run_dir / "ewc_state")
+    domain = state.domains[-1]
+    assert domain["method"] == "sos" and domain["options"]["sos_alpha"] == 1.0
+    assert domain["options"]["trained_with_mode"] == "wva" and domain["options"]["wva_apply"] == "gradients"
+    card = (run_dir / "README.md").read_text()
+    assert "weight-velocity attenuation (WVA, exponential a = exp(−λΩ) on the optimizer's gradients)" in card
+    assert "importances: sos (α = 1)" in card
+    last_log = json.loads((run_dir / "results.json").read_text())["domains_detail"][1]["train"]["last_log"]
+    assert 0 <= last_log["ewc/attenuation_min"] <= last_log["ewc/attenuation_mean"] < 1
+
+
+def test_si_family_without_training_steps_is_refused_before_anything_runs(tmp_path):
+    raw = make_config(tmp_path, importance_method="siu", max_steps=0)
+    with pytest.raises(HfEwcError, match=r"domains.0 \(animals\) has no training steps, but siu importances"):
+        build_run_config(raw)
+    assert not Path(raw["output_dir"]).exists()

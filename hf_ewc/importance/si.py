@@ -66,7 +66,7 @@ class SIAccumulator:
         self.omega = [torch.zeros_like(s) for s in self.start]
         self._before = [torch.zeros_like(s) for s in self.start]
         self._penalty: tuple[list[Tensor], list[Tensor]] | None = None
-        self._factors: list[Tensor] | None = None
+        self._kept: list[Tensor] | None = None
         self._independent: list[Tensor] | None = None
         self.steps = 0
 
@@ -79,19 +79,20 @@ class SIAccumulator:
         """``u_k`` for the step about to be recorded, aligned with the parameters (float32)."""
         self._independent = [g.float() for g in grads]
 
-    def set_gradient_factors(self, factors: Mapping[str, Tensor] | None) -> None:
-        """Multiply ``p.grad`` by ``factors[name]`` when reading it (undoes WVA's gradient attenuation); None: off."""
-        if factors is None:
-            self._factors = None
-            return
-        self._factors = [
-            factors[n].float() if n in factors else torch.ones_like(s) for n, s in zip(self.names, self.start)
-        ]
+    def keep_step_gradient(self) -> None:
+        """Copy ``p.grad`` in `before_step` and read that copy after the step: for when something rewrites the
+        gradient between the two (WVA's gradient attenuation), so that SI still sees the gradient of the loss."""
+        self._kept = [torch.zeros_like(s) for s in self.start]
 
     @torch.no_grad()
     def before_step(self) -> None:
-        """Snapshot θ right before ``optimizer.step()``."""
+        """Snapshot θ (and, after `keep_step_gradient`, the gradient) right before ``optimizer.step()``."""
         torch._foreach_copy_(self._before, [p.detach() for p in self.params])
+        if self._kept is not None:
+            grads = [
+                p.grad.detach() if p.grad is not None else torch.zeros_like(k) for p, k in zip(self.params, self._kept)
+            ]
+            torch._foreach_copy_(self._kept, grads)
 
     def subtract_penalty(self, anchors: Mapping[str, Tensor] | None, two_c: Mapping[str, Tensor] | None) -> None:
         """From now on read the task-only gradient of a penalized loss: ``2c·(θ_before − θ*)`` is subtracted for the
@@ -109,14 +110,16 @@ class SIAccumulator:
     def after_step(self, *, grad_scale: float = 1.0) -> None:
         """Add ``−g·Δθ`` for the step just taken; ``grad_scale`` multiplies ``p.grad`` to undo gradient clipping
         (``1 / clip coefficient``)."""
-        grads = [
-            p.grad.detach().float() if p.grad is not None else torch.zeros_like(b)
-            for p, b in zip(self.params, self._before)
-        ]
+        grads = (
+            self._kept
+            if self._kept is not None
+            else [
+                p.grad.detach().float() if p.grad is not None else torch.zeros_like(b)
+                for p, b in zip(self.params, self._before)
+            ]
+        )
         if grad_scale != 1.0:
             grads = torch._foreach_mul(grads, grad_scale)
-        if self._factors is not None:
-            grads = torch._foreach_mul(grads, self._factors)
         if self._penalty is not None:
             anchors, two_c = self._penalty
             penalty = torch._foreach_sub(self._before, anchors)

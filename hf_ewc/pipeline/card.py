@@ -27,10 +27,23 @@ def _method(training: dict) -> str:
     if mode == "off":
         return "plain fine-tuning (ewc_mode: off; importances still collected so the sequence can be continued)"
     method = training.get("importance_method", "fisher")
-    if method == "fisher":
+    if method in ("fisher", "sqrt_fisher"):
         method += f" ({training.get('fisher_estimator', 'empirical')} estimator)"
-    lam = training.get("ewc_lambda", 100.0)
-    return f"{mode} EWC, λ = {lam:g}, importances: {method}, consolidation: {training.get('consolidation', 'sum')}"
+    elif method == "sos":
+        method += f" (α = {training.get('sos_alpha', 0.0):g})"
+    elif method == "signal":
+        method += f" (bias rule: {training.get('signal_bias', 'abs')})"
+    lam = training.get("ewc_lambda", 0.03)
+    consolidation = training.get("consolidation", "sum")
+    if mode == "wva":
+        attenuation = training.get("wva_attenuation", "hyperbolic")
+        formula = "1/(1 + λΩ)" if attenuation == "hyperbolic" else "exp(−λΩ)"
+        return (
+            f"weight-velocity attenuation (WVA, {attenuation} a = {formula} on the optimizer's "
+            f"{training.get('wva_apply', 'deltas')}), λ = {lam:g}, importances: {method}, consolidation: "
+            f"{consolidation}"
+        )
+    return f"{mode} EWC, λ = {lam:g}, importances: {method}, consolidation: {consolidation}"
 
 
 def _protected(state: dict, parameters: dict | None) -> str:

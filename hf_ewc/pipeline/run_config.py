@@ -25,6 +25,7 @@ from transformers.integrations import get_available_reporting_integrations
 
 from ..config import EWCConfig
 from ..distributed import refuse_sharded_setup
+from ..importance import SI_FAMILY
 from ..models import TASKS
 from ..pruning import IMPORTANCE_OF, check_prune_arguments
 from ..utils import HfEwcError
@@ -301,12 +302,12 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
         domain_args = config.training_args(i, output_dir)
         _check_report_to(domain_args.report_to)
         refuse_sharded_setup(domain_args)  # `fsdp:` in the config
-        if domain_args.importance_method == "si" and (
+        if domain_args.importance_method in SI_FAMILY and (
             domain_args.max_steps == 0 or (domain_args.max_steps < 0 and domain_args.num_train_epochs == 0)
         ):
             raise HfEwcError(
-                f"domains.{i} ({domain.name}) has no training steps, but SI importances come from training; use "
-                "fisher, mas, signal or uniform, or train on the domain."
+                f"domains.{i} ({domain.name}) has no training steps, but {domain_args.importance_method} importances "
+                "come from training; use fisher, mas, signal or uniform, or train on the domain."
             )
     if prune is not None:
         _check_prune_importances(config)

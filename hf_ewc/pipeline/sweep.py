@@ -72,9 +72,10 @@ class MethodSpec:
             raise HfEwcError(
                 f"--methods {text!r}: unknown method {method!r}; choose one of {', '.join(IMPORTANCE_METHODS)}."
             )
-        if estimator and (method != "fisher" or estimator not in FISHER_ESTIMATORS):
+        if estimator and (method not in ("fisher", "sqrt_fisher") or estimator not in FISHER_ESTIMATORS):
             raise HfEwcError(
-                f"--methods {text!r}: only fisher takes an estimator, one of {', '.join(FISHER_ESTIMATORS)}."
+                f"--methods {text!r}: only fisher and sqrt_fisher take an estimator, one of "
+                f"{', '.join(FISHER_ESTIMATORS)}."
             )
         return cls(method, estimator or None, mode or None)
 
