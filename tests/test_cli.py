@@ -153,7 +153,7 @@ def _bad_inputs(tmp_path: Path) -> dict:
         "blocks longer than the model": (variant(base, model__max_length=64), "exceeds the model's 32 positions"),
         "SI without training": (
             variant(base, importance_method="si", domains__0__training={"num_train_epochs": 0}),
-            "SI importances come from training",
+            "has no training steps, but si importances come from training",
         ),
         "eval_fraction too large": (
             variant(base, domains__0__eval_fraction=0.999),

@@ -94,7 +94,7 @@ def test_resume_reuses_the_finished_runs_and_refuses_other_arguments(tmp_path, c
         (["--min-gain-kept", "0"], "--min-gain-kept must be in (0, 1]"),
         (["--min-gain-kept", "1.5"], "--min-gain-kept must be in (0, 1]"),
         (["--methods", "fisher,ewc"], "unknown method 'ewc'"),
-        (["--methods", "mas/exact"], "only fisher takes an estimator"),
+        (["--methods", "mas/exact"], "only fisher and sqrt_fisher take an estimator"),
         (["--domains.1.data_files", "x.jsonl"], "data file 'x.jsonl' not found"),
         (["--domains", "[{name: a, data_files: x.jsonl}]"], "baseline: needs at least two domains"),
         (["--domains", "[{name: a, data_files: x.jsonl}]", "--baseline", "null"], "A sweep needs a sequence of at"),
