@@ -5,6 +5,7 @@ Run from the repository root (needs the ``bench`` extra: scikit-learn and matplo
     python benchmarks/seed_methods.py correlations   # (d) importance methods agree? digits MLP and the default LM
     python benchmarks/seed_methods.py wva            # (e) WVA: deltas vs gradients under Adam, hyperbolic vs exp
     python benchmarks/seed_methods.py si_bias        # (f) SI relies on its bias: SIB ≥ SI > SIU; SOS(α=1) at batch 256
+    python benchmarks/seed_methods.py signal_bias    # Kutalev's post-activation rule for biases vs |b|
     python benchmarks/seed_methods.py wva --quick    # any of them as a smoke test (writes *_quick.* files)
 
 Every sequence is the permuted-digits task of ``permuted_digits.py`` (scikit-learn's 8×8 digits, 5 tasks = identity +
@@ -72,7 +73,7 @@ def _args(output_dir: str, spec: dict) -> EWCConfig:
         if spec.get("optimizer") == "sgd"
         else {"optim": "adamw_torch", "learning_rate": spec.get("lr", 1e-3)}
     )
-    extra = {k: spec[k] for k in ("wva_apply", "wva_attenuation", "sos_alpha") if k in spec}
+    extra = {k: spec[k] for k in ("wva_apply", "wva_attenuation", "sos_alpha", "signal_bias") if k in spec}
     return EWCConfig(
         output_dir=output_dir,
         ewc_mode=spec["mode"],
@@ -137,6 +138,7 @@ def run_pool(specs: list[dict], workers: int) -> list[dict]:
                     "wva_apply",
                     "wva_attenuation",
                     "sos_alpha",
+                    "signal_bias",
                     "optimizer",
                     "seed",
                 )
@@ -721,15 +723,74 @@ def correlations(args, argv) -> None:
     write(report, args.out, "seed_methods_correlations" + ("_quick" if args.quick else ""), markdown, plot)
 
 
+# ---------------------------------------------------------------------------------------------------- signal bias rule
+def signal_bias(args, argv) -> None:
+    """Kutalev's post-activation rule for biases against |b|: stabilized EWC with signal importances."""
+    start = time.perf_counter()
+    seeds = range(1 if args.quick else 3)
+    epochs = 2 if args.quick else TRAINING["epochs"]
+    lambdas = EWC_LAMBDAS[1:3] if args.quick else EWC_LAMBDAS
+    base = {"epochs": epochs, "optimizer": "adam", "mode": "stabilized", "method": "signal"}
+    specs = [{**base, "mode": "off", "method": "uniform", "lam": 0.0, "seed": s} for s in seeds]
+    specs += [
+        {**base, "lam": float(lam), "seed": s, "signal_bias": rule}
+        for rule in ("abs", "activation")
+        for lam in lambdas
+        for s in seeds
+    ]
+    runs = run_pool(specs, args.workers)
+    table = cells(runs, ("signal_bias", "lam"))
+    naive = table[(None, 0.0)]["mean"]
+    rows = [
+        "| bias rule | " + " | ".join(f"λ = {lam:g}" for lam in lambdas) + " | best |",
+        "|---" * (2 + len(lambdas)) + "|",
+    ]
+    best = {}
+    for rule in ("abs", "activation"):
+        values = [table[(rule, float(lam))]["mean"] for lam in lambdas]
+        best[rule] = max(values)
+        rows.append(f"| `{rule}` | " + " | ".join(f"{v:.3f}" for v in values) + f" | {best[rule]:.3f} |")
+    verdict = (
+        "`activation` is better by more than 0.01: make it the default"
+        if best["activation"] > best["abs"] + 0.01
+        else "no difference beyond 0.01 between the rules: `abs` stays the default (cheaper, no activation to find)"
+        if abs(best["activation"] - best["abs"]) <= 0.01
+        else "`abs` is better by more than 0.01: it stays the default"
+    )
+    markdown = (
+        "# Signal importance: the bias rule (`python benchmarks/seed_methods.py signal_bias`)\n\n"
+        f"5 permuted-digits tasks, a fresh Adam per task, stabilized EWC with signal importances (mean-normalized), "
+        f"{len(seeds)} seed(s), {epochs} epochs per task; mean accuracy after the last task (naive {naive:.3f}). "
+        "`abs`: Ω_b = |b|; `activation`: Kutalev's rule, the unit's mean absolute post-activation output (softmax "
+        "at the output layer).\n\n" + "\n".join(rows) + f"\n\n**Verdict**: {verdict}.\n"
+    )
+
+    def plot(path):
+        fig = _figure((5.5, 3.8))
+        ax = fig.add_subplot()
+        for rule in ("abs", "activation"):
+            ax.plot(lambdas, [table[(rule, float(lam))]["mean"] for lam in lambdas], marker="o", label=f"bias: {rule}")
+        ax.axhline(naive, color="grey", linestyle=":", label="naive")
+        ax.set_xscale("log")
+        ax.set_xlabel("λ")
+        ax.set_ylabel("mean accuracy after 5 tasks")
+        ax.legend(fontsize=8)
+        fig.savefig(path)
+
+    report = _meta(argv, {"seeds": list(seeds), "epochs": epochs, "lambdas": lambdas}, start)
+    report |= {"summary": {"naive": naive, "best": best, "verdict": verdict}, "runs": runs}
+    write(report, args.out, "seed_methods_signal_bias" + ("_quick" if args.quick else ""), markdown, plot)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("claim", choices=("correlations", "wva", "si_bias"))
+    parser.add_argument("claim", choices=("correlations", "wva", "si_bias", "signal_bias"))
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, 1 seed, a shorter λ grid")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
     parser.add_argument("--workers", type=int, default=2, help="parallel worker processes (default: 2)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    {"correlations": correlations, "wva": wva, "si_bias": si_bias}[args.claim](args, argv)
+    {"correlations": correlations, "wva": wva, "si_bias": si_bias, "signal_bias": signal_bias}[args.claim](args, argv)
 
 
 if __name__ == "__main__":
