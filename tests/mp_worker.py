@@ -99,6 +99,26 @@ def train_sequence(
     return tensors, logs
 
 
+def train_si_family(out: str, per_device_batch_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """One domain each with SIU and SOS(α=1), whose independent minibatch gradient is normalised over the global token
+    count and averaged across processes; uneven sequence lengths (padding) make the normalisation matter."""
+    tensors: dict[str, torch.Tensor] = {}
+    for method, extra in (("siu", {}), ("sos", {"sos_alpha": 1.0})):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        args = EWCConfig(
+            output_dir=os.path.join(out, method), per_device_train_batch_size=per_device_batch_size,
+            num_train_epochs=1, learning_rate=0.02, optim="adamw_torch", lr_scheduler_type="constant",
+            max_grad_norm=0.0, weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+            use_cpu=True, importance_method=method, **extra,
+        )  # fmt: skip
+        trainer = EWCTrainer(model=model, args=args, train_dataset=lm_samples(32, seed=1, pad_last=3))
+        trainer.train()
+        state = trainer.consolidate(domain=method)
+        tensors.update({f"{method}/omega/{n}": t.clone() for n, t in state.importances.items()})
+    return tensors, {}
+
+
 # ------------------------------------------------------------------------------------------------------- writes
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -206,6 +226,8 @@ def main(argv: list[str]) -> int:
         tensors, info = {"none": torch.zeros(1)}, sharded_refusals()
     elif command == "train":
         tensors, info = train_sequence(out, int(rest[1]))
+    elif command == "si_family":
+        tensors, info = train_si_family(out, int(rest[1]))
     else:
         raise SystemExit(f"unknown command {command!r}")
     state = PartialState()

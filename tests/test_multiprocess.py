@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mp_worker import collect_all, train_sequence
+from mp_worker import collect_all, train_sequence, train_si_family
 from safetensors.torch import load_file
 from testing_utils import assert_tensors_close, make_config, run_cli, write_yaml
 
@@ -102,6 +102,18 @@ def test_training_on_two_processes_equals_one_process_si_penalty_proximal(tmp_pa
     autograd, logs_autograd = train_sequence(str(tmp_path / "autograd"), 8, penalty_in_loss=True)
     assert_close_to({k: r0[k] for k in autograd}, autograd, rel=1e-3)
     assert penalties == pytest.approx([log["ewc/penalty"] for log in logs_autograd["b"]], rel=1e-3, abs=1e-7)
+
+
+def test_independent_minibatch_gradient_on_two_processes_equals_one_process(tmp_path):
+    """SIU and SOS(α=1): 2 ranks × batch 4 draw the same independent samples as 1 process × batch 8 (each rank its
+    slice), and the gradient over them, normalised by the global token count and averaged, is the same."""
+    done = launch(str(WORKER), "si_family", str(tmp_path), "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (r0, _), (r1, _) = ranks(tmp_path)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    one, _ = train_si_family(str(tmp_path / "one"), 8)
+    assert sum(float(v.sum()) for v in one.values()) > 0
+    assert_close_to(r0, one, rel=1e-3)
 
 
 def test_cli_on_two_processes_writes_once_and_equals_one_process(tmp_path, capsys):
