@@ -363,7 +363,7 @@ def _interrupt_at(step):
     return Stop()
 
 
-@pytest.mark.parametrize("method", ["fisher", "si"])
+@pytest.mark.parametrize("method", ["fisher", "si", "siu", "sos"])
 def test_resume_restores_the_ewc_state_and_matches_an_uninterrupted_run(tmp_path, method):
     base = MLP()
     samples = vec_samples(32)
