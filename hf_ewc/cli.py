@@ -28,6 +28,7 @@ import transformers
 from accelerate import PartialState
 
 from ._version import __version__
+from .config import FISHER_ESTIMATORS
 from .pipeline import Pipeline, load_run_config, prune_pretrained
 from .pipeline.config_io import describe_type
 from .pipeline.correlate import CORRELATE_METHODS, correlate_pretrained
@@ -249,7 +250,7 @@ def _add_correlate_parser(sub) -> None:
     )
     corr.add_argument("--data", nargs="+", metavar="FILE", help="Text/JSON/CSV/Parquet files to measure on.")
     corr.add_argument("--out", required=True, metavar="DIR", help="Output directory (must not exist).")
-    corr.add_argument("--fisher-estimator", help="empirical, sampled, exact or batched (default: exact for "
+    corr.add_argument("--fisher-estimator", choices=FISHER_ESTIMATORS, help="default: exact for "
                       "classifiers, sampled for language models).")  # fmt: skip
     corr.add_argument("--text-column", default="text", help="Text column of --data (default: text).")
     corr.add_argument("--label-column", default="label", help="Label column of --data for classifiers.")

@@ -211,8 +211,10 @@ class EWCTrainer(Trainer):
             )
             self._warned_overshoot = True
         self._penalty = penalty
-        if self._si is not None and args.si_gradient == "task" and penalty.penalized:
-            self._si.subtract_penalty(dict(zip(penalty.names, penalty.anchors)), penalty.two_c())
+        si = self._si
+        if si is not None and penalty.penalized and (args.si_gradient == "task" or si.needs_independent_gradient):
+            regularized = args.si_gradient == "regularized"
+            si.subtract_penalty(dict(zip(penalty.names, penalty.anchors)), penalty.two_c(), regularized=regularized)
 
     # ------------------------------------------------------------------ the loss
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:

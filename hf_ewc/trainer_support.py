@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import datasets
 import torch
 from accelerate.utils import reduce
 from torch import Tensor, nn
@@ -119,12 +120,14 @@ def si_from_checkpoint(checkpoint: str, model: nn.Module, args: EWCConfig) -> SI
 
 def independent_batches(trainer: Trainer) -> IndependentBatches:
     """The independent minibatches of `siu`, `sib` and `sos` (α > 0), drawn from the trainer's train dataset."""
-    dataset = trainer.train_dataset
-    if trainer.args.remove_unused_columns and hasattr(dataset, "column_names"):
+    dataset, collator = trainer.train_dataset, trainer.data_collator
+    if isinstance(dataset, datasets.Dataset):  # what the Trainer's own loader does with the columns the model lacks
         dataset = trainer._remove_unused_columns(dataset, description="independent minibatches")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="independent minibatches")
     args, accelerator = trainer.args, trainer.accelerator
     return IndependentBatches(
-        dataset, trainer.data_collator, batch_size=args.per_device_train_batch_size,
+        dataset, collator, batch_size=args.per_device_train_batch_size,
         accumulation=args.gradient_accumulation_steps, seed=args.seed, process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
     )  # fmt: skip
@@ -136,8 +139,13 @@ def independent_gradient(
     """``u_k``: the task-loss gradient at the current θ on step k's independent minibatches, dropout off, normalised
     as the Trainer normalises a step's loss (over the global item count, or the mean per micro-batch divided by the
     accumulation steps) and averaged across processes, as DDP averages the step's gradient. `torch.autograd.grad`
-    leaves ``.grad`` (the step's own gradient) untouched and fires no DDP hook."""
+    leaves ``.grad`` (the step's own gradient) untouched and fires no DDP hook. Under fp16 the loss is multiplied by
+    the scaler's current scale before the backward (and the gradient divided by it after), as for the step itself, so
+    small gradients do not underflow. Dropout is off (Benzing): with dropout the step's gradient ``g_k`` also differs
+    from ``u_k`` by the dropout noise, which `sib` and `sos` (α = 1) then count too."""
     batches, num_items = trainer.get_batch_samples(iter(batches), len(batches), trainer.args.device)
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    scale = float(scaler.get_scale()) if scaler is not None else 1.0
     was_training = model.training
     model.eval()
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -148,12 +156,14 @@ def independent_gradient(
                 loss = trainer.compute_loss(model, inputs, num_items_in_batch=num_items)
             if not loss_scaled_for_ga(num_items):
                 loss = loss / len(batches)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
             torch._foreach_add_(
                 total, [g.float() if g is not None else torch.zeros_like(t) for g, t in zip(grads, total)]
             )
     finally:
         model.train(was_training)
+    if scale != 1.0:
+        torch._foreach_div_(total, scale)
     return reduce(total, "mean") if trainer.accelerator.num_processes > 1 else total
 
 

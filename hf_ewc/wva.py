@@ -16,7 +16,9 @@ applied either to
   not attenuated either.
 
 Ω is the EWC state's importance (any method); λ is `ewc_lambda`. A weight whose ``a`` is 0 (``exponential`` with a
-huge λΩ) stops moving. WVA keeps a parameter-sized copy of θ per step (``deltas``) or nothing (``gradients``).
+huge λΩ) stops moving. Memory: ``deltas`` keeps two parameter-sized buffers (``1 − a`` and θ before the step),
+``gradients`` one (``a``), each in the parameters' dtype — for bfloat16 parameters ``a`` and the interpolation are
+rounded to bfloat16 (about 3 significant digits).
 """
 
 from collections.abc import Mapping
@@ -58,7 +60,7 @@ class Attenuation:
 
     names: list[str]
     params: list[Tensor]
-    factors: list[Tensor]  # a, in the parameters' dtypes
+    factors: list[Tensor]  # a, in the parameters' dtypes (for `gradients`; empty for `deltas`, which keeps 1 − a)
     apply: str
     attenuation: str
     ewc_lambda: float
@@ -90,13 +92,13 @@ class Attenuation:
         count = sum(a.numel() for a in factors)
         factor_mean = float(sum(a.sum(dtype=torch.float64) for a in factors)) / max(count, 1)
         factor_min = min(float(a.min()) for a in factors if a.numel()) if count else 1.0
-        out = cls(
-            names, plist, [a.to(p.dtype) for a, p in zip(factors, plist)], apply, attenuation, ewc_lambda,
-            factor_min, factor_mean,
-        )  # fmt: skip
-        if apply == "deltas":
-            out._moved_share = [(1 - a).to(p.dtype) for a, p in zip(factors, plist)]
-            out._previous = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in plist]
+        if apply == "gradients":
+            return cls(names, plist, [a.to(p.dtype) for a, p in zip(factors, plist)], apply, attenuation, ewc_lambda,
+                       factor_min, factor_mean)  # fmt: skip
+        out = cls(names, plist, [], apply, attenuation, ewc_lambda, factor_min, factor_mean)
+        out._moved_share = [torch.sub(1, a).to(p.dtype) for a, p in zip(factors, plist)]
+        del factors
+        out._previous = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in plist]
         return out
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from testing_utils import MLP, lm_samples, tiny_gpt2, vec_samples
 from transformers import TrainerCallback, default_data_collator
 
-from hf_ewc import EWCConfig, EWCTrainer, HfEwcError, collect_importance
+from hf_ewc import EWCConfig, EWCState, EWCTrainer, HfEwcError, collect_importance
 from hf_ewc.importance import IndependentBatches, SIAccumulator
 
 
@@ -301,3 +301,63 @@ def test_signal_bias_rule_reaches_the_trainer(tmp_path):
     trainer.train()
     state = trainer.consolidate()
     assert state.domains[0]["options"]["bias"] == "activation"
+
+
+def test_signal_activation_rule_counts_every_call_of_a_shared_layer():
+    class Shared(torch.nn.Module):
+        """One Linear applied twice (weight sharing, ALBERT-style), each time into a ReLU."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp, self.shared, self.act, self.out = (
+                torch.nn.Linear(6, 5), torch.nn.Linear(5, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4),
+            )  # fmt: skip
+
+        def forward(self, pixel_values, labels=None):
+            h1 = self.act(self.shared(self.inp(pixel_values)))
+            return {"logits": self.out(self.act(self.shared(h1)))}
+
+    model, samples = Shared(), vec_samples(8)
+    got = collect_importance(model, samples, method="signal", bias="activation", show_progress=False)
+    x = torch.stack([s["pixel_values"] for s in samples])
+    with torch.no_grad():
+        first = torch.relu(model.shared(model.inp(x)))
+        second = torch.relu(model.shared(first))
+    torch.testing.assert_close(got["shared.bias"], first.abs().mean(0) + second.abs().mean(0))
+
+
+def test_independent_minibatches_drop_the_fields_the_model_does_not_take(tmp_path):
+    """A plain torch dataset with an extra key: the Trainer's loader drops it, and so must the independent draws."""
+    samples = [{**s, "idx": i} for i, s in enumerate(vec_samples(16))]
+    trainer, _ = _train(tmp_path, "siu", samples=samples)
+    assert trainer._si.steps == 4 and sum(float(w.abs().sum()) for w in trainer._si.omega) > 0
+
+
+def test_sos_resumed_with_another_alpha_is_refused(tmp_path):
+    params = dict(MLP().named_parameters())
+    si = SIAccumulator(params, method="sos", sos_alpha=1.0)
+    si.steps = 1
+    si.save(tmp_path)
+    with pytest.raises(HfEwcError, match="sos_alpha=1, but this run uses sos_alpha=0"):
+        SIAccumulator(params, method="sos", sos_alpha=0.0).load(tmp_path)
+
+
+def test_sib_is_the_same_whether_si_reads_the_task_or_the_regularized_gradient(tmp_path):
+    """With an active penalty, `regularized` adds the penalty's gradient to g; it is added to u as well, so the bias
+    g − u (and the SOS noise) does not change."""
+    model0, samples = MLP(), vec_samples(16)
+    importances = collect_importance(model0, samples, show_progress=False)
+    state = EWCState().consolidate(model0, importances, domain="a", normalization="none")
+    with torch.no_grad():
+        for p in model0.parameters():
+            p.add_(0.1)
+    omegas = {}
+    for gradient in ("task", "regularized"):
+        model = copy.deepcopy(model0)
+        args = make_args(tmp_path / gradient, importance_method="sib", si_gradient=gradient, ewc_lambda=100.0)
+        trainer = EWCTrainer(model=model, args=args, train_dataset=samples, ewc_state=copy.deepcopy(state))
+        trainer.train()
+        assert trainer._si._penalty is not None
+        omegas[gradient] = _omega(trainer)
+    for n, w in omegas["task"].items():
+        torch.testing.assert_close(omegas["regularized"][n], w, rtol=1e-5, atol=1e-9)

@@ -94,9 +94,13 @@ class SIAccumulator:
             ]
             torch._foreach_copy_(self._kept, grads)
 
-    def subtract_penalty(self, anchors: Mapping[str, Tensor] | None, two_c: Mapping[str, Tensor] | None) -> None:
+    def subtract_penalty(
+        self, anchors: Mapping[str, Tensor] | None, two_c: Mapping[str, Tensor] | None, *, regularized: bool = False
+    ) -> None:
         """From now on read the task-only gradient of a penalized loss: ``2c·(θ_before − θ*)`` is subtracted for the
-        parameters in ``anchors`` (nothing for the others). ``None``: use the gradient as the optimizer saw it."""
+        parameters in ``anchors`` (nothing for the others). ``regularized=True``: keep the step's gradient as the
+        optimizer saw it and add the same penalty gradient to the independent one instead, so that both are gradients
+        of the same regularized loss. ``None``: no penalty."""
         if anchors is None:
             self._penalty = None
             return
@@ -104,6 +108,7 @@ class SIAccumulator:
         self._penalty = (
             [anchors[n].float() if n in anchors else z for n, z in zip(self.names, zeros)],
             [two_c[n].float() if n in two_c else z for n, z in zip(self.names, zeros)],
+            regularized,
         )
 
     @torch.no_grad()
@@ -120,12 +125,15 @@ class SIAccumulator:
         )
         if grad_scale != 1.0:
             grads = torch._foreach_mul(grads, grad_scale)
+        independent = self._independent
         if self._penalty is not None:
-            anchors, two_c = self._penalty
+            anchors, two_c, regularized = self._penalty
             penalty = torch._foreach_sub(self._before, anchors)
             torch._foreach_mul_(penalty, two_c)
-            grads = torch._foreach_sub(grads, penalty)
-        independent = self._independent
+            if regularized:  # g carries the penalty's gradient: u must carry the same, or sib/sos would count it
+                independent = torch._foreach_add(independent, penalty) if independent is not None else None
+            else:
+                grads = torch._foreach_sub(grads, penalty)
         self._independent = None
         if self.needs_independent_gradient and independent is None:
             raise HfEwcError(f"{self.method} needs the independent gradient of this step before after_step().")
@@ -184,6 +192,12 @@ class SIAccumulator:
                     f"{path} holds running {saved} sums, but this run collects {self.method}; resume with "
                     f"importance_method={saved!r} or start the domain again."
                 )
+            alpha = float((f.metadata() or {}).get("sos_alpha", "0.0"))
+            if self.method == "sos" and alpha != self.sos_alpha:
+                raise HfEwcError(
+                    f"{path} holds running sos sums with sos_alpha={alpha:g}, but this run uses sos_alpha="
+                    f"{self.sos_alpha:g}; resume with sos_alpha={alpha:g} or start the domain again."
+                )
             keys = set(f.keys())
             missing = [n for n in self.names if f"omega.{n}" not in keys or f"start.{n}" not in keys]
             if missing:
@@ -230,5 +244,9 @@ class IndependentBatches:
         return [mine[i : i + self.batch_size] for i in range(0, per_process, self.batch_size)]
 
     def batches(self, step: int) -> list[dict]:
-        """The collated micro-batches of [`IndependentBatches.indices`]."""
-        return [self.collator([self.dataset[i] for i in chunk]) for chunk in self.indices(step)]
+        """The collated micro-batches of [`IndependentBatches.indices`]. Collated under a forked torch RNG seeded by
+        ``(seed, step)``: a random collator (MLM masking) is reproducible and leaves the training's own RNG where it
+        was, so an `siu` run follows the same trajectory as an `si` run."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + step + 1) % 2**63)
+            return [self.collator([self.dataset[i] for i in chunk]) for chunk in self.indices(step)]

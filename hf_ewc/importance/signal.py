@@ -89,8 +89,9 @@ class Signal(ImportanceMethod):
         self.plan: list[tuple[str, str, str]] = []
         self.hooks = []
         self.context: dict[str, Any] = {}
-        # bias="activation": per batch, sums key → (weak reference to the Linear's output z, per-sample mean |h(z)|)
-        self.pending: dict[str, tuple[weakref.ref, Tensor]] = {}
+        # bias="activation": per batch, sums key → [weak reference to the output z, per-sample mean |h(z)|], one
+        # per call of the Linear (a module called several times in a forward counts every call, as its weights do)
+        self.pending: dict[str, list[list]] = {}
         self.device = next(iter(params.values())).device
         name_of = {id(p): n for n, p in params.items()}
         covered: set[str] = set()
@@ -134,7 +135,8 @@ class Signal(ImportanceMethod):
                 if bias == "output" and "bias" in dict(mod.named_parameters(recurse=False)):
                     sums[key + ".out"] += _per_sample_mean_abs(output, batch, context["mask"]).sum(0)
                 elif bias == "activation" and "bias" in dict(mod.named_parameters(recurse=False)):
-                    pending[key + ".out"] = (weakref.ref(output), _per_sample_mean_abs(output, batch, context["mask"]))
+                    stat = _per_sample_mean_abs(output, batch, context["mask"])
+                    pending.setdefault(key + ".out", []).append([weakref.ref(output), stat])
 
         elif isinstance(module, nn.Embedding):
             plan.append(("embedding", own["weight"], key + ".rows"))
@@ -180,9 +182,10 @@ class Signal(ImportanceMethod):
         """A Linear's output z goes straight into an activation: its bias is protected by ``|h(z)|`` instead."""
         if not args or not torch.is_tensor(args[0]):
             return
-        for key, (ref, _) in self.pending.items():
-            if ref() is args[0]:
-                self.pending[key] = (ref, _per_sample_mean_abs(output, self.context["batch"], self.context["mask"]))
+        for calls in self.pending.values():
+            for call in calls:
+                if call[0]() is args[0]:
+                    call[1] = _per_sample_mean_abs(output, self.context["batch"], self.context["mask"])
 
     @torch.no_grad()
     def accumulate(self, inputs: dict[str, Any]) -> int:
@@ -192,12 +195,12 @@ class Signal(ImportanceMethod):
         self.pending.clear()
         outputs = self.model(**inputs)
         logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", outputs)
-        for key, (ref, per_sample) in self.pending.items():
-            if logits is not None and ref() is logits:  # the output layer: Kutalev uses its softmax output
-                per_sample = _per_sample_mean_abs(
-                    logits.float().softmax(-1), self.context["batch"], self.context["mask"]
-                )
-            self.sums[key] += per_sample.sum(0)
+        for key, calls in self.pending.items():
+            for ref, per_sample in calls:
+                if logits is not None and ref() is logits:  # the output layer: Kutalev uses its softmax output
+                    probs = logits.float().softmax(-1)
+                    per_sample = _per_sample_mean_abs(probs, self.context["batch"], self.context["mask"])
+                self.sums[key] += per_sample.sum(0)
         self.pending.clear()
         return self.context["batch"]
 

@@ -41,8 +41,9 @@ def parse_methods(text: str | list[str]) -> list[str]:
     return methods
 
 
-def _from_state(model_dir: str, method: str) -> tuple[dict | None, str | None]:
-    """The SI-family importances of a run's EWC state, or why there are none."""
+def _from_state(model_dir: str, method: str, params: dict) -> tuple[dict | None, str | None]:
+    """The SI-family importances of a run's EWC state (the normalized sum over the run's domains, not of ``--data``),
+    or why there are none."""
     found = find_ewc_state(model_dir) if os.path.isdir(model_dir) else None
     if found is None:
         return None, f"{method} is accumulated during training and {model_dir!r} has no saved EWC state"
@@ -53,7 +54,14 @@ def _from_state(model_dir: str, method: str) -> tuple[dict | None, str | None]:
             f"{method} is accumulated during training and the EWC state in {found} holds {', '.join(map(str, used))} "
             f"importances (train with importance_method: {method} to compare it)"
         )
-    return dict(state.importances), None
+    mismatched = [n for n, p in params.items() if n not in state.importances
+                  or tuple(state.importances[n].shape) != tuple(p.shape)]  # fmt: skip
+    if mismatched:
+        return None, (
+            f"the EWC state in {found} does not cover the model's parameter {mismatched[0]!r} with its shape (a LoRA "
+            "run's state covers its adapter, not the merged weights)"
+        )
+    return {n: state.importances[n] for n in params}, None
 
 
 def correlate_pretrained(
@@ -113,7 +121,7 @@ def correlate_pretrained(
         if method == "magnitude":
             importances[method] = {n: p.detach().abs().float() for n, p in trainable_parameters(model).items()}
         elif method in SI_FAMILY:
-            found, reason = _from_state(model_name_or_path, method)
+            found, reason = _from_state(model_name_or_path, method, trainable_parameters(model))
             if found is None:
                 skipped[method] = reason
             else:
