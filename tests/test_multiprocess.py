@@ -35,6 +35,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """Every rank's own error lines (a rank's one-line CLI error is otherwise lost above the launcher's traceback),
+    then the end of stderr."""
+    errors = [line for line in done.stderr.splitlines() if "error:" in line or "Error:" in line]
+    return "\n".join(errors[:20]) + "\n…\n" + done.stderr[-2000:]
+
+
 def launch(*args: str, cpu: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2 ARGS`` (a script path, or ``-m module``) on CPU."""
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
@@ -61,7 +68,7 @@ def assert_close_to(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
 
 def test_importances_of_two_processes_equal_one_process(tmp_path):
     done = launch(str(WORKER), "importances", str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     (r0, info0), (r1, info1) = ranks(tmp_path)
     assert info0["world"] == info1["world"] == 2 and {info0["rank"], info1["rank"]} == {0, 1}
     # after the reduction both ranks hold the same importances, counted over every sample exactly once
@@ -77,7 +84,7 @@ def test_training_on_two_processes_equals_one_process_si_penalty_proximal(tmp_pa
     """2 ranks × batch 4 against 1 process × batch 8: the same samples in every optimizer step; stabilized penalty
     on the second domain, proximal step on the third, SI throughout."""
     done = launch(str(WORKER), "train", str(tmp_path), "4")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     (r0, logs0), (r1, logs1) = ranks(tmp_path)
     # DDP keeps the parameters identical, so SI's path integral is bit-identical on both ranks
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
@@ -108,7 +115,7 @@ def test_independent_minibatch_gradient_on_two_processes_equals_one_process(tmp_
     """SIU and SOS(α=1): 2 ranks × batch 4 draw the same independent samples as 1 process × batch 8 (each rank its
     slice), and the gradient over them, normalised by the global token count and averaged, is the same."""
     done = launch(str(WORKER), "si_family", str(tmp_path), "4")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     (r0, _), (r1, _) = ranks(tmp_path)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     one, _ = train_si_family(str(tmp_path / "one"), 8)
@@ -121,7 +128,7 @@ def test_cli_on_two_processes_writes_once_and_equals_one_process(tmp_path, capsy
     two.mkdir(), one.mkdir()
     config = write_yaml(two / "run.yaml", make_config(two, per_device_train_batch_size=2, save_steps=3))
     done = launch(str(WORKER), "cli", str(two / "writes"), str(two / "run"), "--", "train", str(config))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     assert done.stdout.count("after tools, loss") == 1  # progress printed by the main process only
 
     writes = {r: json.loads((two / f"writes.{r}.json").read_text()) for r in (0, 1)}
@@ -153,7 +160,7 @@ def test_fsdp2_sharded_parameters_are_refused_by_every_entry_point(tmp_path):
     """`fully_shard` on 2 CPU processes: collection, consolidation and SI name the sharded parameter and what is
     supported instead of pairing slices with whole names."""
     done = launch(str(WORKER), "fsdp", str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     for _, info in ranks(tmp_path):
         for entry in ("collect", "consolidate", "si"):
             message = info[entry]

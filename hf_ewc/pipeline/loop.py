@@ -130,7 +130,10 @@ class Pipeline:
                 return results
             progress["finished"] = False  # interrupted while finishing: finish again (the stage is still there)
         started = time.perf_counter()
-        prepared = prepare(run, run_dir, progress=progress, from_dir=self.from_dir, base_dirs=self.base_dirs)
+        # The main process first: it fills the datasets cache (and writes nothing else here), the others then read it
+        # instead of building the same cache files at the same moment.
+        with self.accel.main_process_first():
+            prepared = prepare(run, run_dir, progress=progress, from_dir=self.from_dir, base_dirs=self.base_dirs)
         run_dir.start(self.record(), fresh=progress is None, overwrite=self.overwrite)
         if progress is None:
             progress = {"initial": None, "completed": [], "finished": False}
