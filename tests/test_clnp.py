@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from testing_utils import MLP, vec_samples
+from testing_utils import MLP, lm_samples, tiny_bert_mlm, tiny_gpt2, tiny_llama, vec_samples
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from hf_ewc import HfEwcError
@@ -94,8 +94,8 @@ def test_interference_weights_stay_exactly_zero_and_old_units_frozen(tmp_path, h
         assert torch.equal(model.net[4].weight[:, ~free], frozen["net.4.weight"][:, ~free])
     else:  # b trained the whole head; a's own head was stored when a was consolidated
         assert not torch.equal(model.net[4].bias, frozen["net.4.bias"])
-        assert torch.equal(clnp.heads[0]["weight"], frozen["net.4.weight"])
-        assert torch.equal(clnp.heads[0]["bias"], frozen["net.4.bias"])
+        assert torch.equal(clnp.heads[0]["net.4.weight"], frozen["net.4.weight"])
+        assert torch.equal(clnp.heads[0]["net.4.bias"], frozen["net.4.bias"])
 
 
 def test_the_threshold_is_the_largest_within_the_margin(tmp_path):
@@ -185,11 +185,39 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         loaded.consolidate(_batches(samples), domain="a")
     for owners in loaded.owners:
         owners.fill_(0)
-    with pytest.raises(HfEwcError, match=r"no free unit left in layer 'net.0' \(24 units"):
+    with pytest.raises(HfEwcError, match=r"no free unit left in 'net.0' \(24 units"):
         loaded.callback().on_train_begin(SimpleNamespace(gradient_accumulation_steps=1), None, None)
     with pytest.raises(HfEwcError, match="clnp_margin must be a finite number >= 0, got -0.1"):
         CLNP(model, margin=-0.1)
     with pytest.raises(HfEwcError, match="Unknown clnp_l1_target 'bias'"):
         CLNP(model, l1_target="bias")
-    with pytest.raises(HfEwcError, match="Transformer FFN neurons and heads are not built yet"):
+    with pytest.raises(HfEwcError, match="or of MLP-style chains of nn.Linear; in Sequential, '1' takes 4 inputs"):
         CLNP(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(4, 2)))
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_bert_mlm, tiny_gpt2], ids=["llama", "bert", "gpt2"])
+def test_transformer_units_keep_old_domains_bit_identical(tmp_path, factory):
+    """FFN neurons and attention heads as units; embeddings, norms, shared key/value projections and the LM head train
+    during the first domain only."""
+    model = factory()
+    clnp = CLNP(model, margin=0.5)
+    assert clnp.head == "shared" and {g.width for g in clnp.groups} > {1}  # FFN neurons and heads
+    domains = {"a": lm_samples(16, seed=1, high=20), "b": lm_samples(16, seed=2, low=20)}
+    seen, shared = {}, None
+    for name, samples in domains.items():
+        _train(clnp, samples, tmp_path / name, per_device_train_batch_size=4)
+        clnp.consolidate(_batches(samples, 4), domain=name)
+        batch = default_data_collator(samples)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad(), clnp.domain(name):
+            model.eval()
+            seen[name] = (inputs, model(**inputs).logits.clone())
+        if shared is None:
+            units = {e.name for g in clnp.groups for e in g.slices}
+            shared = {n: p.detach().clone() for n, p in model.named_parameters() if n not in units}
+    with torch.no_grad(), clnp.domain("a"):
+        assert torch.equal(model(**seen["a"][0]).logits, seen["a"][1])
+    with torch.no_grad():  # all units on: b's units change a's outputs (the forgetting without a domain id)
+        assert not torch.equal(model(**seen["a"][0]).logits, seen["a"][1])
+    assert all(torch.equal(p, shared[n]) for n, p in model.named_parameters() if n in shared)
+    assert clnp.history[1]["layers"] and all(v["reused"] is None for v in clnp.history[1]["layers"].values())
