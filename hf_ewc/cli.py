@@ -36,7 +36,7 @@ from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec,
 from .pipeline.sweep import MethodSpec, Sweep, parse_lambdas
 from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
 from .state import EWCState
-from .utils import HfEwcError, error_line, hold_output, versions
+from .utils import HfEwcError, ctrl_c_outside_finalizers, error_line, hold_output, versions
 
 
 DEFAULT_LAMBDAS = "0.003,0.01,0.03,0.1"
@@ -94,7 +94,8 @@ def _train(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline(run, resume=args.resume, overwrite=args.overwrite, from_dir=args.from_dir)
     try:
-        pipeline.run_sequence()
+        with ctrl_c_outside_finalizers():  # a Ctrl-C landing in a finalizer is not lost
+            pipeline.run_sequence()
     except KeyboardInterrupt:  # every write is atomic, so wherever Ctrl-C lands the run directory is resumable
         print(f"\nhf-ewc train: interrupted; {_how_to_continue(args, pipeline)}", file=sys.stderr)
         return 130

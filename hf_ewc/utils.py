@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -257,3 +259,28 @@ def hold_output(path: str | os.PathLike, what: str = "--out") -> contextlib.Abst
         return contextlib.nullcontext()
     lock_path = path.with_name(f".{path.name}{LOCK_NAME}")
     return _hold(lock_path, path.with_name(f".{path.name}{LOCK_OWNER_NAME}"), str(path), what, remove=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_outside_finalizers(delay: float = 0.05) -> Iterator[None]:
+    """Ctrl-C raises `KeyboardInterrupt` as usual, except inside an object finalizer (``__del__``), where Python would
+    print it and carry on ("Exception ignored in …"; 🤗 datasets' ``Dataset.__del__`` runs at every garbage collection,
+    which the Trainer triggers between phases): there the signal is sent again ``delay`` seconds later, so it lands
+    once the finalizer is done. Main thread only; a SIGINT the caller ignores stays ignored."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        while frame is not None:
+            if frame.f_code.co_name == "__del__":
+                threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+                return
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

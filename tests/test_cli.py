@@ -24,7 +24,7 @@ from hf_ewc import EWCState, prune_model
 from hf_ewc.cli import build_parser, main
 from hf_ewc.pipeline import Pipeline, build_run_config
 from hf_ewc.pipeline.prepare import train_tokenizer
-from hf_ewc.utils import hold_directory, hold_output
+from hf_ewc.utils import ctrl_c_outside_finalizers, hold_directory, hold_output
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -463,8 +463,14 @@ def test_ctrl_c_says_how_to_continue_and_resume_gives_the_uninterrupted_result(t
     reference = Pipeline(build_run_config({**raw, "output_dir": str(tmp_path / "ref")}), print_fn=None).run_sequence()
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "hf_ewc", "train", str(config)], env=env, cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # As in a terminal: a runner that started the tests in the background has SIGINT ignored, and an ignored signal is
+    # inherited by children; a handled one is not, so handle it while the child starts.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "hf_ewc", "train", str(config)], env=env, cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     progress = Path(raw["output_dir"]) / "progress.json"
     while child.poll() is None:  # Ctrl-C once the first domain is done: during the second one
         if progress.is_file() and json.loads(progress.read_text() or "{}").get("completed"):
@@ -622,3 +628,21 @@ def test_cli_correlate_bad_input_is_one_line(saved_model, tmp_path, capsys, extr
     errors = [line for line in err.splitlines() if "error" in line]
     assert rc == 2 and len(errors) == 1 and errors[0].startswith("hf-ewc correlate: error: ") and message in errors[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_a_ctrl_c_inside_a_finalizer_is_not_lost():
+    """Python prints and drops an exception raised in ``__del__``; the CLI's handler sends the signal again instead."""
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is handled here, inside the finalizer
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner may start us with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt), ctrl_c_outside_finalizers(delay=0.01):
+            obj = Finalized()
+            del obj
+            time.sleep(2)  # the signal sent again lands here
+    finally:
+        signal.signal(signal.SIGINT, previous)
