@@ -212,6 +212,12 @@ LOCK_NAME = ".hf_ewc.lock"  # held (flock) while a process works in a directory;
 LOCK_OWNER_NAME = ".hf_ewc.owner.json"  # who holds it: pid, host, command, start time (removed on release)
 
 
+def is_hold_file(name: str) -> bool:
+    """The lock and owner files `hold_directory` keeps in a directory — an owner file still being written (its atomic
+    temporary ``.<owner name>.<random>.tmp``) included, which another process may see for a moment."""
+    return name in (LOCK_NAME, LOCK_OWNER_NAME) or (name.startswith(f".{LOCK_OWNER_NAME}.") and name.endswith(".tmp"))
+
+
 @contextlib.contextmanager
 def _hold(lock_path: Path, owner_path: Path, shown: str, what: str, *, remove: bool) -> Iterator[None]:
     lock = filelock.FileLock(lock_path, timeout=0)  # timeout=0: refuse at once (filelock >= 3.12)

@@ -18,6 +18,7 @@ from hf_ewc import EWCState, HfEwcError
 from hf_ewc.pipeline import Pipeline, build_run_config, config_differences
 from hf_ewc.pipeline.data import DomainData
 from hf_ewc.trainer import EWCTrainer
+from hf_ewc.utils import LOCK_NAME, LOCK_OWNER_NAME
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -400,3 +401,20 @@ def test_si_family_without_training_steps_is_refused_before_anything_runs(tmp_pa
     with pytest.raises(HfEwcError, match=r"domains.0 \(animals\) has no training steps, but siu importances"):
         build_run_config(raw)
     assert not Path(raw["output_dir"]).exists()
+
+
+def test_an_output_dir_holding_only_a_lock_being_taken_counts_as_empty(tmp_path):
+    """Another rank may be writing the owner file (its atomic temporary) while this one checks output_dir."""
+    raw = make_config(tmp_path)
+    out = Path(raw["output_dir"])
+    out.mkdir(parents=True)
+    (out / LOCK_NAME).write_text("")
+    (out / f".{LOCK_OWNER_NAME}.ab12cd34.tmp").write_text("{}")
+    Pipeline(build_run_config(raw), print_fn=None).run_sequence(stop_after=0)
+    assert (out / "progress.json").is_file()
+    (out / "stray.txt").write_text("x")  # anything else still makes a non-run directory refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "stray.txt").write_text("x")
+    with pytest.raises(HfEwcError, match="is not empty and holds no hf-ewc run"):
+        Pipeline(build_run_config({**raw, "output_dir": str(other)}), print_fn=None).run_sequence()

@@ -28,12 +28,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..state import STATE_DIR, STATE_WEIGHTS_NAME, EWCState
 from ..utils import (
-    LOCK_NAME,
-    LOCK_OWNER_NAME,
     HfEwcError,
     atomic_directory,
     atomic_path,
     hold_directory,
+    is_hold_file,
     logger,
     write_json_atomic,
 )
@@ -102,7 +101,7 @@ def _readable_json(path: Path) -> bool:
 
 def _remove_if_only_lock(path: Path) -> None:
     with contextlib.suppress(OSError):
-        if {p.name for p in path.iterdir()} <= {LOCK_NAME, LOCK_OWNER_NAME}:
+        if all(is_hold_file(p.name) for p in path.iterdir()):
             shutil.rmtree(path)
 
 
@@ -180,8 +179,8 @@ class RunDir:
                 raise HfEwcError(
                     f"output_dir {str(out)!r} cannot be created: {str(ancestor)!r} is not writable; choose another."
                 )
-        locks = (LOCK_NAME, LOCK_OWNER_NAME)  # a stale lock of a killed process is no run
-        entries = sorted(p.name for p in out.iterdir() if p.name not in locks) if out.is_dir() else []
+        # a stale lock of a killed process is no run, nor the owner file another rank is writing right now
+        entries = sorted(p.name for p in out.iterdir() if not is_hold_file(p.name)) if out.is_dir() else []
         recorded = self.read_json(RUN_CONFIG_NAME) if entries else None
         if entries and recorded is None:
             raise HfEwcError(
@@ -224,7 +223,7 @@ class RunDir:
         if self.accel.is_main_process:
             if overwrite and self.path.exists():
                 for entry in self.path.iterdir():
-                    if entry.name in (LOCK_NAME, LOCK_OWNER_NAME):  # held by this process: keep it
+                    if is_hold_file(entry.name):  # held by this process: keep it
                         continue
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
