@@ -10,7 +10,7 @@ from .state_io import CONSOLIDATIONS, NORMALIZATIONS, STATE_DTYPES
 from .wva import WVA_APPLY, WVA_ATTENUATIONS
 
 
-EWC_MODES = ("stabilized", "vanilla", "proximal", "wva", "off")
+EWC_MODES = ("stabilized", "vanilla", "proximal", "wva", "clnp", "off")
 IMPORTANCE_METHODS = (
     "fisher", "sqrt_fisher", "af", "mas", "masx", "si", "siu", "sib", "sos", "onaf", "signal", "uniform",
 )  # fmt: skip
@@ -30,6 +30,8 @@ class EWCConfig(TrainingArguments):
     - `ewc_mode="wva"`: no loss term and no anchor; every optimizer step of a parameter is attenuated by
       ``a = 1/(1 + λ·Ω)`` (or ``exp(−λ·Ω)``, `wva_attenuation`), on the step itself or on the gradient (`wva_apply`);
       see [`hf_ewc.wva`];
+    - `ewc_mode="clnp"`: no penalty; each domain gets its own units (neurons, FFN neurons, attention heads) and later
+      domains train only the free ones (see [`hf_ewc.clnp`]; `clnp_*` fields);
     - `ewc_mode="off"`: plain fine-tuning (importances are still collected on `consolidate()`, so the sequence can be
       continued with EWC later).
 
@@ -47,7 +49,7 @@ class EWCConfig(TrainingArguments):
             ≥ 85 % of what the new domains teach in 9 of those 15 cells, and 13 of them have their own best λ within
             10× of it. Measure your own sequence's trade-off with `hf-ewc sweep`.
         ewc_mode (`str`, *optional*, defaults to `"stabilized"`):
-            One of `"stabilized"`, `"vanilla"`, `"proximal"`, `"wva"`, `"off"`.
+            One of `"stabilized"`, `"vanilla"`, `"proximal"`, `"wva"`, `"clnp"`, `"off"`.
         ewc_lr (`float`, *optional*):
             The step size η of the stabilized coefficient and of the proximal step. Defaults to `learning_rate` (the
             peak of the schedule). η is fixed for a whole domain, so the coefficients are computed once: the proximal
@@ -95,6 +97,14 @@ class EWCConfig(TrainingArguments):
         wva_attenuation (`str`, *optional*, defaults to `"hyperbolic"`):
             `ewc_mode="wva"`: `"hyperbolic"` (``a = 1/(1 + λΩ)``, more robust to λ) or `"exponential"`
             (``a = exp(−λΩ)``).
+        clnp_l1 (`float`, *optional*, defaults to `0.03`):
+            `ewc_mode="clnp"`: L1 sparsity strength on the free units while a domain trains.
+        clnp_l1_target (`str`, *optional*, defaults to `"activations"`):
+            `"activations"` (measured better on permuted digits) or `"weights"`.
+        clnp_margin (`float`, *optional*, defaults to `0.3`):
+            Nats of the domain's loss it may lose when its least active units are freed (graceful forgetting).
+        clnp_head (`str`, *optional*, defaults to `"auto"`):
+            `"per_domain"` (MLP chains' default: task-incremental), `"shared"` (transformers' only choice) or `"auto"`.
         wva_apply (`str`, *optional*, defaults to `"deltas"`):
             `ewc_mode="wva"`: attenuate the optimizer's step (`"deltas"`, works with any optimizer; AdamW's decoupled
             weight decay is part of the step and is attenuated too) or the gradient before the step (`"gradients"`,
@@ -105,12 +115,12 @@ class EWCConfig(TrainingArguments):
         default=0.03,
         metadata={"help": "Penalty strength λ >= 0 (penalty c·(θ−θ*)² with c = ½·λ·Ω, stabilized or not)."},
     )
-    ewc_mode: Literal["stabilized", "vanilla", "proximal", "wva", "off"] = field(
+    ewc_mode: Literal["stabilized", "vanilla", "proximal", "wva", "clnp", "off"] = field(
         default="stabilized",
         metadata={
             "help": "stabilized: c = ½λΩ/(1+ηλΩ) (never overshoots); vanilla: c = ½λΩ; proximal: implicit step "
             "θ ← θ* + (θ−θ*)/(1+ηλΩ) after each optimizer step; wva: attenuate every step by 1/(1+λΩ) (no anchor); "
-            "off: plain fine-tuning."
+            "clnp: units per domain, later domains train free units only; off: plain fine-tuning."
         },
     )
     ewc_lr: float | None = field(
@@ -170,6 +180,16 @@ class EWCConfig(TrainingArguments):
     wva_attenuation: Literal["hyperbolic", "exponential"] = field(
         default="hyperbolic", metadata={"help": "ewc_mode=wva: a = 1/(1+λΩ) (hyperbolic) or exp(−λΩ) (exponential)."}
     )
+    clnp_l1: float = field(default=0.03, metadata={"help": "ewc_mode=clnp: L1 strength on the free units."})
+    clnp_l1_target: Literal["activations", "weights"] = field(
+        default="activations", metadata={"help": "ewc_mode=clnp: L1 on the free units' activations or weights."}
+    )
+    clnp_margin: float = field(
+        default=0.3, metadata={"help": "ewc_mode=clnp: nats of loss a domain may lose to the units it frees."}
+    )
+    clnp_head: Literal["auto", "per_domain", "shared"] = field(
+        default="auto", metadata={"help": "ewc_mode=clnp: per-domain (task-incremental) or shared output head."}
+    )
     wva_apply: Literal["deltas", "gradients"] = field(
         default="deltas",
         metadata={"help": "ewc_mode=wva: attenuate the optimizer's step (deltas; any optimizer) or the gradient."},
@@ -190,6 +210,8 @@ class EWCConfig(TrainingArguments):
             ("ewc_state_dtype", STATE_DTYPES),
             ("wva_attenuation", WVA_ATTENUATIONS),
             ("wva_apply", WVA_APPLY),
+            ("clnp_l1_target", get_args(self.__dataclass_fields__["clnp_l1_target"].type)),
+            ("clnp_head", get_args(self.__dataclass_fields__["clnp_head"].type)),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -204,11 +226,15 @@ class EWCConfig(TrainingArguments):
             raise ValueError(
                 f"ewc_mode={self.ewc_mode!r} needs a step size η > 0: set learning_rate > 0 or ewc_lr explicitly."
             )
-        if self.ewc_mode == "wva" and self.ewc_lr is not None:
+        if self.ewc_mode in ("wva", "clnp") and self.ewc_lr is not None:
             raise ValueError(
-                "ewc_lr is the step size of the stabilized coefficient and of the proximal step; ewc_mode='wva' has "
-                "neither (its attenuation is 1/(1+λΩ)): remove ewc_lr or choose another ewc_mode."
+                f"ewc_lr is the step size of the stabilized coefficient and of the proximal step; ewc_mode="
+                f"{self.ewc_mode!r} has neither: remove ewc_lr or choose another ewc_mode."
             )
+        for name in ("clnp_l1", "clnp_margin"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if self.importance_max_samples is not None and self.importance_max_samples < 1:
             raise ValueError(
                 f"importance_max_samples must be >= 1 (or None for all samples), got {self.importance_max_samples}."

@@ -150,6 +150,8 @@ class EWCState:
         self.decay: float | None = meta.get("decay")
         # "mean" or "none" (raw); states saved before hf_ewc 0.2 carry no key and hold raw importances
         self.normalization: str | None = meta.get("importance_normalization", "none" if self.domains else None)
+        # a CLNP unit allocation (`EWCTrainer` with ewc_mode="clnp" sets it); saved beside the state by the trainer
+        self.units: Any = None
 
     def _set_tensors(self, importances: dict, anchors: dict, *, copy: bool, checked: bool = False) -> None:
         if not checked:  # (a loaded state was checked, more thoroughly, by `check_loaded_state`)

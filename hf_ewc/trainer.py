@@ -19,16 +19,18 @@ from .importance import SI_FAMILY, IndependentBatches, SIAccumulator
 from .monitor import PenaltyMonitor
 from .penalty import Penalty
 from .sparsity import KeepSparsityCallback
-from .state import STATE_WEIGHTS_NAME, EWCState
+from .state import EWCState
 from .trainer_support import (
     as_ewc_config,
     build_wva,
+    checkpoint_state,
+    clnp_for,
+    clnp_result,
     collect_for,
     independent_batches,
     independent_gradient,
     new_si,
     refuse_unsupported,
-    si_from_checkpoint,
     si_result,
     sync_log_level,
     trained_with,
@@ -141,8 +143,9 @@ class EWCTrainer(Trainer):
         check_world_size(self.accelerator.state)
         # before training starts, not at its first step
         refuse_unsupported(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
-        if isinstance(ewc_state, (str, os.PathLike)):
-            ewc_state = EWCState.load(ewc_state)
+        source = str(ewc_state) if isinstance(ewc_state, (str, os.PathLike)) else None
+        if source is not None:
+            ewc_state = EWCState.load(source)
         self.ewc_state: EWCState | None = ewc_state
         if ewc_state is not None:  # before training, not when consolidating after it
             ewc_state.check_normalization(self.args.importance_normalization)
@@ -160,6 +163,7 @@ class EWCTrainer(Trainer):
         self._warned_overshoot = False
         self._monitor = PenaltyMonitor(self.args.ewc_mode)
         self.add_callback(_EWCCallback(self))
+        self.clnp, self._clnp_callback = clnp_for(self, ewc_state, source)
 
     # ------------------------------------------------------------------ setup
     def _plain_model(self) -> nn.Module:
@@ -183,7 +187,7 @@ class EWCTrainer(Trainer):
         if self._si is not None:
             self._si.subtract_penalty(None, None)  # set again below if this run has a penalty to subtract
         state = self.ewc_state
-        if args.ewc_mode == "off":
+        if args.ewc_mode in ("off", "clnp"):  # CLNP protects by its units (its callback), not by a penalty
             return
         if state is None or state.is_empty:
             if not self._told_no_state:
@@ -309,7 +313,9 @@ class EWCTrainer(Trainer):
         """
         args: EWCConfig = self.args
         model = self._plain_model()
-        if args.importance_method in SI_FAMILY:
+        if self.clnp is not None:  # units per domain (uniform importances keep the state continuable by EWC)
+            result = clnp_result(self, self.clnp, dataset if dataset is not None else self.train_dataset, domain)
+        elif args.importance_method in SI_FAMILY:
             result = si_result(args, self._si)
         else:
             data = dataset if dataset is not None else self.train_dataset
@@ -321,13 +327,14 @@ class EWCTrainer(Trainer):
             mode=args.consolidation,
             decay=args.ewc_decay,
             domain=domain,
-            method=args.importance_method,
+            method=result.method,
             estimator=result.estimator,
             num_samples=result.num_samples,
             options={**result.options, **trained_with(args)},
             normalization=args.importance_normalization,
         )
         self.ewc_state = state
+        state.units = self.clnp
         self._penalty = self._wva = None
         self._si = None
         return state
@@ -342,6 +349,8 @@ class EWCTrainer(Trainer):
                 self.ewc_state.save(output_dir)
             if self._si is not None and self._si.steps > 0:
                 self._si.save(output_dir)
+            if self.clnp is not None and self.clnp.domains:
+                self.clnp.save(output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; when resuming, the EWC state (and SI's running sums) come back from the checkpoint."""
@@ -357,11 +366,6 @@ class EWCTrainer(Trainer):
         )
 
     def _load_ewc_checkpoint(self, checkpoint: str) -> None:
-        model = self._plain_model()
-        if os.path.isfile(os.path.join(checkpoint, STATE_WEIGHTS_NAME)):
-            state = EWCState.load(checkpoint)
-            state.validate(model, strict=False)  # a state that does not fit is refused, not kept
-            self.ewc_state = state
-        elif self.ewc_state is not None and not self.ewc_state.is_empty:
-            logger.warning(f"{checkpoint} holds no EWC state; keeping the state given to the trainer.")
-        self._si = si_from_checkpoint(checkpoint, model, self.args)
+        self.ewc_state, self._si, clnp = checkpoint_state(checkpoint, self._plain_model(), self.args, self.ewc_state)
+        if clnp is not None:
+            self.clnp = self._clnp_callback.clnp = clnp

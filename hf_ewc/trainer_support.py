@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import trainer_log_levels
 
+from .clnp import CLNP, CLNP_STATE_NAME
 from .config import EWCConfig
 from .distributed import sharded_setup, sharding_refusal, trainable_parameters
 from .importance import (
@@ -27,7 +28,7 @@ from .importance import (
     SIAccumulator,
     collect,
 )
-from .state import EWCState
+from .state import STATE_WEIGHTS_NAME, EWCState
 from .utils import HfEwcError, logger
 from .wva import Attenuation
 
@@ -208,3 +209,71 @@ def trained_with(args: EWCConfig) -> dict[str, Any]:
     if args.ewc_mode == "wva":
         out.update(wva_attenuation=args.wva_attenuation, wva_apply=args.wva_apply)
     return out
+
+
+def clnp_for(trainer: Trainer, state: EWCState | None, source: str | None) -> tuple[CLNP | None, Any]:
+    """``(allocation, its callback)`` of a CLNP run (``(None, None)`` otherwise), the callback added to ``trainer``.
+    The allocation continues the one the state carries (``state.units``, set by the previous trainer's
+    `consolidate`), or the one saved in the directory the state came from, or starts anew."""
+    args = trainer.args
+    if args.ewc_mode != "clnp":
+        return None, None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if state is not None and isinstance(getattr(state, "units", None), CLNP):
+        clnp = state.units
+    elif source is not None and os.path.isfile(os.path.join(source, CLNP_STATE_NAME)):
+        clnp = CLNP.load(model, source)
+    elif state is not None and not state.is_empty:
+        raise HfEwcError(
+            "ewc_mode='clnp' continues a state without a unit allocation (no clnp_state.safetensors beside it): its "
+            "domains own no units. Start the CLNP sequence from its first domain."
+        )
+    else:
+        head = None if args.clnp_head == "auto" else args.clnp_head
+        clnp = CLNP(model, l1=args.clnp_l1, l1_target=args.clnp_l1_target, margin=args.clnp_margin, head=head,
+                    seed=args.seed)  # fmt: skip
+    callback = clnp.callback()
+    trainer.add_callback(callback)
+    return clnp, callback
+
+
+def clnp_result(trainer: Trainer, clnp: CLNP, data, domain: str | None) -> ImportanceResult:
+    """CLNP's consolidation of the domain just trained, as the importances the EWC state records: uniform (Ω = 1, so
+    the state stays continuable by EWC), with the allocation's per-layer diagnostics in the options."""
+    units = clnp.consolidate(clnp_batches(trainer, data), domain=domain or f"domain{len(clnp.domains)}")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ones = {n: torch.ones_like(p, dtype=torch.float32) for n, p in trainable_parameters(model).items()}
+    return ImportanceResult(ones, 0, "uniform", None, {"clnp": units})
+
+
+def clnp_batches(trainer: Trainer, data) -> list[dict]:
+    """The consolidation batches of CLNP: at most `importance_max_samples` samples of ``data`` (seeded), collated in
+    batches of `importance_batch_size`, on the model's device."""
+    args = trainer.args
+    data = subsample(data, args.importance_max_samples, args.seed)
+    collator = trainer.data_collator
+    if isinstance(data, datasets.Dataset):
+        data = trainer._remove_unused_columns(data, description="CLNP consolidation")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="CLNP consolidation")
+    size = args.importance_batch_size
+    if data is None:
+        raise HfEwcError("CLNP consolidation needs the domain's data: pass trainer.consolidate(dataset=...).")
+    samples = [data[i] for i in range(len(data))]
+    return [trainer._prepare_inputs(collator(samples[i : i + size])) for i in range(0, len(samples), size)]
+
+
+def checkpoint_state(checkpoint: str, model: nn.Module, args: EWCConfig, state: EWCState | None):
+    """``(EWC state, SI accumulator, CLNP allocation or None)`` to resume from ``checkpoint``."""
+    if os.path.isfile(os.path.join(checkpoint, STATE_WEIGHTS_NAME)):
+        loaded = EWCState.load(checkpoint)
+        loaded.validate(model, strict=False)  # a state that does not fit is refused, not kept
+        state = loaded
+    elif state is not None and not state.is_empty:
+        logger.warning(f"{checkpoint} holds no EWC state; keeping the state given to the trainer.")
+    clnp = None
+    if args.ewc_mode == "clnp" and os.path.isfile(os.path.join(checkpoint, CLNP_STATE_NAME)):
+        clnp = CLNP.load(model, checkpoint)
+        if state is not None:
+            state.units = clnp
+    return state, si_from_checkpoint(checkpoint, model, args), clnp

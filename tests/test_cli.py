@@ -91,7 +91,7 @@ def test_module_entry_point_runs():
         (["--num_train_epochs", "[1]"], "num_train_epochs must be float"),
         (
             ["--ewc_mode", "strong"],
-            "ewc_mode must be one of 'stabilized', 'vanilla', 'proximal', 'wva', 'off', got 'strong'",
+            "ewc_mode must be one of 'stabilized', 'vanilla', 'proximal', 'wva', 'clnp', 'off', got 'strong'",
         ),
         (["--ewc_lambda", "-1"], "ewc_lambda must be a finite number >= 0, got -1.0"),
         (["--task", "translation"], "Unknown task 'translation'; choose one of: causal_lm, masked_lm"),

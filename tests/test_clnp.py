@@ -9,8 +9,8 @@ import torch
 from testing_utils import MLP, lm_samples, tiny_bert_mlm, tiny_gpt2, tiny_llama, vec_samples
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from hf_ewc import HfEwcError
-from hf_ewc.clnp import CLNP
+from hf_ewc import EWCConfig, EWCTrainer, HfEwcError
+from hf_ewc.clnp import CLNP, CLNP_STATE_NAME
 
 
 def _args(tmp_path, **kwargs):
@@ -221,3 +221,59 @@ def test_transformer_units_keep_old_domains_bit_identical(tmp_path, factory):
         assert not torch.equal(model(**seen["a"][0]).logits, seen["a"][1])
     assert all(torch.equal(p, shared[n]) for n, p in model.named_parameters() if n in shared)
     assert clnp.history[1]["layers"] and all(v["reused"] is None for v in clnp.history[1]["layers"].values())
+
+
+# ---------------------------------------------------------------------------------------------- through EWCTrainer
+def _ewc_args(tmp_path, **kwargs):
+    defaults = {
+        "output_dir": str(tmp_path), "ewc_mode": "clnp", "clnp_margin": 0.1, "clnp_l1": 0.0,
+        "per_device_train_batch_size": 8, "num_train_epochs": 3, "learning_rate": 0.01, "optim": "adamw_torch",
+        "lr_scheduler_type": "constant", "report_to": "none", "use_cpu": True, "save_strategy": "no",
+        "disable_tqdm": True, "seed": 0, "importance_max_samples": 40,
+    }  # fmt: skip
+    return EWCConfig(**{**defaults, **kwargs})
+
+
+def test_ewc_trainer_with_ewc_mode_clnp_carries_the_allocation_from_domain_to_domain(tmp_path):
+    model = MLP((6, 64, 64, 4))
+    a, b = vec_samples(48, seed=0), vec_samples(48, seed=1)
+    trainer = EWCTrainer(model=model, args=_ewc_args(tmp_path / "a"), train_dataset=a)
+    trainer.train()
+    state = trainer.consolidate(domain="a")
+    assert state.units is trainer.clnp and trainer.clnp.domains == ["a"]
+    assert state.domains[0]["method"] == "uniform" and "net.0" in state.domains[0]["options"]["clnp"]["layers"]
+    before = _logits(trainer.clnp, a, "a")
+    trainer.save_model(str(tmp_path / "after_a"))
+    assert (tmp_path / "after_a" / CLNP_STATE_NAME).is_file()
+    second = EWCTrainer(model=model, args=_ewc_args(tmp_path / "b"), train_dataset=b, ewc_state=state)
+    assert second.clnp is trainer.clnp
+    second.train()
+    second.consolidate(domain="b")
+    assert torch.equal(_logits(second.clnp, a, "a"), before)
+    # a new process continues from the saved directory: the allocation comes back with the state
+    reloaded = EWCTrainer(model=copy.deepcopy(model), args=_ewc_args(tmp_path / "c"), train_dataset=b,
+                          ewc_state=str(tmp_path / "after_a"))  # fmt: skip
+    assert reloaded.clnp.domains == ["a"] and torch.equal(
+        reloaded.clnp.owners[0], CLNP.load(model, tmp_path / "after_a").owners[0]
+    )
+
+
+def test_ewc_mode_clnp_checkpoints_and_refusals(tmp_path):
+    model = MLP((6, 64, 64, 4))
+    a = vec_samples(48)
+    trainer = EWCTrainer(model=model, args=_ewc_args(tmp_path / "a"), train_dataset=a)
+    trainer.train()
+    state = trainer.consolidate(domain="a")
+    args = _ewc_args(tmp_path / "b", save_strategy="steps", save_steps=2, max_steps=4)
+    EWCTrainer(model=model, args=args, train_dataset=vec_samples(48, seed=1), ewc_state=state).train()
+    checkpoint = tmp_path / "b" / "checkpoint-2"
+    assert (checkpoint / CLNP_STATE_NAME).is_file()
+    resumed = EWCTrainer(model=MLP((6, 64, 64, 4)), args=args, train_dataset=vec_samples(48, seed=1))
+    resumed._load_ewc_checkpoint(str(checkpoint))
+    assert resumed.clnp.domains == ["a"] and resumed._clnp_callback.clnp is resumed.clnp
+    plain = copy.deepcopy(state)
+    plain.units = None
+    with pytest.raises(HfEwcError, match="continues a state without a unit allocation"):
+        EWCTrainer(model=model, args=_ewc_args(tmp_path / "c"), train_dataset=a, ewc_state=plain)
+    with pytest.raises(ValueError, match="clnp_margin must be a finite number >= 0"):
+        _ewc_args(tmp_path, clnp_margin=-1.0)

@@ -28,7 +28,10 @@ def test_every_ewc_field_has_help():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"ewc_mode": "fancy"}, "Unknown ewc_mode 'fancy'; choose one of: stabilized, vanilla, proximal, wva, off"),
+        (
+            {"ewc_mode": "fancy"},
+            "Unknown ewc_mode 'fancy'; choose one of: stabilized, vanilla, proximal, wva, clnp, off",
+        ),
         (
             {"importance_method": "ewc"},
             "choose one of: fisher, sqrt_fisher, af, mas, masx, si, siu, sib, sos, onaf, signal, uniform",

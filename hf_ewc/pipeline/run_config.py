@@ -302,6 +302,11 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
         domain_args = config.training_args(i, output_dir)
         _check_report_to(domain_args.report_to)
         refuse_sharded_setup(domain_args)  # `fsdp:` in the config
+        if domain_args.ewc_mode == "clnp":
+            raise HfEwcError(
+                f"domains.{i}: ewc_mode: clnp runs through the Python API for now (EWCTrainer(args=EWCConfig("
+                "ewc_mode='clnp')), README 'CLNP'): hf-ewc train does not yet evaluate each domain under its units."
+            )
         if domain_args.importance_method in SI_FAMILY and (
             domain_args.max_steps == 0 or (domain_args.max_steps < 0 and domain_args.num_train_epochs == 0)
         ):
