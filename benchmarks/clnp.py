@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
-import gc
 import json
 import multiprocessing
 import platform
@@ -29,9 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import permuted_digits
 import torch
 import transformers
-from permuted_digits import NUM_TASKS, TRAINING, DigitsMLP, _json_safe, make_tasks
+from permuted_digits import NUM_TASKS, TRAINING, DigitsMLP, _json_safe
 from torch.utils.data import Subset
 
 from hf_ewc import EWCConfig, EWCTrainer, HfEwcError
@@ -42,15 +42,6 @@ from hf_ewc.utils import versions
 MARGINS = [0.3, 0.6]  # nats of validation loss a task may lose to free units (scanned from 0.05 to 1 before)
 L1 = [(0.0, "activations"), (0.01, "activations"), (0.03, "activations"), (0.003, "weights")]
 EWC_LAMBDAS = [0.03, 0.1, 0.3, 1.0]
-_tasks = None
-
-
-def _init_worker() -> None:
-    global _tasks
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    _tasks = make_tasks()
-    gc.freeze()
 
 
 @torch.no_grad()
@@ -76,7 +67,7 @@ def run(spec: dict) -> dict:
             num_train_epochs=spec["epochs"], seed=spec["seed"], logging_strategy="no", save_strategy="no",
             report_to="none", use_cpu=True, disable_tqdm=True, log_level="error",
         )  # fmt: skip
-        for t, (train, test) in enumerate(_tasks):
+        for t, (train, test) in enumerate(permuted_digits._tasks):
             split = int(len(train) * 0.9)
             fit, held = Subset(train, range(split)), Subset(train, range(split, len(train)))
             callbacks = [clnp.callback()] if clnp is not None else None
@@ -99,7 +90,7 @@ def run(spec: dict) -> dict:
             elif t < NUM_TASKS - 1:
                 state = trainer.consolidate(dataset=fit, domain=f"task{t}")
     accuracies, identical = [], []
-    for t, (_, test) in enumerate(_tasks):
+    for t, (_, test) in enumerate(permuted_digits._tasks):
         if failed is not None:
             accuracies.append(float("nan"))
             continue
@@ -131,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
             specs += [{**base, "method": "clnp", "margin": margin, "l1": l1, "l1_target": target, "seed": s}
                       for s in seeds]  # fmt: skip
     print(f"{len(specs)} runs on {args.workers} worker(s)...", flush=True)
-    runs = []
-    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=_init_worker) as pool:
+    runs = []  # each worker builds permuted_digits._tasks once (its _init_worker)
+    with multiprocessing.get_context("spawn").Pool(
+        args.workers, initializer=permuted_digits._init_worker
+    ) as pool:  # sets its _tasks
         for r in pool.imap_unordered(run, specs):
             runs.append(r)
             print(f"[{len(runs)}/{len(specs)}] {r['method']} λ={r['lam']} margin={r['margin']} l1={r['l1']} "

@@ -33,7 +33,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
-import gc
 import itertools
 import json
 import multiprocessing
@@ -44,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import permuted_digits
 import torch
 import transformers
 import yaml
@@ -56,15 +56,6 @@ from hf_ewc.utils import versions
 
 
 ROOT = Path(__file__).resolve().parent.parent
-_tasks = None  # built once per worker process
-
-
-def _init_worker() -> None:
-    global _tasks
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    _tasks = make_tasks()
-    gc.freeze()
 
 
 def _args(output_dir: str, spec: dict) -> EWCConfig:
@@ -105,11 +96,11 @@ def run_sequence(spec: dict) -> dict:
     state, matrix = None, []
     with tempfile.TemporaryDirectory() as output_dir:
         args = _args(output_dir, spec)
-        for k, (train, _) in enumerate(_tasks):
+        for k, (train, _) in enumerate(permuted_digits._tasks):
             trainer = EWCTrainer(model=model, args=args, train_dataset=train, ewc_state=state)
             trainer.remove_callback(transformers.PrinterCallback)
             trainer.train()
-            matrix.append([_accuracy(model, test) for _, test in _tasks])
+            matrix.append([_accuracy(model, test) for _, test in permuted_digits._tasks])
             if k < NUM_TASKS - 1:
                 state = trainer.consolidate(domain=f"task{k}")
     after = [float(np.mean(matrix[k][: k + 1])) for k in range(NUM_TASKS)]
@@ -142,7 +133,9 @@ def run_pool(specs: list[dict], workers: int, reuse: Path | None = None) -> list
         return done
     print(f"{len(specs)} runs on {workers} worker(s)...", flush=True)
     runs = []
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        workers, initializer=permuted_digits._init_worker
+    ) as pool:  # sets its _tasks
         for run in pool.imap_unordered(run_sequence, specs):
             runs.append(run)
             label = " ".join(
@@ -416,32 +409,12 @@ def si_bias(args, argv) -> None:
     small = {"epochs": epochs, "optimizer": "adam", "batch": 32, "lr": 1e-3}
     large = {"epochs": epochs, "optimizer": "adam", "batch": 256, "lr": 8e-3}
     specs = [{**b, "mode": "off", "method": "uniform", "lam": 0.0, "seed": s} for b in (small, large) for s in seeds]
-    for method, alpha in (("si", None), ("siu", None), ("sib", None), ("sos", 0.0)):
-        specs += [
-            {
-                **small,
-                "mode": "stabilized",
-                "method": method,
-                "lam": float(lam),
-                "seed": s,
-                **({"sos_alpha": alpha} if alpha is not None else {}),
-            }
-            for lam in lambdas
-            for s in seeds
-        ]
-    for method, alpha in (("si", None), ("sos", 1.0)):
-        specs += [
-            {
-                **large,
-                "mode": "stabilized",
-                "method": method,
-                "lam": float(lam),
-                "seed": s,
-                **({"sos_alpha": alpha} if alpha is not None else {}),
-            }
-            for lam in lambdas
-            for s in seeds
-        ]
+    grid = [(small, m, a) for m, a in (("si", None), ("siu", None), ("sib", None), ("sos", 0.0))]
+    grid += [(large, m, a) for m, a in (("si", None), ("sos", 1.0))]
+    for base, method, alpha in grid:
+        extra = {"sos_alpha": alpha} if alpha is not None else {}
+        specs += [{**base, "mode": "stabilized", "method": method, "lam": float(lam), "seed": s, **extra}
+                  for lam in lambdas for s in seeds]  # fmt: skip
     runs = run_pool(specs, args.workers, args.reuse)
     table = cells(runs, ("batch", "method", "sos_alpha", "lam"))
 
