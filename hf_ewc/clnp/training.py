@@ -26,12 +26,13 @@ class CLNPCallback(TrainerCallback):
         self._bound, self._l1_weights = [], []
         for name, mask in clnp.trainable_masks().items():
             p = params[name]
-            if not p.requires_grad:
+            if not p.requires_grad or bool(mask.all()):  # nothing frozen in it: no hook, no snapshot, no restore
                 continue
             mask = mask.to(p.device)
             self._bound.append((p, mask, p.detach().clone()))
             # frozen entries get no gradient at all: not in the clipping norm, not in Adam's moments
-            self._hooks.append(p.register_hook(lambda grad, m=mask: grad * m.to(grad.dtype)))
+            factor = mask.to(p.dtype)
+            self._hooks.append(p.register_hook(lambda grad, f=factor: grad * f))
         for group, owners in zip(clnp.groups, clnp.owners):
             free = owners < 0
             for entry in group.slices:
