@@ -297,10 +297,14 @@ def test_signal_activation_rule_on_gpt2_follows_the_activation_module():
 
 def test_signal_bias_rule_reaches_the_trainer(tmp_path):
     args = make_args(tmp_path, importance_method="signal", signal_bias="activation", max_steps=1)
-    trainer = EWCTrainer(model=MLP(), args=args, train_dataset=vec_samples(8))
+    model, samples = MLP(), vec_samples(8)
+    trainer = EWCTrainer(model=model, args=args, train_dataset=samples)
     trainer.train()
     state = trainer.consolidate()
     assert state.domains[0]["options"]["bias"] == "activation"
+    want = collect_importance(model, samples, method="signal", bias="activation", show_progress=False)
+    assert not torch.allclose(want["net.0.bias"], model.net[0].bias.detach().abs())  # differs from the |b| rule
+    torch.testing.assert_close(state.importances["net.0.bias"], want["net.0.bias"])
 
 
 def test_signal_activation_rule_counts_every_call_of_a_shared_layer():
