@@ -2,6 +2,7 @@
 
     python benchmarks/clnp.py            # ≈ 3 min on 2 CPU cores
     python benchmarks/clnp.py --quick    # smoke test (writes clnp_quick.*)
+    python benchmarks/clnp.py --lm       # the default LM sequence: CLNP vs EWC vs naive, ≈ 8 min (writes clnp_lm.*)
 
 The permuted-digits sequence of ``permuted_digits.py`` (5 tasks, MLP 64-100-100-10 leaky ReLU, a fresh Adam per task,
 10 epochs). CLNP (`hf_ewc.clnp`) trains each task on the free units only and, after it, keeps the units above the
@@ -10,6 +11,12 @@ data); at test time task t runs with its mask (``clnp.domain(t)``: units of late
 EWC use the one shared network. Reported: the accuracy on every task after the last, whether every old task's test
 logits stayed bit-identical from the moment it was consolidated to the end, and the free units per layer after each
 task. The paper leaves open whether its L1 acts on activations or on weights: both are run (and none).
+
+``--lm`` runs `hf-ewc train`'s embedded default sequence (python_docs → python_code → man_pages, a 2-block Llama built
+from config) three ways through the pipeline: stabilized EWC as shipped (its `baseline: naive` run gives naive
+fine-tuning), and ``ewc_mode: clnp`` with L1 on activations and on weights. Reported: every run's loss matrix, whether
+the old domains' losses stayed exactly the same under their units, the gain on each new domain ("learned"), the
+forgetting without a domain id, and the units left free per layer.
 """
 
 import os
@@ -36,6 +43,9 @@ from torch.utils.data import Subset
 
 from hf_ewc import EWCConfig, EWCTrainer, HfEwcError
 from hf_ewc.clnp import CLNP
+from hf_ewc.pipeline import build_run_config, default_config_path, run_pipeline
+from hf_ewc.pipeline.config_io import read_yaml
+from hf_ewc.plots import plot_units
 from hf_ewc.utils import versions
 
 
@@ -104,13 +114,95 @@ def run(spec: dict) -> dict:
             "free_units": free, "failed": failed, "seconds": time.perf_counter() - start}  # fmt: skip
 
 
+LM_RUNS = {  # name → changes to the embedded default
+    "ewc": {},
+    "clnp_activations": {"ewc_mode": "clnp", "baseline": None, "clnp_l1_target": "activations", "clnp_l1": 0.03},
+    "clnp_weights": {"ewc_mode": "clnp", "baseline": None, "clnp_l1_target": "weights", "clnp_l1": 0.003},
+}
+
+
+def lm(args, argv: list[str]) -> None:
+    start = time.perf_counter()
+    raw = read_yaml(default_config_path())
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, changes in LM_RUNS.items():
+            t0 = time.perf_counter()
+            config = {k: v for k, v in {**raw, **changes, "output_dir": f"{tmp}/{name}"}.items() if v is not None}
+            results = run_pipeline(build_run_config(config, source=str(default_config_path())), print_fn=None)
+            runs[name] = {"results": results, "seconds": time.perf_counter() - t0}
+            print(f"{name}: {results['matrix']['loss']} ({runs[name]['seconds']:.0f} s)", flush=True)
+    names = runs["ewc"]["results"]["domains"]
+    naive = runs["ewc"]["results"]["baseline"]["matrix"]
+    rows = {"naive": naive, **{n: r["results"]["matrix"]["loss"] for n, r in runs.items()}}
+    initial = runs["ewc"]["results"]["initial"]["loss"]
+    lines = [
+        "# CLNP on the default LM sequence (`python benchmarks/clnp.py --lm`)",
+        "",
+        f"`hf-ewc train`'s embedded default ({' → '.join(names)}), eval loss (nats/token) after each domain; "
+        "CLNP evaluates each domain under its own units (task-incremental). Initial: "
+        + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, initial))
+        + ".",
+        "",
+        "| run | " + " | ".join(f"after {n}" for n in names) + " | final mean | old losses unchanged | time |",
+        "|---|" + "---|" * len(names) + "---:|---|---:|",
+    ]
+    summary = {}
+    for run, matrix in rows.items():
+        unchanged = all(matrix[i][j] == matrix[j][j] for j in range(len(names)) for i in range(j, len(names)))
+        learned = [initial[0] - matrix[0][0]] + [matrix[i - 1][i] - matrix[i][i] for i in range(1, len(names))]
+        summary[run] = {"matrix": matrix, "final_mean": float(np.mean(matrix[-1])), "unchanged": unchanged,
+                        "learned": learned}  # fmt: skip
+        cells = " | ".join(" / ".join(f"{v:.3f}" for v in row) for row in matrix)
+        seconds = f"{runs[run]['seconds']:.0f} s" if run in runs else "(in ewc's)"
+        lines.append(f"| {run} | {cells} | {np.mean(matrix[-1]):.3f} | {'yes' if unchanged else 'no'} | {seconds} |")
+    lines += ["", "Gain on each new domain from training on it (loss before − after; higher is better):", "",
+              "| run | " + " | ".join(names[1:]) + " |", "|---|" + "---:|" * (len(names) - 1)]  # fmt: skip
+    for run, s in summary.items():
+        lines.append(f"| {run} | " + " | ".join(f"{v:.3f}" for v in s["learned"][1:]) + " |")
+    for run in ("clnp_activations", "clnp_weights"):
+        clnp = runs[run]["results"]["clnp"]
+        last = clnp["units"][-1]["layers"]
+        summary[run]["units"] = clnp["units"]
+        summary[run]["drop_without_domain_id"] = clnp["drop_without_domain_id"]
+        lines += [
+            "",
+            f"**{run}** — units after the last domain (free of total): "
+            + ", ".join(f"{n.removeprefix('model.')} {c['free']}/{c['total']}" for n, c in last.items())
+            + "; units taken per domain: "
+            + "; ".join(
+                f"{u['domain']} " + "/".join(str(c["active"]) for c in u["layers"].values()) for u in clnp["units"]
+            )
+            + ". Without a domain id, the old domains' loss is worse by "
+            + ", ".join(f"{n} {v:+.3f}" for n, v in clnp["drop_without_domain_id"].items())
+            + ".",
+        ]
+    markdown = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    best = min(("clnp_activations", "clnp_weights"), key=lambda r: summary[r]["final_mean"])
+    plot_units(summary[best]["units"], args.out / "clnp_lm.png",
+               title=f"CLNP on the default LM sequence ({best}): units per layer after each domain")  # fmt: skip
+    (args.out / "clnp_lm.md").write_text(markdown, encoding="utf-8")
+    report = {"command": " ".join(["python", "benchmarks/clnp.py", *argv]), "versions": versions()
+              | {"python": platform.python_version()}, "wall_time_s": time.perf_counter() - start,
+              "domains": names, "initial": initial, "summary": summary,
+              "configs": {n: {**raw, **c} for n, c in LM_RUNS.items()}}  # fmt: skip
+    with open(args.out / "clnp_lm.json", "w", encoding="utf-8") as f:
+        json.dump(_json_safe(report), f, indent=2, allow_nan=False)
+        f.write("\n")
+    print(markdown)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, 1 seed, one CLNP setting")
+    parser.add_argument("--lm", action="store_true", help="the default LM sequence instead of permuted digits")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--workers", type=int, default=2)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.lm:
+        return lm(args, argv)
     start = time.perf_counter()
     seeds = range(1 if args.quick else 3)
     epochs = 2 if args.quick else TRAINING["epochs"]

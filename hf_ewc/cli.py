@@ -29,7 +29,7 @@ from accelerate import PartialState
 
 from ._version import __version__
 from .config import FISHER_ESTIMATORS
-from .pipeline import Pipeline, load_run_config, prune_pretrained
+from .pipeline import Pipeline, export_clnp_domain, load_run_config, prune_pretrained
 from .pipeline.config_io import describe_type
 from .pipeline.correlate import CORRELATE_METHODS, correlate_pretrained
 from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec, PruneSpec, training_fields
@@ -155,6 +155,22 @@ def _correlate(args: argparse.Namespace) -> int:
 
 
 def _run_prune(args: argparse.Namespace) -> None:
+    if args.clnp_domain is not None:
+        chosen = {
+            "--sparsity": args.sparsity is not None, "--criterion": args.criterion != "magnitude",
+            "--importances": args.importances is not None, "--data": args.data is not None,
+            "--scope": args.scope is not None, "--structure": args.structure != "unstructured",
+            "--include": args.include is not None, "--exclude": args.exclude is not None,
+            "--revision": args.revision is not None, "--trust-remote-code": args.trust_remote_code,
+        }  # fmt: skip
+        given = [flag for flag, on in chosen.items() if on]
+        if given:
+            raise HfEwcError(
+                f"--clnp-domain takes the units its domain uses from the run's allocation; drop {', '.join(given)}."
+            )
+        export_clnp_domain(args.model, args.clnp_domain, args.out, overwrite=args.overwrite,
+                           push_to_hub=args.push_to_hub)  # fmt: skip
+        return
     prune_pretrained(
         args.model,
         args.out,
@@ -293,6 +309,8 @@ def _add_prune_parser(sub) -> None:
     prune.add_argument("--structure", default="unstructured", help=f"One of: {STRUCTURE_CHOICES}.")
     prune.add_argument("--include", nargs="+", metavar="REGEX", help="Prune the parameters whose names match.")
     prune.add_argument("--exclude", nargs="+", metavar="REGEX", help="Leave the parameters whose names match.")
+    prune.add_argument("--clnp-domain", metavar="NAME", help="Of an ewc_mode: clnp run: export domain NAME alone (the "
+                       "units of later domains removed), logits checked against the run's.")  # fmt: skip
     prune.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     prune.add_argument("--push-to-hub", metavar="REPO", help="Upload the verified folder to this Hub repository.")
     prune.add_argument("--revision", help="Model revision on the Hub.")

@@ -11,7 +11,7 @@ from .metrics import as_initial, as_matrix, domain_names
 from .utils import atomic_path
 
 
-__all__ = ["plot_correlations", "plot_frontier", "plot_matrix", "plot_trajectories"]
+__all__ = ["plot_correlations", "plot_frontier", "plot_matrix", "plot_trajectories", "plot_units"]
 
 _DPI = 110
 
@@ -275,4 +275,41 @@ def plot_correlations(result: dict, path: str | os.PathLike, *, granularity: str
         figure.colorbar(image, ax=axes, label="correlation per parameter tensor")
     else:
         raise ValueError(f"Unknown granularity {granularity!r}; choose one of: global, per_layer.")
+    _save(figure, path)
+
+
+def plot_units(history: Sequence[dict], path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Write a CLNP allocation over a sequence as a PNG: per layer, one stacked bar after each domain — the share of
+    the layer's units owned by each domain so far, and the share still free.
+
+    Args:
+        history (`Sequence[dict]`):
+            One entry per consolidated domain, as ``CLNP.history`` holds them: ``domain`` and ``layers`` (layer name →
+            ``active``, ``free``, ``total``).
+        path (`str` or `os.PathLike`):
+            The PNG to write (atomically).
+        title (`str`, *optional*):
+            The figure's title.
+    """
+    layers = list(history[0]["layers"])
+    steps, domains = len(history), [h["domain"] for h in history]
+    width = 0.8 / steps
+    figure = _pyplot_free_figure((max(6.0, 1.2 + 0.22 * steps * len(layers) + 0.4 * len(layers)), 4.5))
+    ax = figure.add_subplot()
+    colours = _line_colours(steps)
+    x = np.arange(len(layers))
+    for s in range(steps):
+        bottom = np.zeros(len(layers))
+        for k in range(s + 1):  # the units a domain took stay its own: they are frozen afterwards
+            share = np.array([history[k]["layers"][n]["active"] / history[k]["layers"][n]["total"] for n in layers])
+            ax.bar(x + (s - (steps - 1) / 2) * width, share, width * 0.92, bottom=bottom, color=colours[k],
+                   label=domains[k] if s == steps - 1 else None)  # fmt: skip
+            bottom += share
+        free = np.array([history[s]["layers"][n]["free"] / history[s]["layers"][n]["total"] for n in layers])
+        ax.bar(x + (s - (steps - 1) / 2) * width, free, width * 0.92, bottom=bottom, color="lightgrey",
+               label="free" if s == steps - 1 else None)  # fmt: skip
+    ax.set_xticks(x, [n.removeprefix("model.").removeprefix("layers.") for n in layers])
+    ax.tick_params(axis="x", labelrotation=_tick_rotation(layers), labelsize="small")
+    ax.set(ylim=(0, 1), ylabel="share of the layer's units", title=title or "units per layer after each domain")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(figure, path)

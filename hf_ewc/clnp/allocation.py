@@ -53,7 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..utils import HfEwcError, atomic_path
+from ..utils import HfEwcError, atomic_path, logger
 from .training import CLNPCallback
 from .units import UnitGroup, expand, unit_groups
 
@@ -193,7 +193,7 @@ class CLNP:
     def domain(self, name: str | int | None) -> Iterator[None]:
         """Switch off the units of later domains and the free ones (``None``: only the free ones) and, with per-domain
         heads, swap in the domain's head."""
-        index = self._index(name) if name is not None else len(self.domains) - 1
+        index = self.index(name) if name is not None else len(self.domains) - 1
         hooks, saved, head = [], None, self._head_params()
         if head and self.heads:
             saved = {n: p.detach().clone() for n, p in head.items()}
@@ -214,12 +214,32 @@ class CLNP:
                     for n, p in head.items():
                         p.copy_(saved[n])
 
-    def _index(self, name: str | int) -> int:
+    def index(self, name: str | int) -> int:
+        """The position of domain ``name`` (or of index ``name``) in the sequence."""
         if isinstance(name, int) and 0 <= name < len(self.domains):
             return name
         if name in self.domains:
             return self.domains.index(name)
         raise HfEwcError(f"CLNP has no domain {name!r}; it has: {', '.join(self.domains) or 'none yet'}.")
+
+    def used_by(self, name: str | int) -> list[Tensor]:
+        """Per group, the units domain ``name`` computes with: those of every domain up to it."""
+        index = self.index(name)
+        return [(o >= 0) & (o <= index) for o in self.owners]
+
+    @torch.no_grad()
+    def isolate(self, name: str | int) -> None:
+        """Zero the incoming and outgoing entries of every unit domain ``name`` does not use (later domains' and free
+        ones) and, with per-domain heads, put its head in place: the model then computes what ``domain(name)``
+        does, with no hook (what a per-domain export saves)."""
+        params = dict(self.model.named_parameters())
+        for group, used in zip(self.groups, self.used_by(name)):
+            for entry in (e for e in group.slices if e.name in params):
+                p = params[entry.name]
+                unused = expand(group.along(entry, ~used, p.shape[entry.dim], False), p.shape, entry.dim)
+                p.masked_fill_(unused.to(p.device), 0)
+        for n, p in self._head_params().items():
+            p.copy_(self.heads[self.index(name)][n].to(p.device, p.dtype))
 
     # ------------------------------------------------------------------ consolidation
     def activity(self, batches) -> list[Tensor]:
@@ -339,14 +359,18 @@ class CLNP:
         return CLNPCallback(self, gradient_accumulation_steps)
 
     def check_capacity(self) -> None:
-        """Refuse to train a new domain on a layer with no free unit left."""
-        for k, name in enumerate(self.names):
-            if not bool((self.owners[k] < 0).any()):
-                raise HfEwcError(
-                    f"CLNP has no free unit left in {name!r} ({len(self.owners[k])} units, all owned by "
-                    f"{len(self.domains)} domain(s)): raise clnp_margin or clnp_l1 so that domains keep fewer units, "
-                    "or widen the layer."
-                )
+        """Refuse to train a new domain when no layer has a free unit left; name the full layers otherwise (the new
+        domain reads their units but cannot add to them)."""
+        full = [f"{name!r} ({len(o)} units)" for name, o in zip(self.names, self.owners) if not bool((o < 0).any())]
+        advice = "raise clnp_margin or clnp_l1 so that domains keep fewer units, or widen the layers"
+        if len(full) == len(self.names):
+            raise HfEwcError(
+                f"CLNP has no free unit left in {', '.join(full)}, all owned by {len(self.domains)} domain(s): "
+                f"{advice}."
+            )
+        if full:
+            logger.warning(f"CLNP: no free unit left in {', '.join(full)}; the next domain trains the other layers' "
+                           f"({advice}).")  # fmt: skip
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:

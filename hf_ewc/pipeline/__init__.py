@@ -9,12 +9,12 @@
 - `evaluation.py` — one matrix row: every domain evaluated;
 - `loop.py` — [`Pipeline`]: the domain loop, top to bottom;
 - `results.py`, `card.py` — results, plots and the model card;
-- `prune.py` — `hf-ewc prune` and the `prune:` block.
+- `prune.py` — `hf-ewc prune`, the `prune:` block and a CLNP run's per-domain export (`--clnp-domain`).
 """
 
 from .evaluation import evaluate_model
 from .loop import Pipeline, run_pipeline
-from .prune import prune_pretrained
+from .prune import export_clnp_domain, prune_pretrained
 from .run_config import RunConfig, build_run_config, default_config_path, load_run_config
 from .run_dir import config_differences
 
@@ -26,6 +26,7 @@ __all__ = [
     "config_differences",
     "default_config_path",
     "evaluate_model",
+    "export_clnp_domain",
     "load_run_config",
     "prune_pretrained",
     "run_pipeline",

@@ -26,6 +26,15 @@ def _method(training: dict) -> str:
     mode = training.get("ewc_mode", "stabilized")
     if mode == "off":
         return "plain fine-tuning (ewc_mode: off; importances still collected so the sequence can be continued)"
+    if mode == "clnp":
+        return (
+            f"CLNP, continual learning by neural pruning (L1 {training.get('clnp_l1', 0.03):g} on the free units' "
+            f"{training.get('clnp_l1_target', 'activations')}, margin {training.get('clnp_margin', 0.3):g} nats): "
+            "each domain owns FFN neurons and attention heads, later domains train only free ones, embeddings, norms "
+            "and the head are frozen after the first domain. The allocation is `ewc_state/clnp_state.safetensors`; "
+            "evaluate a domain under its units with `CLNP.load(model, 'ewc_state').domain(name)`, or export it alone "
+            "with `hf-ewc prune . --clnp-domain NAME --out DIR`"
+        )
     method = training.get("importance_method", "fisher")
     if method in ("fisher", "sqrt_fisher"):
         method += f" ({training.get('fisher_estimator', 'empirical')} estimator)"

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from accelerate import PartialState
 
 from .._version import __version__
+from ..clnp import CLNP
 from ..distributed import check_world_size
 from ..sparsity import KeepSparsityCallback
 from ..state import EWCState
@@ -76,6 +77,8 @@ class Pipeline:
         self.run_dir = RunDir(self.out, [d.name for d in run.domains], self.accel)
         self.evaluator = DomainEvaluator(run, self.base_dirs, eval_batch_size)
         self.metric = self.primary_metric[0]
+        # CLNP's first domain trains with its L1 and frees units: the naive baseline cannot share it
+        self.clnp = run.training_args(0, str(self.out)).ewc_mode == "clnp"
 
     def load_domains(self, tokenizer) -> list[DomainData]:
         """The run's domains, tokenized with ``tokenizer`` exactly as the run does (train and evaluation splits)."""
@@ -153,7 +156,7 @@ class Pipeline:
         for i, spec in enumerate(run.domains):
             if stop_after is not None and i > stop_after:
                 return progress
-            if i == 1 and run.baseline is not None:
+            if i == 1 and run.baseline is not None and not self.clnp:
                 self._seed_baseline()
             if i < len(progress["completed"]):
                 continue
@@ -192,11 +195,18 @@ class Pipeline:
         skip = args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs == 0)
         train_output = None if skip else trainer.train(resume_from_checkpoint=checkpoint)
         t1 = time.perf_counter()
-        row = self.evaluator.row(trainer.model, prepared.domains, prepared.tokenizer)
-        t2 = time.perf_counter()
-        state = trainer.consolidate(data.train, domain=spec.name)
-        t3 = time.perf_counter()
         model = trainer.accelerator.unwrap_model(trainer.model)
+        units = None
+        if trainer.clnp is None:
+            row = self.evaluator.row(model, prepared.domains, prepared.tokenizer)
+            t2 = time.perf_counter()
+            state = trainer.consolidate(data.train, domain=spec.name)
+            timings = {"eval_seconds": t2 - t1, "importance_seconds": time.perf_counter() - t2}
+        else:  # CLNP frees the units the domain does not need: evaluation comes after it, under each domain's units
+            state = trainer.consolidate(data.train, domain=spec.name)
+            t2 = time.perf_counter()
+            row, units = self._clnp_evaluation(trainer.clnp, model, prepared)
+            timings = {"eval_seconds": time.perf_counter() - t2, "importance_seconds": t2 - t1}
         pruning = None
         if run.prune is not None and index == run.prune_after:
             report = prune_in_run(model, state, run.prune)
@@ -212,6 +222,7 @@ class Pipeline:
         return {
             "parameters": parameter_summary(model),
             **({"pruning": pruning} if pruning is not None else {}),
+            **({"clnp": units} if units is not None else {}),
             "domain": spec.name,
             "row": row,
             "train": {
@@ -221,8 +232,23 @@ class Pipeline:
                 "last_log": train_logs[-1] if train_logs else {},
                 "examples": data.stats,
             },
-            "timings": {"train_seconds": t1 - t0, "eval_seconds": t2 - t1, "importance_seconds": t3 - t2},
+            "timings": {"train_seconds": t1 - t0, **timings},
         }
+
+    def _clnp_evaluation(self, clnp: CLNP, model, prepared: Prepared) -> tuple[dict, dict]:
+        """CLNP's row, task-incremental: every domain learned so far under its own units (``clnp.domain``), the
+        others as the model stands; and the old domains' row without a domain id (every unit on), whose drop is the
+        forgetting CLNP does not remove."""
+        row, without = {}, {}
+        for data in prepared.domains:
+            if data.name in clnp.domains:
+                with clnp.domain(data.name):
+                    row[data.name] = self.evaluate(model, data, prepared.tokenizer)
+                if data.name != clnp.domains[-1]:
+                    without[data.name] = self.evaluate(model, data, prepared.tokenizer)
+            else:
+                row[data.name] = self.evaluate(model, data, prepared.tokenizer)
+        return row, {"units": clnp.history[-1], "row_without_domain_id": without}
 
     # ---------------------------------------------------------------------------------------------- stages
     def _save_stage(self, index: int | None, model, prepared: Prepared, state: EWCState | None) -> None:

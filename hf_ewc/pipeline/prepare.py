@@ -22,9 +22,10 @@ from transformers import (
     set_seed,
 )
 
+from ..clnp import CLNP, CLNP_STATE_NAME
 from ..models import auto_model_class, check_max_length, check_task
-from ..state import STATE_WEIGHTS_NAME, EWCState, find_ewc_state
-from ..utils import HfEwcError, check_finite_weights, error_line
+from ..state import STATE_DIR, STATE_WEIGHTS_NAME, EWCState, find_ewc_state
+from ..utils import HfEwcError, check_finite_weights, error_line, logger
 from .adapters import (
     BASE_MODEL_DIR,
     check_adapter_matches,
@@ -95,6 +96,7 @@ def prepare(
             if run.peft is not None:
                 check_adapter_matches(prepared.model, run.peft, f"--from {from_dir}")
             initial_state.validate(prepared.model, strict=False)
+            _from_units(run, from_dir, prepared)
         else:
             prepared.model = build_model(run, tokenizer, labels)
             if run.peft is not None:
@@ -113,6 +115,41 @@ def _from_state(from_dir: str) -> EWCState:
             "finished hf-ewc run or a directory saved with EWCState.save()."
         )
     return EWCState.load(state_dir)
+
+
+def _from_units(run: RunConfig, from_dir: str, prepared: Prepared) -> None:
+    """A CLNP run continues the unit allocation of the run it starts from (``clnp_state.safetensors`` beside its EWC
+    state), which must have one."""
+    mode = run.training_args(0, run.output_dir).ewc_mode
+    state_dir = find_ewc_state(from_dir)
+    has_units = (Path(state_dir) / CLNP_STATE_NAME).is_file()
+    if mode == "clnp" and not has_units:
+        raise HfEwcError(
+            f"--from {from_dir}: ewc_mode: clnp continues a CLNP run's unit allocation, but that run has none "
+            f"({CLNP_STATE_NAME} missing beside its EWC state); continue it with another ewc_mode, or start the "
+            "CLNP sequence from its first domain."
+        )
+    if has_units and mode != "clnp":
+        logger.warning(
+            f"--from {from_dir} allocated its units with CLNP; this run (ewc_mode: {mode}) trains every unit and "
+            "does not keep that allocation."
+        )
+    if mode == "clnp":
+        clnp = attach_units(prepared.initial_state, prepared.model, state_dir).units
+        taken = [d.name for d in run.domains if d.name in clnp.domains]
+        if taken:
+            raise HfEwcError(
+                f"--from {from_dir} already owns units for domain(s) {', '.join(taken)}; give the new domains other "
+                "names (CLNP keeps one allocation per name)."
+            )
+        clnp.check_capacity()
+
+
+def attach_units(state: EWCState | None, model, state_dir: str | os.PathLike | None) -> EWCState | None:
+    """``state`` with the CLNP allocation saved in ``state_dir`` (if any) bound to ``model`` as ``state.units``."""
+    if state is not None and state_dir is not None and (Path(state_dir) / CLNP_STATE_NAME).is_file():
+        state.units = CLNP.load(model, state_dir)
+    return state
 
 
 def _prepare_peft(run: RunConfig, from_dir: str | None, prepared: Prepared) -> None:
@@ -323,7 +360,7 @@ def load_stage(run: RunConfig, run_dir: RunDir, index: int | None, prepared: Pre
     state `--from` brought when no domain has been consolidated yet."""
     stage = run_dir.stage(index)
     model = load_model(stage, run, prepared.labels, base_dir=run_dir.path / BASE_MODEL_DIR)
-    state = run_dir.state_in(stage)
+    state = attach_units(run_dir.state_in(stage), model, stage / STATE_DIR)
     return model, state if state is not None else prepared.initial_state
 
 

@@ -2,6 +2,7 @@
 data, export and verify — and the `prune:` block of `hf-ewc train`, which prunes inside a run by its own importances.
 """
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -9,8 +10,21 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
 
+from ..clnp import CLNP, CLNP_STATE_NAME
 from ..models import auto_class_for, check_max_length, max_positions, task_of_auto_class
-from ..pruning import IMPORTANCE_OF, PruneReport, check_prune_arguments, export_pruned, prune_model
+from ..pruning import (
+    IMPORTANCE_OF,
+    PruneReport,
+    check_prune_arguments,
+    export_pruned,
+    finish_report,
+    model_logits,
+    num_parameters,
+    probe_inputs,
+    prune_ffn,
+    prune_heads,
+    prune_model,
+)
 from ..state import EWCState, find_ewc_state
 from ..utils import HfEwcError, check_finite_weights, error_line, logger, recover_replaced
 from .adapters import base_model_of, hub_base_of, is_adapter_dir, load_adapter
@@ -209,3 +223,95 @@ def format_report(report: PruneReport, verification: dict[str, Any], out: str | 
         f"saved to {out}" + (f" and pushed to {verification['pushed_to']}" if "pushed_to" in verification else "")
     )
     return "\n".join(lines)
+
+
+def export_clnp_domain(
+    run_dir: str | os.PathLike,
+    domain: str,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    print_fn=print,
+) -> tuple[PruneReport, dict[str, Any]]:
+    """`hf-ewc prune RUN --clnp-domain NAME`: the model of one domain of an `ewc_mode: clnp` run as a standard Hub
+    checkpoint. The units domain NAME does not use (later domains' and free ones) are zeroed, then removed by the
+    pruner's FFN-neuron and attention-head surgery down to the largest count any block keeps (a config has one width
+    for all blocks; the few extra units of narrower blocks stay, zeroed). Before anything is written, its logits on a
+    probe input must equal the run's model evaluated under the domain's units (``CLNP.domain``); the export is then
+    reload-verified like any pruned model."""
+    out = Path(out_dir)
+    run = str(run_dir)
+    if out.name:
+        recover_replaced(out)
+    if out.exists() and not overwrite:
+        raise HfEwcError(f"output directory {str(out)!r} already exists; choose another --out or pass --overwrite.")
+    if os.path.exists(run) and out.resolve() == Path(run).resolve():
+        raise HfEwcError("--out is the run directory itself; export the domain somewhere else.")
+    if push_to_hub is not None and "/" not in push_to_hub:
+        raise HfEwcError(f"--push-to-hub {push_to_hub!r}: give a repository id like 'user/model-domain'.")
+    state_dir = find_ewc_state(run) if os.path.isdir(run) else None
+    if state_dir is None or not (state_dir / CLNP_STATE_NAME).is_file():
+        raise HfEwcError(
+            f"{run} holds no CLNP allocation ({CLNP_STATE_NAME} beside its EWC state): --clnp-domain exports a domain "
+            "of an `ewc_mode: clnp` run (its output_dir)."
+        )
+    if is_adapter_dir(run):
+        raise HfEwcError(f"{run} is a LoRA run; CLNP allocates a full model's units, so it has no domain to export.")
+    model, _ = load_pretrained(run, revision=None, trust_remote_code=False)
+    clnp = CLNP.load(model, state_dir)
+    index = clnp.index(domain)  # an unknown name is refused here, listing the run's domains
+    if clnp.kind != "transformer":
+        raise HfEwcError(f"--clnp-domain exports transformer models; {type(model).__name__} is an MLP chain.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(run)
+    except Exception:  # noqa: BLE001 - a model saved without its tokenizer is exported without one
+        tokenizer = None
+    probe = probe_inputs(model)
+    with clnp.domain(index):
+        expected = model_logits(model, probe)
+    clnp.isolate(index)
+    used = dict(zip(clnp.names, clnp.used_by(index)))
+    params_before = num_parameters(model)
+    done = []
+    ffn = [u for n, u in used.items() if not n.endswith(".heads")]
+    if ffn:
+        width = len(ffn[0])
+        keep = max(1, max(int(u.sum()) for u in ffn))
+        done.append(prune_ffn(model, 1 - keep / width, "magnitude", None, False))
+    heads = [u for n, u in used.items() if n.endswith(".heads")]
+    if heads:
+        total = len(heads[0])
+        kv = getattr(model.config, "num_key_value_heads", None) or total
+        size = total // kv  # query heads per key/value head: the pruner removes as many from every group
+        keep = max(1, max(int(u[g * size : (g + 1) * size].sum()) for u in heads for g in range(kv)))
+        done.append(prune_heads(model, 1 - keep / size, "magnitude", None, False))
+    got = model_logits(model, probe)
+    diff = float((expected - got).abs().max()) if expected.shape == got.shape else math.inf
+    if not diff <= 1e-5 * max(1.0, float(expected.abs().max())):
+        raise HfEwcError(f"the export of {domain!r} does not compute what the run does under its units (logits differ "
+                         f"by {diff:.3g}); nothing was written.")  # fmt: skip
+    report = finish_report(
+        model, {k: v for d in done for k, v in d.originals.items()}, criterion=f"clnp units of {domain}",
+        scope="per_layer", structure="clnp", sparsity=0.0,
+        removal="physical" if all(d.removal == "physical" for d in done) else "zeroed", params_before=params_before,
+        source=str(state_dir / CLNP_STATE_NAME), masks={k: v for d in done for k, v in d.masks.items()},
+        slices={k: v for d in done for k, v in d.slices.items()},
+        structured={
+            "unit": "unit used by domain", "domain": domain, "domains_in_run": clnp.domains,
+            "per_layer": {n: f"{int(u.sum())} of {len(u)}" for n, u in used.items()},
+            "note": f"The units of domain {domain} and of the domains before it; the others were zeroed, then removed "
+            "down to the widest block (a config has one FFN width and one head count for all blocks).",
+            "surgery": [d.structured for d in done], "max_logit_difference_vs_masked_run": diff,
+        },
+    )  # fmt: skip
+    verification = export_pruned(
+        model, out, report, tokenizer=tokenizer, push_to_hub=push_to_hub is not None, repo_id=push_to_hub,
+        overwrite=overwrite, base_model=None,
+    )  # fmt: skip
+    print_fn(
+        f"[hf_ewc] domain {domain} ({index + 1} of {len(clnp.domains)})"
+        + f"\nlogits equal the run's under the domain's units (max difference {diff:.1e})\n"
+        + format_report(report, verification, out)
+    )
+    return report, verification

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from ..metrics import continual_metrics, format_matrix, format_summary
-from ..plots import plot_matrix, plot_trajectories
+from ..plots import plot_matrix, plot_trajectories, plot_units
 from ..state import EWCState
 from ..utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 from .card import write_model_card
@@ -89,9 +89,82 @@ def collect_results(
             "importance_seconds": sum(c["timings"]["importance_seconds"] for c in completed),
         },
     }
+    if any("clnp" in c for c in completed):
+        results["clnp"] = clnp_results(completed, names, metric, higher)
     if baseline is not None:
         results["baseline"] = compare_with(results, *baseline)
     return results
+
+
+def clnp_results(completed: list[dict], names: list[str], metric: str, higher: bool) -> dict:
+    """A CLNP run's units after each domain (per layer: active, reused, free) and what the old domains lose without
+    a domain id: the rows measured with every unit on, and at the end the drop of each old domain (positive = worse,
+    for any metric) against its own units."""
+    without = [c["clnp"]["row_without_domain_id"] for c in completed]
+    matrix = {
+        key: [[w[n][key] if n in w else None for n in names] for w in without]
+        for key in next((cell for w in without for cell in w.values()), {})
+        if key != "extra"
+    }
+    last, final = completed[-1]["row"], without[-1]
+    sign = 1.0 if higher else -1.0
+    drop = {n: sign * (last[n][metric] - final[n][metric]) for n in names if n in final}
+    return {
+        "evaluation": "task-incremental: each domain's row under its own units (the domain is known at inference)",
+        "units": [c["clnp"]["units"] for c in completed],
+        "matrix_without_domain_id": matrix,
+        "drop_without_domain_id": drop,
+        "mean_drop_without_domain_id": sum(drop.values()) / len(drop) if drop else None,
+    }
+
+
+def clnp_markdown(clnp: dict, names: list[str], metric: str, h: str) -> list[str]:
+    """The units table (per layer, after each domain: ``+active (reused) · free``) and the rows without a domain id."""
+    history = clnp["units"]
+    done = [u["domain"] for u in history]
+    parts = [
+        f"{h} CLNP units",
+        "",
+        (
+            "Per layer, after each domain: `+units the domain took (units of earlier domains its new units read) · "
+            "free units left`. Old domains are evaluated under their own units (task-incremental: the domain is "
+            "known)."
+        ),
+        "",
+        "| layer | units | " + " | ".join(f"after {d}" for d in done) + " |",
+        "|---|---:|" + "---:|" * len(done),
+    ]
+    for layer, first in history[0]["layers"].items():
+        cells = []
+        for u in history:
+            cell = u["layers"][layer]
+            reused = f" ({cell['reused']})" if cell.get("reused") is not None else ""
+            cells.append(f"+{cell['active']}{reused} · {cell['free']}")
+        parts.append(f"| {layer} | {first['total']} | " + " | ".join(cells) + " |")
+    parts.append(
+        "| threshold τ (loss kept / unpruned) | | "
+        + " | ".join(f"{u['threshold']:.3g} ({u['loss_kept']:.3f} / {u['loss_unpruned']:.3f})" for u in history)
+        + " |"
+    )
+    parts.append("")
+    drop = clnp["drop_without_domain_id"]
+    if drop:
+        rows = clnp["matrix_without_domain_id"][metric]
+        parts += [f"{h} Without a domain id (every unit on)", "", "| after | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]  # fmt: skip
+        for d, row in zip(done, rows):
+            parts.append(f"| {d} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in row) + " |")
+        worst = max(drop, key=drop.get)
+        parts += [
+            "",
+            (
+                f"At the end, without the domain id the old domains' {metric} is worse by "
+                f"{clnp['mean_drop_without_domain_id']:+.4g} on average (most on {worst}: {drop[worst]:+.4g}) than "
+                "under their own units: the forgetting CLNP removes only when the domain is known."
+            ),
+            "",
+        ]
+    return parts
 
 
 def write_results(out: Path, run: RunConfig, results: dict, *, from_dir: str | None) -> None:
@@ -111,6 +184,8 @@ def write_results(out: Path, run: RunConfig, results: dict, *, from_dir: str | N
             matrix, names, out / "trajectories.png", metric=metric, initial=initial,
             title=f"{metric} of each domain over the sequence", baseline=baseline["matrix"] if baseline else None,
         )  # fmt: skip
+    if results.get("clnp"):
+        plot_units(results["clnp"]["units"], out / "units.png", title="CLNP: units per layer after each domain")
     tables = results_markdown(results, level=3)
     write_model_card(out, run=run, results=results, markdown_tables=tables, from_dir=from_dir)
 
@@ -124,19 +199,23 @@ def results_text(results: dict) -> str:
         return table + "\n\n(no summary: non-finite values)"
     table = format_matrix(matrix, names, metric=metric, initial=results["initial"][metric])
     text = table + "\n\n" + format_summary(results["summary"], names, metric=metric)
-    return text + ("\n\n" + baseline_text(results["baseline"]) if results.get("baseline") else "")
+    if results.get("clnp"):
+        text += "\n\n" + "\n".join(clnp_markdown(results["clnp"], names, metric, "##"))
+    if results.get("baseline"):
+        text += "\n\n" + baseline_text(results["baseline"], _method_name(results))
+    return text
 
 
-def baseline_text(baseline: dict) -> str:
+def baseline_text(baseline: dict, method: str = "EWC") -> str:
     """What EWC bought against naive fine-tuning, in one sentence."""
     if baseline["forgetting_removed"] is None:
         return (
             f"Naive fine-tuning (same run, ewc_mode: off) did not forget (forgetting {baseline['forgetting']:.4g}) or "
-            "gained nothing: there was nothing for EWC to remove."
+            f"gained nothing: there was nothing for {method} to remove."
         )
     return (
         f"Against naive fine-tuning (same run, ewc_mode: off; forgetting {baseline['forgetting']:.4g}, gain "
-        f"{baseline['gain']:.4g}): EWC removed {baseline['forgetting_removed']:.0%} of its forgetting and kept "
+        f"{baseline['gain']:.4g}): {method} removed {baseline['forgetting_removed']:.0%} of its forgetting and kept "
         f"{baseline['gain_kept']:.0%} of its gain on the new domains."
     )
 
@@ -155,6 +234,12 @@ def results_markdown(results: dict, level: int = 2) -> str:
     if results["summary"] is None:
         return "\n".join([*parts, "No summary: the matrix has non-finite values (the training diverged).", ""])
     parts += [f"{h} Summary", "", format_summary(results["summary"], names, metric=metric, markdown=True), ""]
+    if results.get("clnp"):
+        parts += clnp_markdown(results["clnp"], names, metric, h)
     if results.get("baseline"):
-        parts += [f"{h} Against naive fine-tuning", "", baseline_text(results["baseline"]), ""]
+        parts += [f"{h} Against naive fine-tuning", "", baseline_text(results["baseline"], _method_name(results)), ""]
     return "\n".join(parts)
+
+
+def _method_name(results: dict) -> str:
+    return "CLNP" if results.get("clnp") else "EWC"

@@ -302,11 +302,6 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
         domain_args = config.training_args(i, output_dir)
         _check_report_to(domain_args.report_to)
         refuse_sharded_setup(domain_args)  # `fsdp:` in the config
-        if domain_args.ewc_mode == "clnp":
-            raise HfEwcError(
-                f"domains.{i}: ewc_mode: clnp runs through the Python API for now (EWCTrainer(args=EWCConfig("
-                "ewc_mode='clnp')), README 'CLNP'): hf-ewc train does not yet evaluate each domain under its units."
-            )
         if domain_args.importance_method in SI_FAMILY and (
             domain_args.max_steps == 0 or (domain_args.max_steps < 0 and domain_args.num_train_epochs == 0)
         ):
@@ -314,9 +309,34 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
                 f"domains.{i} ({domain.name}) has no training steps, but {domain_args.importance_method} importances "
                 "come from training; use fisher, mas, signal or uniform, or train on the domain."
             )
+    _check_clnp(config)
     if prune is not None:
         _check_prune_importances(config)
     return config
+
+
+def _check_clnp(config: RunConfig) -> None:
+    """`ewc_mode: clnp` allocates the model's own units to every domain: all domains or none, and nothing that would
+    change the units behind the allocation's back."""
+    modes = [config.training_args(i, config.output_dir).ewc_mode for i in range(len(config.domains))]
+    if "clnp" not in modes:
+        return
+    other = next((i for i, m in enumerate(modes) if m != "clnp"), None)
+    if other is not None:
+        raise HfEwcError(
+            f"domains.{other} ({config.domains[other].name}) uses ewc_mode: {modes[other]}, the others clnp: CLNP "
+            "owns units for every domain of a sequence, so set ewc_mode: clnp for all of them (or for none)."
+        )
+    if config.peft is not None:
+        raise HfEwcError(
+            "ewc_mode: clnp and peft: exclude each other (CLNP allocates the model's own FFN neurons and attention "
+            "heads; a LoRA adapter has none); drop peft: or choose another ewc_mode."
+        )
+    if config.prune is not None:
+        raise HfEwcError(
+            "ewc_mode: clnp and prune: exclude each other (pruning would remove units that domains own); after the "
+            "run, export one domain's units with `hf-ewc prune OUTPUT_DIR --clnp-domain NAME --out DIR`."
+        )
 
 
 def _prune_spec(raw: Any, domains: list[DomainSpec]) -> PruneSpec:

@@ -248,6 +248,8 @@ class RunDir:
             tokenizer.save_pretrained(tmp)
             if state is not None and not state.is_empty:
                 state.save(tmp / STATE_DIR)
+                if state.units is not None:  # a CLNP run's unit allocation, beside the state it belongs to
+                    state.units.save(tmp / STATE_DIR)
 
     def save_base_model(self, model=None, *, source: Path | None = None) -> None:
         """A `peft:` run's frozen base model, once, in ``base_model/``: ``model`` saved, or the folder ``source``

@@ -169,7 +169,12 @@ class Sweep:
         naive["ewc_mode"] = "off"  # importances of the later domains are never used: uniform ones cost nothing
         self.naive = naive
         for config in [naive, *(c for _, c in self.runs)]:  # every cell's config is valid before anything runs
-            build_run_config(config, source=source)
+            built = build_run_config(config, source=source)
+            if built.training_args(0, built.output_dir).ewc_mode == "clnp":
+                raise HfEwcError(
+                    "hf-ewc sweep searches λ, which ewc_mode: clnp does not have (its knobs are clnp_margin and "
+                    "clnp_l1); compare CLNP with naive fine-tuning by `baseline: naive` in hf-ewc train."
+                )
         if len(build_run_config(naive, source=source).domains) < 2:
             raise HfEwcError("A sweep needs a sequence of at least two domains (forgetting is measured on the first).")
 

@@ -13,10 +13,11 @@ Keeping pruned weights at zero while training on is [`hf_ewc.sparsity.KeepSparsi
 """
 
 from ..sparsity import KeepSparsityCallback
-from .export import export_pruned, verify_export
+from .export import export_pruned, model_logits, probe_inputs, verify_export
 from .masks import CRITERIA, IMPORTANCE_OF, SCOPES, STRUCTURE_CHOICES, check_prune_arguments, select_targets
 from .prune import prune_model
-from .report import REPORT_NAME, PruneReport, measure_sparsity
+from .report import REPORT_NAME, PruneReport, finish_report, measure_sparsity, num_parameters
+from .structures import prune_ffn, prune_heads
 
 
 __all__ = [
@@ -29,7 +30,13 @@ __all__ = [
     "PruneReport",
     "check_prune_arguments",
     "export_pruned",
+    "finish_report",
     "measure_sparsity",
+    "model_logits",
+    "num_parameters",
+    "probe_inputs",
+    "prune_ffn",
+    "prune_heads",
     "prune_model",
     "select_targets",
     "verify_export",

@@ -24,7 +24,7 @@ def _auto_class(model: nn.Module):
     return auto_class_for(type(model).__name__) or type(model)
 
 
-def _probe_inputs(model: nn.Module) -> dict[str, Tensor]:
+def probe_inputs(model: nn.Module) -> dict[str, Tensor]:
     """A fixed input for the logits check: token ids 1..16 (within the vocabulary), one sequence."""
     config = model.config
     vocab = getattr(config, "vocab_size", 32) or 32
@@ -34,7 +34,7 @@ def _probe_inputs(model: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+def model_logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -79,8 +79,8 @@ def verify_export(model: nn.Module, directory: str | os.PathLike, report: PruneR
                 f"reload verification failed: {name!r} has {m['zeros']} zeros / shape {m['shape']} after reload, the "
                 f"report says {report.layers[name]['zeros']} / {report.layers[name]['shape']}."
             )
-    inputs = _probe_inputs(model)
-    expected, got = _logits(model, inputs), _logits(reloaded, inputs)
+    inputs = probe_inputs(model)
+    expected, got = model_logits(model, inputs), model_logits(reloaded, inputs)
     diff = float((expected - got).abs().max()) if expected.shape == got.shape else math.inf
     if not diff <= 1e-5 * max(1.0, float(expected.abs().max())):
         raise HfEwcError(f"reload verification failed: logits on the probe input differ by {diff:.3g}.")
