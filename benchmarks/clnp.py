@@ -2,7 +2,7 @@
 
     python benchmarks/clnp.py            # ≈ 3 min on 2 CPU cores
     python benchmarks/clnp.py --quick    # smoke test (writes clnp_quick.*)
-    python benchmarks/clnp.py --lm       # the default LM sequence: CLNP vs EWC vs naive, ≈ 8 min (writes clnp_lm.*)
+    python benchmarks/clnp.py --lm       # the default LM sequence: CLNP vs EWC vs naive, ≈ 6 min (writes clnp_lm.*)
 
 The permuted-digits sequence of ``permuted_digits.py`` (5 tasks, MLP 64-100-100-10 leaky ReLU, a fresh Adam per task,
 10 epochs). CLNP (`hf_ewc.clnp`) trains each task on the free units only and, after it, keeps the units above the

@@ -11,7 +11,7 @@ from testing_utils import make_config, run_cli, snapshot, write_domain, write_ya
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ewc import HfEwcError
-from hf_ewc.clnp import CLNP, CLNP_STATE_NAME
+from hf_ewc.clnp import CLNP, CLNP_STATE_NAME, CLNPCallback
 from hf_ewc.pipeline import Pipeline, build_run_config
 from hf_ewc.pipeline.data import eval_collator
 
@@ -86,7 +86,8 @@ def test_diagnostics_in_results_markdown_card_and_plot(clnp_run):
         assert u["loss_kept"] <= u["loss_unpruned"] + 0.02 + 1e-9
     markdown = (run_dir / "results.md").read_text()
     assert "CLNP units" in markdown and "Without a domain id" in markdown
-    assert f"| {clnp.names[0]} | {units[0]['layers'][clnp.names[0]]['total']} | +{units[0]['layers'][clnp.names[0]]['active']}" in markdown
+    first = units[0]["layers"][clnp.names[0]]
+    assert f"| {clnp.names[0]} | {first['total']} | +{first['active']} · {first['free']} |" in markdown
     card = (run_dir / "README.md").read_text()
     assert "CLNP, continual learning by neural pruning" in card and "CLNP units" in card
     assert (run_dir / "units.png").stat().st_size > 5000
@@ -105,7 +106,7 @@ def test_resume_between_domains_gives_the_same_run(clnp_run, tmp_path):
 
 
 def test_from_continues_the_allocation_and_keeps_old_domains(clnp_run, capsys):
-    tmp, raw, results = clnp_run
+    tmp, raw, _ = clnp_run
     write_domain(tmp / "fruit.jsonl", ["apple", "pear", "plum", "fig", "lime", "kiwi", "melon", "grape"], 40, seed=7)
     follow = _config(tmp, domains=("fruit",))
     follow["output_dir"] = str(tmp / "next")
@@ -189,8 +190,59 @@ def test_refusals_before_anything_runs(tmp_path, capsys):
     # --from a run that allocated no units
     plain = make_config(tmp_path, domains=("animals",), num_train_epochs=1, output_dir=str(tmp_path / "ewc"))
     assert run_cli(["train", str(write_yaml(tmp_path / "ewc.yaml", plain))], capsys)[0] == 0
-    follow = write_yaml(tmp_path / "n.yaml", {**_config(tmp_path, domains=("tools",)), "output_dir": str(tmp_path / "next")})
+    follow = {**_config(tmp_path, domains=("tools",)), "output_dir": str(tmp_path / "next")}
+    follow = write_yaml(tmp_path / "n.yaml", follow)
     before = snapshot(tmp_path)
     rc, _, err = run_cli(["train", str(follow), "--from", str(tmp_path / "ewc")], capsys)
     assert rc == 2 and "continues a CLNP run's unit allocation, but that run has none" in err
     assert snapshot(tmp_path) == before
+
+
+def test_the_naive_baseline_trains_its_own_first_domain(tmp_path):
+    raw = {**_config(tmp_path, domains=("animals", "tools"), num_train_epochs=1), "baseline": "naive"}
+    results = Pipeline(build_run_config(raw), print_fn=None).run_sequence()
+    baseline = json.loads((tmp_path / "run" / "baseline" / "results.json").read_text())
+    assert baseline["config"]["ewc_mode"] == "off" and "clnp" not in baseline
+    # CLNP's first domain trains with its L1 and frees units afterwards: naive fine-tuning cannot share it
+    assert baseline["matrix"]["loss"][0] != results["matrix"]["loss"][0]
+    assert results["baseline"]["matrix"] == baseline["matrix"]["loss"]
+    markdown = (tmp_path / "run" / "results.md").read_text()
+    assert "CLNP removed" in markdown or "nothing for CLNP to remove" in markdown
+
+
+def test_export_with_one_key_value_head_per_query_head(tmp_path, capsys):
+    raw = _config(tmp_path, domains=("animals", "tools"))
+    raw["model"]["config"].update(num_key_value_heads=4)  # multi-head attention: heads leave one by one
+    results = Pipeline(build_run_config(raw), print_fn=None).run_sequence()
+    _, clnp = _loaded(tmp_path / "run")
+    rc, _, err = run_cli(["prune", str(tmp_path / "run"), "--clnp-domain", "animals", "--out", str(tmp_path / "a")],
+                         capsys)  # fmt: skip
+    assert rc == 0, err
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    heads = int(clnp.used_by("animals")[clnp.names.index("model.layers.0.self_attn.heads")].sum())
+    kept = next(k for k in range(max(heads, 1), 5) if 16 % k == 0)  # a head count the config accepts (hidden 16)
+    assert exported.config.num_attention_heads == exported.config.num_key_value_heads == kept
+    pipeline, data, tokenizer = _domains(raw, tmp_path / "run")
+    got = pipeline.evaluate(exported, data["animals"], tokenizer)["loss"]
+    assert got == pytest.approx(results["matrix"]["loss"][-1][0], rel=1e-5)
+
+
+def test_resume_inside_a_domain_gives_the_same_run(clnp_run, tmp_path, monkeypatch):
+    _, _, results = clnp_run
+    raw = {**_config(tmp_path), "output_dir": str(tmp_path / "cut")}
+
+    def interrupt(self, args, state, control, **kwargs):
+        if self.clnp.domains == ["animals"] and state.global_step == 7:
+            raise KeyboardInterrupt  # a kill in the middle of the second domain (checkpoint-6 is on disk)
+
+    monkeypatch.setattr(CLNPCallback, "on_step_end", interrupt, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(build_run_config(raw), print_fn=None).run_sequence()
+    checkpoint = tmp_path / "cut" / "domains" / "1-tools" / "checkpoint-6"
+    assert (checkpoint / CLNP_STATE_NAME).is_file()  # the allocation of the domains before is in the checkpoint
+    monkeypatch.undo()
+    resumed = Pipeline(build_run_config(raw), resume=True, print_fn=None).run_sequence()
+    assert resumed["domains_detail"][1]["train"]["resumed_from"] == "checkpoint-6"
+    for a, b in zip(resumed["matrix"]["loss"], results["matrix"]["loss"]):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert resumed["clnp"]["units"] == results["clnp"]["units"]

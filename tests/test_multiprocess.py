@@ -4,7 +4,7 @@
 - training with SI and the stabilized penalty: the same on both ranks, equal to 1 process at the same global batch;
   the penalty is neither multiplied nor divided by the world size;
 - `hf-ewc train`: every file under output_dir is written by the main process only (rank 1 writes its own RNG state
-  into checkpoints, as the Trainer does), and the results equal a 1-process run;
+  into checkpoints, as the Trainer does), and the results equal a 1-process run (EWC, and CLNP's allocation);
 - FSDP2-sharded (DTensor) parameters are refused by collection, consolidation and SI;
 - a launch whose processes each believe they are alone is refused before anything is written.
 """
@@ -154,6 +154,31 @@ def test_cli_on_two_processes_writes_once_and_equals_one_process(tmp_path, capsy
     assert states[0].domains[-1]["num_samples"] == states[1].domains[-1]["num_samples"] == 8
     assert_close_to(states[0].importances, states[1].importances, rel=1e-3)
     assert_close_to(states[0].anchors, states[1].anchors, rel=1e-3)
+
+
+def test_clnp_run_on_two_processes_equals_one_process(tmp_path, capsys):
+    """`ewc_mode: clnp` under DDP: the masked gradients, the consolidation (every rank on the same samples) and the
+    evaluation under each domain's units give the 1-process run's allocation and matrix."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    clnp = {"ewc_mode": "clnp", "clnp_margin": 0.02, "clnp_l1": 0.01, "num_train_epochs": 3, "learning_rate": 1e-2}
+    configs = {}
+    for where, batch in ((two, 2), (one, 4)):
+        raw = make_config(where, per_device_train_batch_size=batch, **clnp)
+        raw["model"]["config"].update(num_attention_heads=4, num_key_value_heads=2)
+        configs[where] = write_yaml(where / "run.yaml", raw)
+    done = launch(str(WORKER), "cli", str(two / "writes"), str(two / "run"), "--", "train", str(configs[two]))
+    assert done.returncode == 0, failure(done)
+    rc, _, err = run_cli(["train", str(configs[one])], capsys)
+    assert rc == 0, err
+    results = [json.loads((d / "run" / "results.json").read_text()) for d in (two, one)]
+    for a, b in zip(results[0]["matrix"]["loss"], results[1]["matrix"]["loss"]):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert results[0]["matrix"]["loss"][1][0] == results[0]["matrix"]["loss"][0][0]  # old domain unchanged on 2
+    layers = [[(c["active"], c["free"]) for c in u["layers"].values()] for r in results for u in r["clnp"]["units"]]
+    assert layers[:2] == layers[2:] and any(a > 0 for a, _ in layers[0])
+    owners = [load_file(d / "run" / "ewc_state" / "clnp_state.safetensors") for d in (two, one)]
+    assert owners[0].keys() == owners[1].keys() and all(torch.equal(owners[0][k], owners[1][k]) for k in owners[0])
 
 
 def test_fsdp2_sharded_parameters_are_refused_by_every_entry_point(tmp_path):

@@ -238,6 +238,21 @@ def test_heads_are_zeroed_where_the_config_cannot_remove_them(name):
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-5, atol=1e-5)
 
 
+def test_a_head_count_the_config_refuses_is_zeroed_and_exports(tmp_path):
+    """3 of 4 heads do not divide hidden_size 16, which transformers' Llama config refuses on save: zeroed instead."""
+    model = llama_mha()
+    reference = copy.deepcopy(model)
+    report = prune_model(model, 0.25, structure="heads", show_progress=False)
+    assert report.removal == "zeroed" and "cannot hold 3 heads with hidden_size 16" in report.structured["note"]
+    assert model.config.num_attention_heads == 4 and report.num_parameters_after == report.num_parameters_before
+    cols = [(f"model.layers.{i}.self_attn.o_proj.weight", 1, [h * 4 + d for h in hs for d in range(4)])
+            for i, hs in report.structured["removed_heads"].items()]  # fmt: skip
+    assert all(len(hs) == 1 for hs in report.structured["removed_heads"].values())
+    zero_columns(reference, cols)
+    torch.testing.assert_close(logits(model), logits(reference), rtol=1e-5, atol=1e-5)
+    assert export_pruned(model, tmp_path / "out", report)["max_logit_difference"] == 0.0
+
+
 # ------------------------------------------------------------------------------------------------ export + reload
 CASES = [
     ("unstructured", {"scope": "global"}),

@@ -107,9 +107,3 @@ def test_prune_block_is_checked_before_anything_runs(tmp_path):
     with pytest.raises(HfEwcError, match="prune.after 'birds' is not a domain; choose one of: animals, tools"):
         build_run_config(raw)
     assert not Path(raw["output_dir"]).exists()
-
-
-def test_ewc_mode_clnp_is_refused_by_hf_ewc_train_until_it_evaluates_under_masks(tmp_path):
-    raw = make_config(tmp_path, ewc_mode="clnp")
-    with pytest.raises(HfEwcError, match="ewc_mode: clnp runs through the Python API for now"):
-        build_run_config(raw)

@@ -121,6 +121,12 @@ def write_model_card(
     )
     state = results.get("ewc_state") or {}
     protected = _protected(state, results.get("parameters"))
+    if results.get("clnp"):
+        protected = (
+            "the units each domain owns (FFN neurons, attention heads; see *CLNP units* below) and, after the first "
+            "domain, every parameter of no unit; the EWC state beside them holds uniform importances, so the sequence "
+            "can also be continued with EWC"
+        )
     lora = (results.get("parameters") or {}).get("peft")
     if lora:
         data.library_name = "peft"

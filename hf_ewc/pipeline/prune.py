@@ -283,8 +283,10 @@ def export_clnp_domain(
     if heads:
         total = len(heads[0])
         kv = getattr(model.config, "num_key_value_heads", None) or total
-        size = total // kv  # query heads per key/value head: the pruner removes as many from every group
-        keep = max(1, max(int(u[g * size : (g + 1) * size].sum()) for u in heads for g in range(kv)))
+        size = total // kv if kv < total else total  # the pruner removes as many query heads from every kv group
+        keep = max(1, max(int(u[g * size : (g + 1) * size].sum()) for u in heads for g in range(total // size)))
+        hidden = model.config.hidden_size  # transformers' configs want a head count that divides the hidden size
+        keep = next(k for k in range(keep, size + 1) if hidden % (k * (total // size)) == 0)
         done.append(prune_heads(model, 1 - keep / size, "magnitude", None, False))
     got = model_logits(model, probe)
     diff = float((expected - got).abs().max()) if expected.shape == got.shape else math.inf

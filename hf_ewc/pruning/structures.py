@@ -151,8 +151,6 @@ def prune_heads(
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    physical = layout.removable and getattr(config, "head_dim", None) is not None
-    head_dim = config.head_dim if physical else config.hidden_size // heads
     groups = heads // kv_heads
     per_group = 0
     if groups > 1:
@@ -164,6 +162,10 @@ def prune_heads(
         removed = round(sparsity * heads)
         if removed >= heads:
             raise HfEwcError(f"sparsity {sparsity} would remove all {heads} heads of a layer; choose less.")
+    # configs refuse a head count that does not divide hidden_size (transformers 5 validates it): zero those heads
+    physical = layout.removable and getattr(config, "head_dim", None) is not None
+    physical = physical and config.hidden_size % (heads - removed) == 0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     plan = []
     for i, block in enumerate(blocks):
         attn = layout.find(block)
@@ -220,7 +222,8 @@ def prune_heads(
         "config": {"num_attention_heads": [heads, heads - removed]} if physical else None,
         "note": None
         if physical
-        else f"{type(config).__name__} derives head_dim from hidden_size / num_attention_heads, so heads cannot be "
-        "removed from the shapes: their query/key/value rows and output columns are zeroed.",
+        else f"{type(config).__name__} cannot hold {heads - removed} heads with hidden_size {config.hidden_size} "
+        "(it derives head_dim from hidden_size / num_attention_heads, or wants a count that divides hidden_size), "
+        "so heads cannot be removed from the shapes: their query/key/value rows and output columns are zeroed.",
     }
     return result
