@@ -162,6 +162,9 @@ def _run_prune(args: argparse.Namespace) -> None:
             "--scope": args.scope is not None, "--structure": args.structure != "unstructured",
             "--include": args.include is not None, "--exclude": args.exclude is not None,
             "--revision": args.revision is not None, "--trust-remote-code": args.trust_remote_code,
+            "--text-column": args.text_column != "text", "--label-column": args.label_column != "label",
+            "--max-samples": args.max_samples != 256, "--max-length": args.max_length is not None,
+            "--batch-size": args.batch_size != 8, "--seed": args.seed != 0,
         }  # fmt: skip
         given = [flag for flag, on in chosen.items() if on]
         if given:

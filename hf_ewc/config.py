@@ -1,5 +1,6 @@
 """EWCConfig: `transformers.TrainingArguments` plus the knobs of stabilized EWC and importance collection."""
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -304,3 +305,29 @@ class EWCConfig(TrainingArguments):
     def ewc_step_size(self) -> float:
         """η used by the stabilized coefficient and the proximal step."""
         return float(self.ewc_lr) if self.ewc_lr is not None else float(self.learning_rate)
+
+
+@functools.cache
+def ewc_config_class(base: type[TrainingArguments]) -> type[EWCConfig]:
+    """The arguments class with ``base``'s fields and the EWC fields: `EWCConfig` itself for `TrainingArguments`, or a
+    dataclass deriving from both for another trainer's config (``ewc_config_class(trl.SFTConfig)`` for
+    ``with_ewc(trl.SFTTrainer)``; `__post_init__` runs both classes' checks)."""
+    if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
+        raise TypeError(f"ewc_config_class takes a TrainingArguments subclass, not {base!r}.")
+    if issubclass(base, EWCConfig):
+        return base
+    if base is TrainingArguments:
+        return EWCConfig
+    doc = f"`{base.__name__}` plus the EWC fields of [`EWCConfig`] (made by `hf_ewc.ewc_config_class`)."
+
+    def __reduce__(self):  # pickled as "the class for `base`", rebuilt by name in any process (training_args.bin)
+        return _rebuild_config, (base, dict(self.__dict__))
+
+    namespace = {"__doc__": doc, "__module__": __name__, "__reduce__": __reduce__}
+    return dataclass(type(f"EWC{base.__name__}", (EWCConfig, base), namespace))
+
+
+def _rebuild_config(base: type[TrainingArguments], fields: dict) -> EWCConfig:
+    config = object.__new__(ewc_config_class(base))
+    config.__dict__.update(fields)
+    return config

@@ -5,6 +5,8 @@ attenuation, SI's path integral and its independent gradient) runs in a callback
 `on_optimizer_step`, the only events at which the Trainer still holds the step's gradients.
 """
 
+import functools
+import inspect
 import math
 import os
 from typing import Any
@@ -27,6 +29,7 @@ from .trainer_support import (
     clnp_for,
     clnp_result,
     collect_for,
+    host_config_class,
     independent_batches,
     independent_gradient,
     new_si,
@@ -69,76 +72,20 @@ class _EWCCallback(TrainerCallback):
         self.trainer._monitor.domain_finished(self.trainer._penalty)
 
 
-class EWCTrainer(Trainer):
-    r"""`transformers.Trainer` with (stabilized) Elastic Weight Consolidation.
+class EWCMixin:
+    r"""(Stabilized) Elastic Weight Consolidation for any `transformers.Trainer` subclass: the penalty, the proximal
+    step, WVA, the SI family and CLNP's units, `consolidate`, and the EWC state in every checkpoint.
 
-    Train on a domain, call [`EWCTrainer.consolidate`] to measure importances and move the anchors, then train the same
-    model on the next domain with the returned [`EWCState`]: the loss gains ``Σ c·(θ − θ*)²`` (see [`EWCConfig`]).
-
-    Args:
-        model, args, data_collator, train_dataset, eval_dataset, processing_class, model_init, compute_loss_func,
-        compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
-            As for `transformers.Trainer`; a plain `TrainingArguments` becomes an [`EWCConfig`] (default EWC settings).
-        ewc_state ([`EWCState`] or `str`, *optional*):
-            What earlier domains left behind (or a directory holding ``ewc_state.safetensors``). Without it, or before
-            the first consolidation, the penalty is 0.
-
-    Guarantees:
-        - the penalty's gradient per optimizer step does not depend on `gradient_accumulation_steps`,
-          `num_items_in_batch` or the number of processes (it is never multiplied by the world size);
-        - `ewc_mode="proximal"` adds no loss term and pulls every weight towards its anchor after each real optimizer
-          step, untouched by clipping and Adam;
-        - `ewc_mode="wva"` adds no loss term and attenuates each real optimizer step (or its gradient) by ``a(λΩ)``;
-        - the SI family (`si`, `siu`, `sib`, `sos`, `onaf`) accumulates on real optimizer steps only;
-        - `save_model` (and so every ``checkpoint-*``) writes the EWC state next to the weights, and
-          `train(resume_from_checkpoint=...)` restores it (with SI's running sums).
-
-    Logged with the loss: ``ewc/penalty``, ``ewc/task_loss``, ``ewc/penalty_ratio`` (penalty / task loss) and
-    ``ewc/coef_max`` (``max η·2c``: < 1 for stabilized, > 1 means vanilla EWC overshoots the anchor under SGD).
-
-    Example:
-
-    ```python
-    >>> trainer = EWCTrainer(model=model, args=EWCConfig("out", ewc_lambda=50), train_dataset=wiki)  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
-    >>> state = trainer.consolidate(domain="wiki")  # doctest: +SKIP
-    >>> trainer = EWCTrainer(model=model, args=..., train_dataset=code, ewc_state=state)  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
-    ```
+    [`EWCTrainer`] is ``EWCMixin`` over `Trainer`; [`with_ewc`] puts it over another trainer
+    (``with_ewc(SFTTrainer)``). The mixin comes first among the bases, the host's ``args`` must be an [`EWCConfig`]
+    (``ewc_config_class``) and the host's ``__init__`` is followed by ``self._init_ewc(ewc_state)``; it works on what
+    every `Trainer` has: the
+    penalty's gradient is added to ``.grad`` after the backward of an optimizer step's last micro-batch (not through
+    the host's loss), and the rest runs in a callback around the optimizer step.
     """
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: TrainingArguments | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        model_init=None,
-        compute_loss_func=None,
-        compute_metrics=None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers=(None, None),
-        optimizer_cls_and_kwargs=None,
-        preprocess_logits_for_metrics=None,
-        ewc_state: EWCState | str | os.PathLike | None = None,
-    ):
-        super().__init__(
-            model=model,
-            args=as_ewc_config(args),
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+    def _init_ewc(self, ewc_state: EWCState | str | os.PathLike | None) -> None:
+        """What `EWCTrainer.__init__` does after `Trainer.__init__` (``ewc_state`` as there)."""
         sync_log_level(self.args)
         check_world_size(self.accelerator.state)
         # before training starts, not at its first step
@@ -240,12 +187,16 @@ class EWCTrainer(Trainer):
         ``.grad`` directly (DeepSpeed keeps gradients in its own buffers). There it is divided by the accumulation
         steps exactly when `training_step` will not divide the loss itself, and added after the Trainer's own
         multiplication by the world size, so that its gradient is ``2c·(θ − θ*)`` per optimizer step."""
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self._penalty_in_loss and self._penalty is not None and self._penalty.penalized and model.training:
-            penalty = self._penalty.loss()
-            if self._loss_scaled_for_ga(num_items_in_batch):
-                penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
-            loss = loss + penalty.to(loss.device)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if not (self._penalty_in_loss and self._penalty is not None and self._penalty.penalized and model.training):
+            return result  # outputs only when asked: some hosts (TRL's) pay an extra forward for them
+        loss, outputs = result if return_outputs else (result, None)
+        penalty = self._penalty.loss()
+        if self._loss_scaled_for_ga(num_items_in_batch):
+            penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
+        loss = loss + penalty.to(loss.device)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model: nn.Module, inputs: dict[str, Tensor | Any], num_items_in_batch=None) -> Tensor:
@@ -369,3 +320,110 @@ class EWCTrainer(Trainer):
         self.ewc_state, self._si, clnp = checkpoint_state(checkpoint, self._plain_model(), self.args, self.ewc_state)
         if clnp is not None:
             self.clnp = self._clnp_callback.clnp = clnp
+
+
+class EWCTrainer(EWCMixin, Trainer):
+    r"""`transformers.Trainer` with (stabilized) Elastic Weight Consolidation.
+
+    Train on a domain, call [`EWCTrainer.consolidate`] to measure importances and move the anchors, then train the same
+    model on the next domain with the returned [`EWCState`]: the loss gains ``Σ c·(θ − θ*)²`` (see [`EWCConfig`]).
+
+    Args:
+        model, args, data_collator, train_dataset, eval_dataset, processing_class, model_init, compute_loss_func,
+        compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
+            As for `transformers.Trainer`; a plain `TrainingArguments` becomes an [`EWCConfig`] (default EWC settings).
+        ewc_state ([`EWCState`] or `str`, *optional*):
+            What earlier domains left behind (or a directory holding ``ewc_state.safetensors``). Without it, or before
+            the first consolidation, the penalty is 0.
+
+    Guarantees:
+        - the penalty's gradient per optimizer step does not depend on `gradient_accumulation_steps`,
+          `num_items_in_batch` or the number of processes (it is never multiplied by the world size);
+        - `ewc_mode="proximal"` adds no loss term and pulls every weight towards its anchor after each real optimizer
+          step, untouched by clipping and Adam;
+        - `ewc_mode="wva"` adds no loss term and attenuates each real optimizer step (or its gradient) by ``a(λΩ)``;
+        - the SI family (`si`, `siu`, `sib`, `sos`, `onaf`) accumulates on real optimizer steps only;
+        - `save_model` (and so every ``checkpoint-*``) writes the EWC state next to the weights, and
+          `train(resume_from_checkpoint=...)` restores it (with SI's running sums).
+
+    Logged with the loss: ``ewc/penalty``, ``ewc/task_loss``, ``ewc/penalty_ratio`` (penalty / task loss) and
+    ``ewc/coef_max`` (``max η·2c``: < 1 for stabilized, > 1 means vanilla EWC overshoots the anchor under SGD).
+
+    Example:
+
+    ```python
+    >>> trainer = EWCTrainer(model=model, args=EWCConfig("out", ewc_lambda=50), train_dataset=wiki)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    >>> state = trainer.consolidate(domain="wiki")  # doctest: +SKIP
+    >>> trainer = EWCTrainer(model=model, args=..., train_dataset=code, ewc_state=state)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        ewc_state: EWCState | str | os.PathLike | None = None,
+    ):
+        super().__init__(
+            model=model,
+            args=as_ewc_config(args),
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self._init_ewc(ewc_state)
+
+
+@functools.cache
+def with_ewc(trainer_class: type) -> type:
+    """``trainer_class`` (a `transformers.Trainer` subclass, e.g. ``trl.SFTTrainer``) with everything [`EWCTrainer`]
+    does: the class ``EWC<Name>(EWCMixin, trainer_class)``, whose ``__init__`` takes the host's arguments plus
+    ``ewc_state``. Its ``args`` become an instance of ``ewc_config_class(<the host's config class>)`` (pass one to set
+    the EWC fields: ``ewc_config_class(SFTConfig)(output_dir=..., ewc_lambda=...)``); the host's config class is read
+    from the annotation of its ``args`` parameter.
+
+        EWCSFTTrainer = with_ewc(SFTTrainer)
+        trainer = EWCSFTTrainer(model=model, args=ewc_config_class(SFTConfig)("out", ewc_lambda=0.1),
+                                train_dataset=data, processing_class=tokenizer, ewc_state=state)
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise HfEwcError(
+            f"with_ewc takes a transformers.Trainer subclass (such as trl.SFTTrainer), not {trainer_class!r}."
+        )
+    if issubclass(trainer_class, EWCMixin):
+        return trainer_class
+    signature = inspect.signature(trainer_class.__init__)
+    if "args" not in signature.parameters:
+        raise HfEwcError(f"{trainer_class.__name__}.__init__ takes no `args`: with_ewc cannot give it an EWCConfig.")
+    base = host_config_class(trainer_class)
+
+    def __init__(self, *args, ewc_state: EWCState | str | os.PathLike | None = None, **kwargs):
+        bound = signature.bind_partial(self, *args, **kwargs)
+        bound.arguments["args"] = as_ewc_config(bound.arguments.get("args"), base)
+        super(cls, self).__init__(*bound.args[1:], **bound.kwargs)
+        self._init_ewc(ewc_state)
+
+    doc = f"`{trainer_class.__name__}` with EWC (`hf_ewc.with_ewc`): its arguments plus ``ewc_state``."
+    cls = type(f"EWC{trainer_class.__name__}", (EWCMixin, trainer_class), {"__init__": __init__, "__doc__": doc})
+    return cls

@@ -4,6 +4,7 @@ of a `transformers.Trainer`'s public API), so that the trainer itself keeps only
 """
 
 import os
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import trainer_log_levels
 
 from .clnp import CLNP, CLNP_STATE_NAME
-from .config import EWCConfig
+from .config import EWCConfig, ewc_config_class
 from .distributed import sharded_setup, sharding_refusal, trainable_parameters
 from .importance import (
     SI_FAMILY,
@@ -93,15 +94,32 @@ def method_options(args: EWCConfig) -> dict[str, Any]:
     return {}
 
 
-def as_ewc_config(args: TrainingArguments | None) -> EWCConfig:
-    """A plain `TrainingArguments` upgraded to an `EWCConfig` with default EWC settings."""
+def as_ewc_config(args: TrainingArguments | None, base: type[TrainingArguments] = TrainingArguments) -> EWCConfig:
+    """``args`` as an instance of ``ewc_config_class(base)`` (an `EWCConfig` for plain `TrainingArguments`; for
+    another trainer's config, both): kept when it is one, else its fields are carried over and the EWC fields take
+    their defaults."""
+    config_class = ewc_config_class(base)
     if args is None:
-        return EWCConfig(output_dir="trainer_output")
-    if isinstance(args, EWCConfig):
+        return config_class(output_dir="trainer_output")
+    if isinstance(args, config_class):
         return args
-    fields = {k: v for k, v in args.to_dict().items() if k in EWCConfig.__dataclass_fields__}
-    fields["hub_token"] = args.hub_token  # to_dict() masks tokens
-    return EWCConfig(**fields)
+    known = {name for name, f in config_class.__dataclass_fields__.items() if f.init}
+    fields = {k: v for k, v in args.to_dict().items() if k in known}
+    # to_dict() masks every field named *_token (hub_token, and TRL's eos_token / pad_token): take them as they are
+    fields.update({k: getattr(args, k) for k in fields if k.endswith("_token")})
+    return config_class(**fields)
+
+
+def host_config_class(trainer_class: type[Trainer]) -> type[TrainingArguments]:
+    """The arguments class a `Trainer` subclass takes: the most derived `TrainingArguments` subclass named by the
+    annotation of its ``args`` parameter (`TrainingArguments` when there is none)."""
+    try:
+        hint = typing.get_type_hints(trainer_class.__init__).get("args")
+    except Exception:  # noqa: BLE001 - an annotation that cannot be resolved names no config class
+        hint = None
+    candidates = [t for t in (typing.get_args(hint) or (hint,)) if isinstance(t, type)]
+    candidates = [t for t in candidates if issubclass(t, TrainingArguments)]
+    return max(candidates, key=lambda t: len(t.__mro__), default=TrainingArguments)
 
 
 def new_si(model: nn.Module, args: EWCConfig) -> SIAccumulator:
@@ -232,6 +250,11 @@ def clnp_for(trainer: Trainer, state: EWCState | None, source: str | None) -> tu
         head = None if args.clnp_head == "auto" else args.clnp_head
         clnp = CLNP(model, l1=args.clnp_l1, l1_target=args.clnp_l1_target, margin=args.clnp_margin, head=head,
                     seed=args.seed)  # fmt: skip
+    if args.clnp_head not in ("auto", clnp.head):
+        raise HfEwcError(f"clnp_head={args.clnp_head!r}, but the allocation this trainer continues has {clnp.head!r} "
+                         "heads: a sequence keeps one kind; leave clnp_head at 'auto'.")  # fmt: skip
+    # this domain's own settings (a YAML may change them per domain); the units, head kind and domains carry on
+    clnp.configure(l1=args.clnp_l1, l1_target=args.clnp_l1_target, margin=args.clnp_margin, seed=args.seed)
     callback = clnp.callback()
     trainer.add_callback(callback)
     return clnp, callback

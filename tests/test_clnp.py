@@ -187,6 +187,14 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         owners.fill_(0)
     with pytest.raises(HfEwcError, match=r"no free unit left in 'net.0' \(24 units"):
         loaded.callback().on_train_begin(SimpleNamespace(gradient_accumulation_steps=1), None, None)
+    # a shared head reads only the last hidden layer: full, nothing new would reach the output
+    shared = CLNP(MLP((6, 24, 24, 4)), head="shared")
+    shared.owners[-1].fill_(0)
+    shared.domains = ["a"]
+    with pytest.raises(HfEwcError, match=r"left in 'net.2' \(24 units\), .*the shared head reads only"):
+        shared.check_capacity()
+    shared.head = "per_domain"  # a per-domain head reads the old units: the domain can still train
+    shared.check_capacity()
     with pytest.raises(HfEwcError, match="clnp_margin must be a finite number >= 0, got -0.1"):
         CLNP(model, margin=-0.1)
     with pytest.raises(HfEwcError, match="Unknown clnp_l1_target 'bias'"):

@@ -20,9 +20,12 @@ DOMAINS = ("animals", "tools", "colours")
 
 
 def _config(tmp_path, domains=DOMAINS, **training) -> dict:
-    settings = {"clnp_margin": 0.02, "clnp_l1": 0.01, "num_train_epochs": 3, "learning_rate": 1e-2, **training}
+    settings = {"clnp_margin": 0.02, "clnp_l1": 0.01, "num_train_epochs": 3, "learning_rate": 1e-2, "seed": 5,
+                **training}  # fmt: skip
     raw = make_config(tmp_path, domains=domains, ewc_mode="clnp", **settings)
     raw["model"]["config"].update(num_attention_heads=4, num_key_value_heads=2)  # 2 query heads per key/value head
+    if len(domains) == 3:  # a domain's own CLNP settings hold for it
+        raw["domains"][2]["training"] = {"clnp_margin": 0.03}
     return raw
 
 
@@ -82,8 +85,9 @@ def test_diagnostics_in_results_markdown_card_and_plot(clnp_run):
         for i, c in enumerate(cells):
             assert sum(x["active"] for x in cells[: i + 1]) + c["free"] == total
         assert cells[-1]["free"] == int((clnp.owners[k] < 0).sum())
+    assert [u["margin"] for u in units] == [0.02, 0.02, 0.03] and clnp.seed == 5  # each domain's own settings
     for u in units:  # the margin: the units kept lose at most clnp_margin nats on the domain just learned
-        assert u["loss_kept"] <= u["loss_unpruned"] + 0.02 + 1e-9
+        assert u["loss_kept"] <= u["loss_unpruned"] + u["margin"] + 1e-9
     markdown = (run_dir / "results.md").read_text()
     assert "CLNP units" in markdown and "Without a domain id" in markdown
     first = units[0]["layers"][clnp.names[0]]
@@ -117,7 +121,8 @@ def test_from_continues_the_allocation_and_keeps_old_domains(clnp_run, capsys):
     assert new.domains == [*DOMAINS, "fruit"]
     for before, after in zip(old.owners, new.owners):
         assert torch.equal(after[before >= 0], before[before >= 0])  # units of the old domains stay theirs
-        assert bool((after[before < 0] >= -1).all())
+        assert set(after[before < 0].tolist()) <= {-1, 3}  # only "fruit" took units, and only free ones
+    assert any(bool((after == 3).any()) for after in new.owners)
     pipeline, data, tokenizer = _domains(raw, tmp / "run")
     for name in DOMAINS:
         with old.domain(name), new.domain(name):
@@ -187,6 +192,11 @@ def test_refusals_before_anything_runs(tmp_path, capsys):
             build_run_config(config)
     rc, _, err = run_cli(["sweep", str(write_yaml(tmp_path / "sweep.yaml", raw)), "--lambdas", "1,10"], capsys)
     assert rc == 2 and "ewc_mode: clnp does not have" in err
+    head = write_yaml(tmp_path / "head.yaml", {**raw, "clnp_head": "per_domain"})
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli(["train", str(head)], capsys)  # found once the model is built, before anything is written
+    assert rc == 2 and "A transformer's output head is shared by its domains" in err
+    assert snapshot(tmp_path) == before
     # --from a run that allocated no units
     plain = make_config(tmp_path, domains=("animals",), num_train_epochs=1, output_dir=str(tmp_path / "ewc"))
     assert run_cli(["train", str(write_yaml(tmp_path / "ewc.yaml", plain))], capsys)[0] == 0
@@ -207,7 +217,9 @@ def test_the_naive_baseline_trains_its_own_first_domain(tmp_path):
     assert baseline["matrix"]["loss"][0] != results["matrix"]["loss"][0]
     assert results["baseline"]["matrix"] == baseline["matrix"]["loss"]
     markdown = (tmp_path / "run" / "results.md").read_text()
-    assert "CLNP removed" in markdown or "nothing for CLNP to remove" in markdown
+    assert "CLNP (each domain evaluated under its own units: the domain known) removed" in markdown or (
+        "nothing for CLNP to remove" in markdown
+    )
 
 
 def test_export_with_one_key_value_head_per_query_head(tmp_path, capsys):

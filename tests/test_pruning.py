@@ -15,6 +15,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from hf_ewc import EWCState, collect_importance
@@ -251,6 +253,13 @@ def test_a_head_count_the_config_refuses_is_zeroed_and_exports(tmp_path):
     zero_columns(reference, cols)
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-5, atol=1e-5)
     assert export_pruned(model, tmp_path / "out", report)["max_logit_difference"] == 0.0
+    # Qwen3's config accepts 3 heads of head_dim 4 at hidden 16: there they leave the shapes
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, head_dim=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)  # fmt: skip
+    qwen = Qwen3ForCausalLM(config)
+    report = prune_model(qwen, 0.25, structure="heads", show_progress=False)
+    assert report.removal == "physical" and qwen.config.num_attention_heads == 3
+    assert export_pruned(qwen, tmp_path / "qwen", report)["max_logit_difference"] <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ export + reload

@@ -121,6 +121,30 @@ def masked_loss(model: nn.Module, groups: list[UnitGroup], batches, keep: list[T
     return total / max(n, 1)
 
 
+def _check_capacity(clnp: "CLNP") -> None:
+    """Refuse to train a new domain when no layer has a free unit left — or, in an MLP chain with a shared head, when
+    its last hidden layer has none (nothing new would reach the head); name the full layers otherwise (the new domain
+    reads their units but cannot add to them)."""
+    names = clnp.names
+    full = [n for n, o in zip(names, clnp.owners) if not bool((o < 0).any())]
+
+    def describe(layers: list[str]) -> str:
+        return ", ".join(f"{n!r} ({clnp.groups[names.index(n)].size} units)" for n in layers)
+
+    advice = "raise clnp_margin or clnp_l1 so that domains keep fewer units, or widen the layers"
+    blocked = clnp.kind == "mlp" and clnp.head == "shared" and names[-1] in full
+    if blocked or len(full) == len(names):
+        shown = full if len(full) == len(names) else [names[-1]]
+        why = "" if len(full) == len(names) else " (the shared head reads only that layer's units)"
+        raise HfEwcError(
+            f"CLNP has no free unit left in {describe(shown)}, all owned by {len(clnp.domains)} domain(s){why}: "
+            f"{advice}."
+        )
+    if full:
+        logger.warning(f"CLNP: no free unit left in {describe(full)}; the next domain trains the other layers' "
+                       f"({advice}).")  # fmt: skip
+
+
 @dataclass
 class CLNP:
     """Unit allocation: ``owners[g][u]`` is the index of the domain that owns unit u of group g, or -1 (free). See the
@@ -137,12 +161,7 @@ class CLNP:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
-        if not (math.isfinite(self.margin) and self.margin >= 0):
-            raise HfEwcError(f"clnp_margin must be a finite number >= 0, got {self.margin!r}.")
-        if not (math.isfinite(self.l1) and self.l1 >= 0):
-            raise HfEwcError(f"clnp_l1 must be a finite number >= 0, got {self.l1!r}.")
-        if self.l1_target not in L1_TARGETS:
-            raise HfEwcError(f"Unknown clnp_l1_target {self.l1_target!r}; choose one of: {', '.join(L1_TARGETS)}.")
+        self.configure()
         self.groups, self.head_name, self.kind = unit_groups(self.model)
         if self.head is None:
             self.head = "per_domain" if self.kind == "mlp" else "shared"
@@ -156,6 +175,21 @@ class CLNP:
         self.names = [g.name for g in self.groups]
         self.owners = [torch.full((g.size,), -1, dtype=torch.int32) for g in self.groups]
         self.heads: list[dict[str, Tensor]] = []  # per domain: the head's parameters when it was consolidated
+
+    def configure(self, **settings: Any) -> "CLNP":
+        """Set (and check) ``l1``, ``l1_target``, ``margin`` or ``seed`` — what a domain may change when it continues
+        an allocation (the units, the head kind and the domains stay)."""
+        for key, value in settings.items():
+            if key not in ("l1", "l1_target", "margin", "seed"):
+                raise HfEwcError(f"CLNP.configure takes l1, l1_target, margin or seed, not {key!r}.")
+            setattr(self, key, value)
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise HfEwcError(f"clnp_margin must be a finite number >= 0, got {self.margin!r}.")
+        if not (math.isfinite(self.l1) and self.l1 >= 0):
+            raise HfEwcError(f"clnp_l1 must be a finite number >= 0, got {self.l1!r}.")
+        if self.l1_target not in L1_TARGETS:
+            raise HfEwcError(f"Unknown clnp_l1_target {self.l1_target!r}; choose one of: {', '.join(L1_TARGETS)}.")
+        return self
 
     def _head_params(self) -> dict[str, nn.Parameter]:
         if self.head != "per_domain":
@@ -291,7 +325,8 @@ class CLNP:
             [{n: p.detach().clone().cpu() for n, p in self._head_params().items()}] if self._head_params() else []
         )
         self.domains.append(domain)
-        entry = {"domain": domain, "threshold": chosen, "loss_unpruned": full, "loss_kept": loss, "layers": layers}
+        entry = {"domain": domain, "threshold": chosen, "loss_unpruned": full, "loss_kept": loss,
+                 "margin": self.margin, "l1": self.l1, "l1_target": self.l1_target, "layers": layers}  # fmt: skip
         self.history.append(entry)
         return entry
 
@@ -359,18 +394,8 @@ class CLNP:
         return CLNPCallback(self, gradient_accumulation_steps)
 
     def check_capacity(self) -> None:
-        """Refuse to train a new domain when no layer has a free unit left; name the full layers otherwise (the new
-        domain reads their units but cannot add to them)."""
-        full = [f"{name!r} ({len(o)} units)" for name, o in zip(self.names, self.owners) if not bool((o < 0).any())]
-        advice = "raise clnp_margin or clnp_l1 so that domains keep fewer units, or widen the layers"
-        if len(full) == len(self.names):
-            raise HfEwcError(
-                f"CLNP has no free unit left in {', '.join(full)}, all owned by {len(self.domains)} domain(s): "
-                f"{advice}."
-            )
-        if full:
-            logger.warning(f"CLNP: no free unit left in {', '.join(full)}; the next domain trains the other layers' "
-                           f"({advice}).")  # fmt: skip
+        """Refuse a new domain that could train nothing (see `_check_capacity`); warn about full layers."""
+        _check_capacity(self)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:
@@ -378,7 +403,7 @@ class CLNP:
         tensors.update({f"head.{d}.{n}": t.contiguous() for d, head in enumerate(self.heads) for n, t in head.items()})
         meta = {
             "domains": self.domains, "history": self.history, "l1": self.l1, "l1_target": self.l1_target,
-            "margin": self.margin, "layers": self.names, "head": self.head,
+            "margin": self.margin, "layers": self.names, "head": self.head, "seed": self.seed,
         }  # fmt: skip
 
         os.makedirs(directory, exist_ok=True)
@@ -398,7 +423,8 @@ class CLNP:
         except Exception as err:  # corrupt file or header
             raise HfEwcError(f"Cannot read the CLNP state {path!r}: {err}.") from err
         owners = {k.partition(".")[2]: v for k, v in tensors.items() if k.startswith("owners.")}
-        clnp = cls(model, l1=meta["l1"], l1_target=meta["l1_target"], margin=meta["margin"], head=meta["head"])
+        clnp = cls(model, l1=meta["l1"], l1_target=meta["l1_target"], margin=meta["margin"], head=meta["head"],
+                   seed=meta.get("seed", 0))  # fmt: skip
         if meta["layers"] != clnp.names:
             raise HfEwcError(f"{path} allocates units of layers {meta['layers']}, but the model's are {clnp.names}.")
         for k, name in enumerate(clnp.names):

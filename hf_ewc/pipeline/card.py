@@ -166,7 +166,7 @@ def write_model_card(
 # {out_dir.resolve().name}
 
 A {run.task.replace("_", " ")} model adapted to {len(run.domains)} domain(s) in sequence with
-[hf-ewc](https://github.com/hf-ewc/hf-ewc) {__version__}, starting from {start}.
+`hf-ewc` {__version__}, starting from {start}.
 
 ## Domains, in training order
 

@@ -248,7 +248,7 @@ class Pipeline:
                     without[data.name] = self.evaluate(model, data, prepared.tokenizer)
             else:
                 row[data.name] = self.evaluate(model, data, prepared.tokenizer)
-        return row, {"units": clnp.history[-1], "row_without_domain_id": without}
+        return row, {"units": clnp.history[-1], "row_without_domain_id": without, "history": list(clnp.history)}
 
     # ---------------------------------------------------------------------------------------------- stages
     def _save_stage(self, index: int | None, model, prepared: Prepared, state: EWCState | None) -> None:

@@ -101,6 +101,9 @@ def prepare(
             prepared.model = build_model(run, tokenizer, labels)
             if run.peft is not None:
                 check_wraps(prepared.model, run.peft, run.task)
+            args = run.training_args(0, run.output_dir)
+            if args.ewc_mode == "clnp":  # a model CLNP finds no units in, or a head it cannot have: refused now
+                CLNP(prepared.model, head=None if args.clnp_head == "auto" else args.clnp_head)
     return prepared
 
 

@@ -15,6 +15,7 @@ from ..models import auto_class_for, check_max_length, max_positions, task_of_au
 from ..pruning import (
     IMPORTANCE_OF,
     PruneReport,
+    accepts_head_count,
     check_prune_arguments,
     export_pruned,
     finish_report,
@@ -284,9 +285,13 @@ def export_clnp_domain(
         total = len(heads[0])
         kv = getattr(model.config, "num_key_value_heads", None) or total
         size = total // kv if kv < total else total  # the pruner removes as many query heads from every kv group
-        keep = max(1, max(int(u[g * size : (g + 1) * size].sum()) for u in heads for g in range(total // size)))
-        hidden = model.config.hidden_size  # transformers' configs want a head count that divides the hidden size
-        keep = next(k for k in range(keep, size + 1) if hidden % (k * (total // size)) == 0)
+        groups = total // size
+        keep = max(1, max(int(u[g * size : (g + 1) * size].sum()) for u in heads for g in range(groups)))
+        # the smallest count the config's class accepts (Llama's wants one that divides hidden_size)
+        keep = next((k for k in range(keep, size + 1) if accepts_head_count(model.config, k * groups, kv if
+                     groups > 1 else k)), None)  # fmt: skip
+        if keep is None:
+            raise HfEwcError(f"{type(model.config).__name__} accepts no head count for the export of {domain!r}.")
         done.append(prune_heads(model, 1 - keep / size, "magnitude", None, False))
     got = model_logits(model, probe)
     diff = float((expected - got).abs().max()) if expected.shape == got.shape else math.inf

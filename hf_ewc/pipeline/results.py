@@ -28,8 +28,9 @@ def compare_with(results: dict, baseline: dict, directory: str) -> dict:
     and of its gain it kept (None where the baseline did not forget or gain)."""
     ours, theirs = forgetting_and_gain(results), forgetting_and_gain(baseline)
     defined = theirs["forgetting"] > 0 and theirs["gain"] > 0 and math.isfinite(ours["forgetting"])
+    shared = "trained from its own first domain" if results.get("clnp") else "the first domain shared"
     return {
-        "method": "naive fine-tuning (ewc_mode: off), the same run otherwise, the first domain shared",
+        "method": f"naive fine-tuning (ewc_mode: off), the same run otherwise, {shared}",
         "run": directory,
         "matrix": baseline["matrix"][baseline["metric"]],
         "forgetting": theirs["forgetting"],
@@ -112,6 +113,8 @@ def clnp_results(completed: list[dict], names: list[str], metric: str, higher: b
     return {
         "evaluation": "task-incremental: each domain's row under its own units (the domain is known at inference)",
         "units": [c["clnp"]["units"] for c in completed],
+        # with --from, the allocation also holds the domains of the runs before: the table and plot show them all
+        "history": completed[-1]["clnp"].get("history", [c["clnp"]["units"] for c in completed]),
         "matrix_without_domain_id": matrix,
         "drop_without_domain_id": drop,
         "mean_drop_without_domain_id": sum(drop.values()) / len(drop) if drop else None,
@@ -120,7 +123,7 @@ def clnp_results(completed: list[dict], names: list[str], metric: str, higher: b
 
 def clnp_markdown(clnp: dict, names: list[str], metric: str, h: str) -> list[str]:
     """The units table (per layer, after each domain: ``+active (reused) · free``) and the rows without a domain id."""
-    history = clnp["units"]
+    history = clnp["history"]
     done = [u["domain"] for u in history]
     parts = [
         f"{h} CLNP units",
@@ -152,7 +155,7 @@ def clnp_markdown(clnp: dict, names: list[str], metric: str, h: str) -> list[str
         rows = clnp["matrix_without_domain_id"][metric]
         parts += [f"{h} Without a domain id (every unit on)", "", "| after | " + " | ".join(names) + " |",
                   "|---|" + "---:|" * len(names)]  # fmt: skip
-        for d, row in zip(done, rows):
+        for d, row in zip([u["domain"] for u in clnp["units"]], rows):
             parts.append(f"| {d} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in row) + " |")
         worst = max(drop, key=drop.get)
         parts += [
@@ -185,7 +188,7 @@ def write_results(out: Path, run: RunConfig, results: dict, *, from_dir: str | N
             title=f"{metric} of each domain over the sequence", baseline=baseline["matrix"] if baseline else None,
         )  # fmt: skip
     if results.get("clnp"):
-        plot_units(results["clnp"]["units"], out / "units.png", title="CLNP: units per layer after each domain")
+        plot_units(results["clnp"]["history"], out / "units.png", title="CLNP: units per layer after each domain")
     tables = results_markdown(results, level=3)
     write_model_card(out, run=run, results=results, markdown_tables=tables, from_dir=from_dir)
 
@@ -213,6 +216,8 @@ def baseline_text(baseline: dict, method: str = "EWC") -> str:
             f"Naive fine-tuning (same run, ewc_mode: off) did not forget (forgetting {baseline['forgetting']:.4g}) or "
             f"gained nothing: there was nothing for {method} to remove."
         )
+    if method == "CLNP":
+        method = "CLNP (each domain evaluated under its own units: the domain known)"
     return (
         f"Against naive fine-tuning (same run, ewc_mode: off; forgetting {baseline['forgetting']:.4g}, gain "
         f"{baseline['gain']:.4g}): {method} removed {baseline['forgetting_removed']:.0%} of its forgetting and kept "

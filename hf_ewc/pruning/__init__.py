@@ -17,7 +17,7 @@ from .export import export_pruned, model_logits, probe_inputs, verify_export
 from .masks import CRITERIA, IMPORTANCE_OF, SCOPES, STRUCTURE_CHOICES, check_prune_arguments, select_targets
 from .prune import prune_model
 from .report import REPORT_NAME, PruneReport, finish_report, measure_sparsity, num_parameters
-from .structures import prune_ffn, prune_heads
+from .structures import accepts_head_count, prune_ffn, prune_heads
 
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "STRUCTURE_CHOICES",
     "KeepSparsityCallback",
     "PruneReport",
+    "accepts_head_count",
     "check_prune_arguments",
     "export_pruned",
     "finish_report",

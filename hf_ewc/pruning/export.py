@@ -140,7 +140,7 @@ def _pruned_card(model, report: PruneReport, verification: dict, *, base_model: 
 
 # Pruned {type(model).__name__}{f" (from `{base_model}`)" if base_model else ""}
 
-Pruned with [hf-ewc](https://github.com/hf-ewc/hf-ewc) `prune_model`: **{report.structure}** pruning by
+Pruned with `hf-ewc` `prune_model`: **{report.structure}** pruning by
 **{report.criterion}** ({report.scope}), {report.global_sparsity:.1%} of the targeted weights pruned; {what}.{source}
 Parameters: {report.num_parameters_before:,} → {report.num_parameters_after:,}.
 {structured}

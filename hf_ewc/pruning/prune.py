@@ -17,8 +17,9 @@ Structures:
   same number in every layer: removed physically and written into the config (``intermediate_size``, GPT-2's
   ``n_inner``…), so ``from_pretrained`` rebuilds the smaller shapes;
 - ``heads`` — whole attention heads, the same number in every layer: removed physically when the config can say so
-  (Llama-style models with an explicit ``head_dim``); otherwise (BERT, GPT-2: ``head_dim = hidden / heads``) their
-  weights are zeroed and kept at zero. The report says which happened.
+  (Llama-style models with an explicit ``head_dim``, when the config's class accepts the new count: Llama's wants one
+  that divides hidden_size); otherwise (BERT, GPT-2: ``head_dim = hidden / heads``) their weights are zeroed and kept
+  at zero. The report says which happened.
 
 By default the weights of the Linear (and GPT-2 ``Conv1D``) layers inside the transformer blocks are pruned;
 embeddings, norms, biases and output heads are not. ``include`` / ``exclude`` (regular expressions searched in

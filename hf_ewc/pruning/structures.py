@@ -3,9 +3,11 @@
 The architectures come from the layout tables of `hf_ewc.models` (``FFN_LAYOUTS``, ``ATTENTION_LAYOUTS``). A unit's
 weights are listed as [`UnitSlice`]s; its score is the sum of its weights' scores. FFN neurons are removed from the
 shapes and the config's width key updated, so ``from_pretrained`` rebuilds the smaller model; heads are removed when
-the config can say so (an explicit ``head_dim``), zeroed and kept at zero otherwise.
+the config can say so (an explicit ``head_dim`` and a head count its class accepts), zeroed and kept at zero
+otherwise.
 """
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +139,20 @@ def prune_ffn(model: nn.Module, sparsity: float, criterion: str, importances, sh
     return result
 
 
+def accepts_head_count(config, heads: int, kv_heads: int) -> bool:
+    """Whether ``config``'s class accepts ``heads`` query and ``kv_heads`` key/value heads (Llama's, for one, wants
+    a count that divides hidden_size; Qwen3's does not care)."""
+    trial = copy.deepcopy(config)
+    trial.num_attention_heads, trial.num_key_value_heads = heads, kv_heads
+    validate = getattr(trial, "validate", None)
+    try:
+        if validate is not None:
+            validate()
+    except Exception:  # noqa: BLE001 - each config class raises its own kind of validation error
+        return False
+    return True
+
+
 @torch.no_grad()
 def prune_heads(
     model: nn.Module, sparsity: float, criterion: str, importances, show_progress: bool
@@ -162,9 +178,9 @@ def prune_heads(
         removed = round(sparsity * heads)
         if removed >= heads:
             raise HfEwcError(f"sparsity {sparsity} would remove all {heads} heads of a layer; choose less.")
-    # configs refuse a head count that does not divide hidden_size (transformers 5 validates it): zero those heads
+    # some configs refuse a head count that does not divide hidden_size (transformers 5 validates on save): zero then
     physical = layout.removable and getattr(config, "head_dim", None) is not None
-    physical = physical and config.hidden_size % (heads - removed) == 0
+    physical = physical and accepts_head_count(config, heads - removed, kv_heads if groups > 1 else heads - removed)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     plan = []
     for i, block in enumerate(blocks):
@@ -223,7 +239,7 @@ def prune_heads(
         "note": None
         if physical
         else f"{type(config).__name__} cannot hold {heads - removed} heads with hidden_size {config.hidden_size} "
-        "(it derives head_dim from hidden_size / num_attention_heads, or wants a count that divides hidden_size), "
-        "so heads cannot be removed from the shapes: their query/key/value rows and output columns are zeroed.",
+        "(it derives head_dim from hidden_size / num_attention_heads, or refuses that count), so heads cannot be "
+        "removed from the shapes: their query/key/value rows and output columns are zeroed.",
     }
     return result
