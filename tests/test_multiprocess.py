@@ -10,50 +10,19 @@
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from mp_worker import collect_all, train_sequence, train_si_family
 from safetensors.torch import load_file
-from testing_utils import assert_tensors_close, make_config, run_cli, write_yaml
+from testing_utils import assert_tensors_close, failure, launch, make_config, run_cli, write_yaml
 
 from hf_ewc import EWCState
 
 
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).resolve().parent / "mp_worker.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def failure(done: subprocess.CompletedProcess) -> str:
-    """Every rank's own error lines (a rank's one-line CLI error is otherwise lost above the launcher's traceback),
-    then the end of stderr."""
-    errors = [line for line in done.stderr.splitlines() if "error:" in line or "Error:" in line]
-    return "\n".join(errors[:20]) + "\n…\n" + done.stderr[-2000:]
-
-
-def launch(*args: str, cpu: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes 2 ARGS`` (a script path, or ``-m module``) on CPU."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), *args,
-    ]  # fmt: skip
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
 
 
 def ranks(out: Path) -> list[tuple[dict[str, torch.Tensor], dict]]:

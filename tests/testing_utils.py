@@ -3,7 +3,11 @@ the CLI runner, file-tree snapshots and the one tensor-dict comparison. No downl
 
 import itertools
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -296,3 +300,31 @@ def damaged_state(src: Path, dst: Path | None = None, edit_tensors=None, edit_me
         dst.mkdir()
     save_file(tensors, str((dst or src) / "ewc_state.safetensors"), metadata={"hf_ewc": json.dumps(meta)})
     return dst or src
+
+
+# ------------------------------------------------------------------------------------------------ launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def failure(done: subprocess.CompletedProcess) -> str:
+    """Every rank's own error lines (a rank's one-line CLI error is otherwise lost above the launcher's traceback),
+    then the end of stderr."""
+    errors = [line for line in done.stderr.splitlines() if "error:" in line or "Error:" in line]
+    return "\n".join(errors[:20]) + "\n…\n" + done.stderr[-2000:]
+
+
+def launch(*args: str, cpu: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 ARGS`` (a script path, or ``-m module``) on CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)

@@ -14,6 +14,7 @@
 
 from .evaluation import evaluate_model
 from .loop import Pipeline, run_pipeline
+from .prepare import train_tokenizer
 from .prune import export_clnp_domain, prune_pretrained
 from .run_config import RunConfig, build_run_config, default_config_path, load_run_config
 from .run_dir import config_differences
@@ -30,4 +31,5 @@ __all__ = [
     "load_run_config",
     "prune_pretrained",
     "run_pipeline",
+    "train_tokenizer",
 ]
