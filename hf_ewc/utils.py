@@ -138,6 +138,19 @@ def recover_replaced(path: str | os.PathLike) -> None:
             os.replace(previous, path)
 
 
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """``out_dir`` as a `Path`, refused (one line) when it exists and ``overwrite`` is off, or when it is ``source``
+    itself; an export interrupted while replacing it counts as the folder it was (`recover_replaced`)."""
+    out = Path(out_dir)
+    if out.name:
+        recover_replaced(out)
+    if out.exists() and not overwrite:
+        raise HfEwcError(f"output directory {str(out)!r} already exists; choose another --out or pass --overwrite.")
+    if source is not None and os.path.exists(source) and out.resolve() == Path(source).resolve():
+        raise HfEwcError(f"--out is {str(source)!r} itself; write the result somewhere else.")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a new, empty temporary folder next to ``path``; on success it takes the name ``path``.

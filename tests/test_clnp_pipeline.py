@@ -169,6 +169,9 @@ def test_export_of_one_domain_is_smaller_and_computes_its_masked_logits(clnp_run
     for extra, message in cases:
         rc, _, err = run_cli(["prune", str(tmp / "run"), *extra, "--out", str(tmp / "bad")], capsys)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = run_cli(["prune", str(tmp / "run"), "--clnp-domain", "tools", "--out", str(tmp / "run"),
+                          "--overwrite"], capsys)  # fmt: skip
+    assert rc == 2 and "itself; write the result somewhere else" in err
     plain = tmp / "plain"
     plain.mkdir()
     rc, _, err = run_cli(["prune", str(plain), "--clnp-domain", "tools", "--out", str(tmp / "bad")], capsys)

@@ -8,7 +8,6 @@ holds it only when the run trained with that method: otherwise it is skipped wit
 """
 
 import os
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -19,7 +18,7 @@ from ..importance import METHODS, SI_FAMILY, collect_importance, importance_corr
 from ..models import task_of_auto_class
 from ..plots import plot_correlations
 from ..state import EWCState, find_ewc_state
-from ..utils import HfEwcError, atomic_directory, error_line, recover_replaced, versions, write_json_atomic
+from ..utils import HfEwcError, atomic_directory, check_output_dir, error_line, versions, write_json_atomic
 from .data import train_collator
 from .prune import data_for_model, load_pretrained
 
@@ -88,11 +87,7 @@ def correlate_pretrained(
     ``correlations.json`` holds. ``fisher_estimator`` defaults to ``exact`` for classifiers and ``sampled`` for
     language models (whose exact Fisher needs T·V backward passes per batch)."""
     methods = parse_methods(methods)
-    out = Path(out_dir)
-    if out.name:
-        recover_replaced(out)
-    if out.exists() and not overwrite:
-        raise HfEwcError(f"output directory {str(out)!r} already exists; choose another --out or pass --overwrite.")
+    out = check_output_dir(out_dir, overwrite=overwrite)
     collected = [m for m in methods if m in COLLECTED]
     if collected and not data_files:
         raise HfEwcError(f"--data FILE… is needed to measure {', '.join(collected)}; only magnitude and the SI family "

@@ -27,12 +27,17 @@ from ..pruning import (
     prune_model,
 )
 from ..state import EWCState, find_ewc_state
-from ..utils import HfEwcError, check_finite_weights, error_line, logger, recover_replaced
+from ..utils import HfEwcError, check_finite_weights, check_output_dir, error_line, logger
 from .adapters import base_model_of, hub_base_of, is_adapter_dir, load_adapter
 from .data import load_raw_domain, tokenize_domain, train_collator
 from .evaluation import evaluate_model
 from .run_config import DomainSpec, PruneSpec
 from .sources import check_model_source
+
+
+def _check_repo_id(push_to_hub: str | None) -> None:
+    if push_to_hub is not None and "/" not in push_to_hub:
+        raise HfEwcError(f"--push-to-hub {push_to_hub!r}: give a repository id like 'user/model-pruned'.")
 
 
 def prune_in_run(model, state: EWCState, spec: PruneSpec) -> PruneReport:
@@ -112,15 +117,8 @@ def prune_pretrained(
     (an `hf-ewc train` run keeps one in ``ewc_state/``), else are collected on ``data_files``.
     """
     _, _, sparsity, scope = check_prune_arguments(sparsity, criterion, structure, scope, include, exclude)
-    out = Path(out_dir)
-    if out.name:
-        recover_replaced(out)  # an export interrupted while replacing `out` counts as the `out` it was
-    if out.exists() and not overwrite:
-        raise HfEwcError(f"output directory {str(out)!r} already exists; choose another --out or pass --overwrite.")
-    if os.path.exists(model_name_or_path) and out.resolve() == Path(model_name_or_path).resolve():
-        raise HfEwcError("--out is the model directory itself; export the pruned model somewhere else.")
-    if push_to_hub is not None and "/" not in push_to_hub:
-        raise HfEwcError(f"--push-to-hub {push_to_hub!r}: give a repository id like 'user/model-pruned'.")
+    out = check_output_dir(out_dir, overwrite=overwrite, source=model_name_or_path)
+    _check_repo_id(push_to_hub)
     if importances is not None and not isinstance(importances, (EWCState, Mapping)):
         if not os.path.exists(importances):
             raise HfEwcError(f"importances directory {str(importances)!r} does not exist.")
@@ -241,16 +239,9 @@ def export_clnp_domain(
     for all blocks; the few extra units of narrower blocks stay, zeroed). Before anything is written, its logits on a
     probe input must equal the run's model evaluated under the domain's units (``CLNP.domain``); the export is then
     reload-verified like any pruned model."""
-    out = Path(out_dir)
     run = str(run_dir)
-    if out.name:
-        recover_replaced(out)
-    if out.exists() and not overwrite:
-        raise HfEwcError(f"output directory {str(out)!r} already exists; choose another --out or pass --overwrite.")
-    if os.path.exists(run) and out.resolve() == Path(run).resolve():
-        raise HfEwcError("--out is the run directory itself; export the domain somewhere else.")
-    if push_to_hub is not None and "/" not in push_to_hub:
-        raise HfEwcError(f"--push-to-hub {push_to_hub!r}: give a repository id like 'user/model-domain'.")
+    out = check_output_dir(out_dir, overwrite=overwrite, source=run)
+    _check_repo_id(push_to_hub)
     state_dir = find_ewc_state(run) if os.path.isdir(run) else None
     if state_dir is None or not (state_dir / CLNP_STATE_NAME).is_file():
         raise HfEwcError(
