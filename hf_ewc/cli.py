@@ -129,7 +129,7 @@ def _sweep(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
     sweep = Sweep(
         run.raw, source=run.source, lambdas=lambdas, methods=methods, min_gain_kept=args.min_gain_kept,
-        resume=args.resume, overwrite=args.overwrite, keep_models=args.keep_models,
+        resume=args.resume, overwrite=args.overwrite, keep_models=args.keep_models, objective=args.objective,
     )  # fmt: skip
     sweep.run()
     return 0
@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="Reuse the finished runs of the sweep in output_dir.")
     sweep.add_argument("--overwrite", action="store_true", help="Replace a sweep already in output_dir.")
     sweep.add_argument("--keep-models", action="store_true", help="Keep every run's weights (default: results only).")
+    sweep.add_argument(
+        "--objective", default="domains",
+        help="Whose forgetting to minimise: domains (default: the sequence's own), general (the first general_eval "
+        "score) or TASK/METRIC (a general_eval score, e.g. hf_ewc_prose_cloze/acc).",
+    )  # fmt: skip
     sweep.set_defaults(func=_sweep)
     env = sub.add_parser("env", help="Print versions, device and accelerate setup (paste it into bug reports).")
     env.set_defaults(func=_env)
@@ -325,7 +330,7 @@ def _add_prune_parser(sub) -> None:
 OWN_FLAGS = {  # a command's own flags (and whether they take a value); every other --key is a config override
     "train": {"--resume": False, "--overwrite": False, "--fields": False, "--from": True},
     "sweep": {"--resume": False, "--overwrite": False, "--keep-models": False, "--lambdas": True, "--methods": True,
-              "--min-gain-kept": True},
+              "--min-gain-kept": True, "--objective": True},
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from .metrics import as_initial, as_matrix, domain_names
 from .utils import atomic_path
 
 
-__all__ = ["plot_correlations", "plot_frontier", "plot_matrix", "plot_trajectories", "plot_units"]
+__all__ = ["plot_correlations", "plot_frontier", "plot_general", "plot_matrix", "plot_trajectories", "plot_units"]
 
 _DPI = 110
 
@@ -178,6 +178,41 @@ def plot_trajectories(
     ax.grid(alpha=0.3)
     ax.set_title(title if title is not None else f"{metric} of each domain along the sequence")
     figure.legend(loc="outside right upper", fontsize="small")
+    _save(figure, path)
+
+
+def plot_general(
+    rows: Sequence[dict],
+    path: str | os.PathLike,
+    *,
+    columns: Sequence[str],
+    labels: Sequence[str],
+    baseline: Sequence[dict] | None = None,
+    title: str | None = None,
+) -> None:
+    """Write a PNG with one panel per general-ability score (an lm-eval task's metric): its value before the sequence
+    and after each domain, with naive fine-tuning's dashed where ``baseline`` gives its rows (same ``labels``)."""
+    count = len(columns)
+    across = min(count, 3)
+    down = -(-count // across)
+    figure = _pyplot_free_figure((max(4.5, 2.0 + 0.7 * len(labels)) * across, 3.2 * down))
+    steps = np.arange(len(labels))
+    rotation = _tick_rotation(labels)
+    for k, column in enumerate(columns):
+        ax = figure.add_subplot(down, across, k + 1)
+        values = np.array([row.get(column, np.nan) for row in rows], dtype=float)
+        if np.nanmin(values) > 0 and np.nanmax(values) > 20 * np.nanmin(values):
+            ax.set_yscale("log")  # a perplexity from a random model down to a trained one
+        ax.plot(steps, values, marker="o", markersize=4, label="this run")
+        if baseline is not None:
+            other = [row.get(column, np.nan) for row in baseline]
+            ax.plot(steps[: len(other)], other, linestyle="--", color="grey", label="naive fine-tuning")
+        ax.set_xticks(steps, labels, rotation=rotation, ha="right" if rotation else "center", rotation_mode="anchor")
+        ax.set_title(column, fontsize="medium")
+        ax.grid(alpha=0.3)
+        if k == 0 and baseline is not None:
+            ax.legend(fontsize="small")
+    figure.suptitle(title if title is not None else "general ability along the sequence")
     _save(figure, path)
 
 

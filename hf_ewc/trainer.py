@@ -105,6 +105,7 @@ class EWCMixin:
         self._wva: Attenuation | None = None
         self._independent: IndependentBatches | None = None
         self._penalty_in_loss = self.is_deepspeed_enabled  # DeepSpeed keeps gradients in its own buffers
+        self._penalty_joined = False  # set where the penalty meets this optimizer step's gradients
         self._clip_coef = 1.0
         self._told_no_state = False
         self._warned_overshoot = False
@@ -197,6 +198,7 @@ class EWCMixin:
         if self._loss_scaled_for_ga(num_items_in_batch):
             penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
         loss = loss + penalty.to(loss.device)
+        self._penalty_joined = True
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model: nn.Module, inputs: dict[str, Tensor | Any], num_items_in_batch=None) -> Tensor:
@@ -209,6 +211,7 @@ class EWCMixin:
         if penalty is not None and penalty.penalized and not self._penalty_in_loss and self.accelerator.sync_gradients:
             scaler = getattr(self.accelerator, "scaler", None)
             penalty.add_gradient_(scale=float(scaler.get_scale()) if scaler is not None else 1.0)
+            self._penalty_joined = True
         return loss
 
     # ------------------------------------------------------------------ around the optimizer step
@@ -221,6 +224,13 @@ class EWCMixin:
 
     def _after_optimizer_step(self) -> None:
         penalty = self._penalty
+        if penalty is not None and penalty.penalized and not self._penalty_joined:
+            raise HfEwcError(
+                f"{type(self).__name__} stepped its optimizer without Trainer.training_step (or, under DeepSpeed, "
+                "compute_loss): its loss path cannot carry the EWC penalty; with_ewc needs a trainer whose updates "
+                "go through them (every TRL trainer's do)."
+            )
+        self._penalty_joined = False
         skipped = bool(getattr(self.accelerator, "optimizer_step_was_skipped", False))
         if not skipped:
             if penalty is not None and not penalty.penalized:

@@ -5,6 +5,7 @@
   the penalty is neither multiplied nor divided by the world size;
 - `hf-ewc train`: every file under output_dir is written by the main process only (rank 1 writes its own RNG state
   into checkpoints, as the Trainer does), and the results equal a 1-process run (EWC, and CLNP's allocation);
+- `general_eval:` scored on the main process, received by every rank (equal to 1 process), its errors on every rank;
 - FSDP2-sharded (DTensor) parameters are refused by collection, consolidation and SI;
 - a launch whose processes each believe they are alone is refused before anything is written.
 """
@@ -170,3 +171,33 @@ def test_launch_where_every_process_thinks_it_is_alone_is_refused(tmp_path):
     assert done.stderr.count("hf-ewc train: error: WORLD_SIZE=2 but accelerate sees a single process") == 2
     assert "ACCELERATE_USE_CPU=1" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_general_eval_on_two_processes_equals_one_process_and_errors_stop_every_rank(tmp_path, capsys):
+    """The main process scores the model and every rank gets the scores (the rows equal a 1-process run's); when the
+    harness cannot score it, every rank stops with the one-line error instead of waiting for the scores."""
+    pytest.importorskip("lm_eval")
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    configs = {}
+    for where, batch in ((two, 2), (one, 4)):
+        raw = make_config(where, per_device_train_batch_size=batch)
+        raw["model"]["config"]["max_position_embeddings"] = 512
+        raw["general_eval"] = {"tasks": ["hf_ewc_prose_ppl"], "limit": 4}
+        configs[where] = write_yaml(where / "run.yaml", raw)
+    done = launch("-m", "hf_ewc", "train", str(configs[two]), cwd=two)
+    assert done.returncode == 0, failure(done)
+    assert done.stdout.count("after tools, general_eval: hf_ewc_prose_ppl/word_perplexity") == 1
+    rc, _, err = run_cli(["train", str(configs[one])], capsys)
+    assert rc == 0, err
+    general = [json.loads((d / "run" / "results.json").read_text())["general_eval"] for d in (two, one)]
+    assert general[0]["columns"] == general[1]["columns"]
+    for a, b in zip([general[0]["initial"], *general[0]["rows"]], [general[1]["initial"], *general[1]["rows"]]):
+        assert a == pytest.approx(b, rel=1e-4)
+
+    short = make_config(tmp_path, output_dir=str(tmp_path / "short"))
+    short["general_eval"] = {"tasks": ["hf_ewc_prose_cloze"], "limit": 4}  # 32 positions: the sentences do not fit
+    done = launch("-m", "hf_ewc", "train", str(write_yaml(tmp_path / "short.yaml", short)), cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("hf-ewc train: error: general_eval: lm-eval could not score the model") == 2
+    assert not (tmp_path / "short").exists()

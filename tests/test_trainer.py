@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 from testing_utils import MLP, lm_samples, tiny_gpt2, tiny_llama, vec_samples
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
-from hf_ewc import EWCConfig, EWCState, EWCTrainer, HfEwcError, collect_importance
+from hf_ewc import EWCConfig, EWCState, EWCTrainer, HfEwcError, collect_importance, with_ewc
 from hf_ewc.state import STATE_WEIGHTS_NAME
 
 
@@ -613,3 +613,30 @@ def test_a_penalty_too_weak_to_matter_is_reported_once_and_the_default_is_not(tm
         assert len(warned) == (1 if expect else 0), (lam, sum(ratios) / len(ratios), warned)
         if expect:
             assert "Raise ewc_lambda" in warned[0] and "hf-ewc sweep" in warned[0]
+
+
+def test_a_host_whose_updates_bypass_training_step_is_refused_at_its_first_step(tmp_path):
+    """with_ewc over a trainer with a loop of its own (forward, backward and optimizer step without
+    Trainer.training_step): the penalty cannot reach its gradients, and the first optimizer step says so."""
+
+    class OwnLoop(Trainer):
+        def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, **kwargs):
+            self.create_optimizer_and_scheduler(num_training_steps=2)
+            self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+            for inputs in self.get_train_dataloader():
+                self.model(**inputs).loss.backward()
+                self.optimizer.step()
+                self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
+                self.optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    samples = lm_samples(8)
+    state = consolidated(model, samples)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = with_ewc(OwnLoop)(model=model, args=make_args(tmp_path), train_dataset=samples, ewc_state=state)
+    with pytest.raises(HfEwcError, match="EWCOwnLoop stepped its optimizer without Trainer.training_step"):
+        trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # (it did step once)
+    # EWCTrainer itself, on the same data, steps with the penalty joined
+    EWCTrainer(model=model, args=make_args(tmp_path / "b"), train_dataset=samples, ewc_state=state).train()

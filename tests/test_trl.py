@@ -2,6 +2,7 @@
 `SFTTrainer` step, gradient-accumulation invariance, consolidation on SFT's own processed data, resume from a
 checkpoint, and the refusals. Skipped without TRL (`pip install "hf-ewc[trl]"`)."""
 
+import copy
 import random
 
 import datasets
@@ -157,3 +158,59 @@ def test_with_ewc_refuses_what_is_not_a_trainer_and_converts_sft_configs(data, t
     assert trainer.args.max_length == 12 and trainer.args.ewc_mode == "stabilized"
     with pytest.raises(ValueError, match="ewc_lambda must be a finite number >= 0"):
         EWCSFTConfig(**_args(tmp_path), ewc_lambda=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------- DPO
+def _preferences(data) -> datasets.Dataset:
+    """Prompt, chosen and rejected continuations made of the animal words (DPO's standard format)."""
+    rng = random.Random(1)
+    words = WORDS["animals"]
+
+    def phrase(size: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(size))
+
+    rows = [{"prompt": phrase(4), "chosen": phrase(3), "rejected": phrase(3)} for _ in range(8)]
+    return datasets.Dataset.from_list(rows)
+
+
+def test_the_penalty_gradient_joins_the_dpo_step_and_accumulation_does_not_change_it(data, tmp_path):
+    """DPOTrainer (a reference model, a loss that is a mean over preference pairs): one SGD step of the EWC trainer
+    differs from the plain one by exactly η·λ·Ω·(θ − θ*); with 2 micro-batches of 2 it ends where 1 batch of 4 does."""
+    _, tokenizer = data
+    preferences = _preferences(data)
+    EWCDPOTrainer, EWCDPOConfig = with_ewc(trl.DPOTrainer), ewc_config_class(trl.DPOConfig)
+    model, state = _state(data, tmp_path)
+    start = _params(model)
+    reference = copy.deepcopy(model).eval()  # DPO's frozen reference (built from a Hub id when not given)
+    lam, lr = 2.0, 0.05
+
+    def restart():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+
+    def dpo_args(out, **kwargs):
+        return {**_args(tmp_path / out, max_steps=1, max_length=24), **kwargs}
+
+    plain = trl.DPOTrainer(model=model, ref_model=reference, args=trl.DPOConfig(**dpo_args("plain")),
+                           train_dataset=preferences, processing_class=tokenizer)  # fmt: skip
+    plain.train()
+    after_plain = _params(model)
+    results = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        restart()
+        settings = dpo_args(f"ewc{accumulation}", per_device_train_batch_size=batch,
+                            gradient_accumulation_steps=accumulation)  # fmt: skip
+        args = EWCDPOConfig(**settings, ewc_mode="vanilla", ewc_lambda=lam)
+        trainer = EWCDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=preferences,
+                                processing_class=tokenizer, ewc_state=state)  # fmt: skip
+        trainer.train()
+        assert any("ewc/penalty" in log for log in trainer.state.log_history)
+        results.append(_params(model))
+    largest = 0.0
+    for n in start:
+        expected = lr * lam * state.importances[n] * (start[n] - state.anchors[n])
+        largest = max(largest, float(expected.abs().max()))
+        torch.testing.assert_close(after_plain[n] - results[0][n], expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(results[1][n], results[0][n], rtol=1e-5, atol=1e-6)
+    assert largest > 1e-2  # the penalty moved the weights far more than the tolerance

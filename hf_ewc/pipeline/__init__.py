@@ -7,6 +7,7 @@
 - `adapters.py` — the `peft:` block (LoRA adapters on a frozen base model);
 - `run_dir.py` — output_dir layout, progress, resume checks, atomic stages;
 - `evaluation.py` — one matrix row: every domain evaluated;
+- `general_eval.py` — the `general_eval:` block: lm-evaluation-harness scores before the first domain and after each;
 - `loop.py` — [`Pipeline`]: the domain loop, top to bottom;
 - `results.py`, `card.py` — results, plots and the model card;
 - `prune.py` — `hf-ewc prune`, the `prune:` block and a CLNP run's per-domain export (`--clnp-domain`).

@@ -24,6 +24,7 @@ from ..utils import HfEwcError, logger
 from .adapters import parameter_summary
 from .data import DomainData, train_collator
 from .evaluation import DomainEvaluator, primary_metric
+from .general_eval import GeneralEvaluator
 from .prepare import Prepared, load_domains, load_stage, prepare, save_base_and_wrap
 from .prune import prune_in_run
 from .results import collect_results, results_text, write_results
@@ -76,6 +77,7 @@ class Pipeline:
         self.base_dirs = [Path.cwd()] + ([Path(run.source).resolve().parent] if run.source else [])
         self.run_dir = RunDir(self.out, [d.name for d in run.domains], self.accel)
         self.evaluator = DomainEvaluator(run, self.base_dirs, eval_batch_size)
+        self.general = GeneralEvaluator(run.general_eval, self.base_dirs) if run.general_eval is not None else None
         self.metric = self.primary_metric[0]
         # CLNP's first domain trains with its L1 and frees units: the naive baseline cannot share it
         self.clnp = run.training_args(0, str(self.out)).ewc_mode == "clnp"
@@ -106,9 +108,16 @@ class Pipeline:
             and not config_differences(recorded.get("config", {}), self.record()["config"])
         )
 
-    def _show_row(self, when: str, row: dict) -> None:
+    def _show_row(self, when: str, row: dict, general: dict | None = None) -> None:
         shown = ", ".join(f"{n} {row[n][self.metric]:.3f}" for n in self.run_dir.names)
         self.print(f"[hf_ewc] {when}, {self.metric}: {shown}")
+        if general is not None:
+            scores = ", ".join(f"{c} {v:.4g}" for c, v in general["scores"].items())
+            self.print(f"[hf_ewc] {when}, general_eval: {scores}")
+
+    def _general_eval(self, model, tokenizer) -> dict | None:
+        """The `general_eval:` scores of ``model`` (None without the block)."""
+        return self.general.evaluate(model, tokenizer) if self.general is not None else None
 
     # ---------------------------------------------------------------------------------------------- the sequence
     def run_sequence(self, *, stop_after: int | None = None) -> dict:
@@ -137,6 +146,10 @@ class Pipeline:
         # instead of building the same cache files at the same moment.
         with self.accel.main_process_first():
             prepared = prepare(run, run_dir, progress=progress, from_dir=self.from_dir, base_dirs=self.base_dirs)
+            if self.general is not None:
+                self.general.check()  # unknown tasks, data that does not load: refused before anything is written
+        # the scores before the sequence, also before anything is written: a model the tasks do not fit is refused
+        general = self._general_eval(prepared.model, prepared.tokenizer) if prepared.model is not None else None
         run_dir.start(self.record(), fresh=progress is None, overwrite=self.overwrite)
         if progress is None:
             progress = {"initial": None, "completed": [], "finished": False}
@@ -146,11 +159,13 @@ class Pipeline:
                 save_base_and_wrap(run, run_dir, prepared)
             t0 = time.perf_counter()
             row = self.evaluator.row(prepared.model, prepared.domains, prepared.tokenizer)
-            self._save_stage(None, prepared.model, prepared, prepared.initial_state)
             progress["initial"] = {"row": row, "eval_seconds": time.perf_counter() - t0}
+            self._save_stage(None, prepared.model, prepared, prepared.initial_state)
+            if general is not None:
+                progress["initial"]["general"] = general
             run_dir.write_progress(progress)
             self.accel.wait_for_everyone()
-        self._show_row("before training", progress["initial"]["row"])
+        self._show_row("before training", progress["initial"]["row"], progress["initial"].get("general"))
         prepared.model = None
 
         for i, spec in enumerate(run.domains):
@@ -167,7 +182,7 @@ class Pipeline:
             run_dir.write_progress(progress)
             self.accel.wait_for_everyone()
             run_dir.cleanup(len(progress["completed"]))
-            self._show_row(f"after {spec.name}", entry["row"])
+            self._show_row(f"after {spec.name}", entry["row"], entry.get("general"))
 
         run_dir.cleanup(len(progress["completed"]))  # also when a kill came between a progress update and cleanup
         return self._finish(progress, time.perf_counter() - started)
@@ -215,6 +230,7 @@ class Pipeline:
                 self.evaluator.row(model, prepared.domains, prepared.tokenizer),
             )
             self.print(f"[hf_ewc] pruned: {report.summary()}")
+        general = self._general_eval(model, prepared.tokenizer)  # with every unit on, for CLNP
         self._save_stage(index, model, prepared, state)
         self.accel.wait_for_everyone()
         train_logs = [log for log in trainer.state.log_history if "loss" in log or "ewc/penalty" in log]
@@ -223,6 +239,7 @@ class Pipeline:
             "parameters": parameter_summary(model),
             **({"pruning": pruning} if pruning is not None else {}),
             **({"clnp": units} if units is not None else {}),
+            **({"general": general} if general is not None else {}),
             "domain": spec.name,
             "row": row,
             "train": {

@@ -5,11 +5,12 @@ import math
 from pathlib import Path
 
 from ..metrics import continual_metrics, format_matrix, format_summary
-from ..plots import plot_matrix, plot_trajectories, plot_units
+from ..plots import plot_general, plot_matrix, plot_trajectories, plot_units
 from ..state import EWCState
 from ..utils import HfEwcError, atomic_path, logger, versions, write_json_atomic
 from .card import write_model_card
 from .evaluation import primary_metric
+from .general_eval import general_markdown, general_results
 from .run_config import RunConfig
 from .run_dir import RESULTS_NAME
 
@@ -94,6 +95,9 @@ def collect_results(
         results["clnp"] = clnp_results(completed, names, metric, higher)
     if baseline is not None:
         results["baseline"] = compare_with(results, *baseline)
+    general = general_results(progress, names, baseline[0].get("general_eval") if baseline is not None else None)
+    if general is not None:
+        results["general_eval"] = general
     return results
 
 
@@ -189,6 +193,17 @@ def write_results(out: Path, run: RunConfig, results: dict, *, from_dir: str | N
         )  # fmt: skip
     if results.get("clnp"):
         plot_units(results["clnp"]["history"], out / "units.png", title="CLNP: units per layer after each domain")
+    general = results.get("general_eval")
+    if general is not None:
+        rows = [general["initial"], *general["rows"]]
+        finite = [c for c in general["shown"] if all(math.isfinite(r[c]) for r in rows)]
+        if finite:
+            baseline = general.get("baseline")
+            plot_general(
+                rows, out / "general.png", columns=finite, labels=general["labels"],
+                baseline=[general["initial"], *baseline["rows"]] if baseline else None,
+                title="general ability (lm-evaluation-harness) along the sequence",
+            )  # fmt: skip
     tables = results_markdown(results, level=3)
     write_model_card(out, run=run, results=results, markdown_tables=tables, from_dir=from_dir)
 
@@ -204,6 +219,8 @@ def results_text(results: dict) -> str:
     text = table + "\n\n" + format_summary(results["summary"], names, metric=metric)
     if results.get("clnp"):
         text += "\n\n" + "\n".join(clnp_markdown(results["clnp"], names, metric, "##"))
+    if results.get("general_eval"):
+        text += "\n\n" + "\n".join(general_markdown(results["general_eval"], "##")).rstrip()
     if results.get("baseline"):
         text += "\n\n" + baseline_text(results["baseline"], _method_name(results))
     return text
@@ -241,6 +258,8 @@ def results_markdown(results: dict, level: int = 2) -> str:
     parts += [f"{h} Summary", "", format_summary(results["summary"], names, metric=metric, markdown=True), ""]
     if results.get("clnp"):
         parts += clnp_markdown(results["clnp"], names, metric, h)
+    if results.get("general_eval"):
+        parts += general_markdown(results["general_eval"], h)
     if results.get("baseline"):
         parts += [f"{h} Against naive fine-tuning", "", baseline_text(results["baseline"], _method_name(results)), ""]
     return "\n".join(parts)

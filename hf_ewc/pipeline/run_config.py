@@ -9,6 +9,7 @@ The YAML's top level holds the pipeline keys below plus any `EWCConfig` field (f
       - {name: prose, data_files: prose.jsonl.gz, eval_fraction: 0.1, training: {num_train_epochs: 4}}
       - {name: code, dataset: bigcode/the-stack-smol, dataset_config: python, text_column: content}
     output_dir: runs/demo
+    general_eval: {tasks: [hf_ewc_prose_cloze], limit: 200}   # optional: lm-evaluation-harness scores
     learning_rate: 1.0e-3
     ewc_lambda: 1.0e5
 """
@@ -31,6 +32,7 @@ from ..pruning import IMPORTANCE_OF, check_prune_arguments
 from ..utils import HfEwcError
 from .adapters import check_peft_spec
 from .config_io import apply_override, check_value, parse_overrides, read_yaml, unknown_key
+from .general_eval import GeneralEvalSpec, check_general_eval_spec
 
 
 # EWCConfig fields the pipeline sets itself, per domain.
@@ -112,6 +114,7 @@ class RunConfig:
     prune: PruneSpec | None = None
     peft: PeftSpec | None = None
     baseline: str | None = None  # "naive": naive fine-tuning runs alongside, sharing the first domain
+    general_eval: GeneralEvalSpec | None = None  # lm-evaluation-harness tasks before the first domain and after each
 
     @property
     def prune_after(self) -> int | None:
@@ -153,6 +156,7 @@ class RunConfig:
             **({"prune": asdict(self.prune)} if self.prune is not None else {}),
             **({"peft": asdict(self.peft)} if self.peft is not None else {}),
             **({"baseline": self.baseline} if self.baseline is not None else {}),
+            **({"general_eval": asdict(self.general_eval)} if self.general_eval is not None else {}),
             **self.training,
         }
 
@@ -200,7 +204,7 @@ def _spec(cls, raw: Any, where: str):
     return cls(**values)
 
 
-PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed", "prune", "peft", "baseline")
+PIPELINE_KEYS = ("task", "model", "domains", "output_dir", "seed", "prune", "peft", "baseline", "general_eval")
 BASELINES = ("naive",)
 
 
@@ -294,9 +298,10 @@ def build_run_config(raw: dict, *, source: str | None = None) -> RunConfig:
         )
     if baseline is not None and len(domains) < 2:
         raise HfEwcError("baseline: needs at least two domains (it measures forgetting of the first ones).")
+    general = _general_eval_spec(raw["general_eval"], task) if raw.get("general_eval") is not None else None
     config = RunConfig(
         task, model, domains, output_dir, seed, training, source=source, raw=raw, prune=prune, peft=peft,
-        baseline=baseline,
+        baseline=baseline, general_eval=general,
     )  # fmt: skip
     for i, domain in enumerate(domains):  # every domain's EWCConfig is valid before anything runs
         domain_args = config.training_args(i, output_dir)
@@ -350,6 +355,14 @@ def _prune_spec(raw: Any, domains: list[DomainSpec]) -> PruneSpec:
         check_prune_arguments(spec.sparsity, spec.criterion, spec.structure, spec.scope, spec.include, spec.exclude)
     except HfEwcError as err:
         raise HfEwcError(f"prune: {err}") from None
+    return spec
+
+
+def _general_eval_spec(raw: Any, task: str) -> GeneralEvalSpec:
+    if isinstance(raw, dict) and isinstance(raw.get("tasks"), str):
+        raw = {**raw, "tasks": [raw["tasks"]]}  # `tasks: name` for one task
+    spec = _spec(GeneralEvalSpec, raw, "general_eval")
+    check_general_eval_spec(spec, task)
     return spec
 
 

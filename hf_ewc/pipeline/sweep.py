@@ -15,7 +15,10 @@ With the run's summary (signed so that positive is better for any metric), per c
   kept ``G / G_naive``.
 
 The rule: per method, the λ that removes the most forgetting among those that keep at least ``--min-gain-kept`` of
-the gain; overall, the best of those. ``best.yaml`` is the config with it (data paths made absolute).
+the gain; overall, the best of those. With ``--objective general`` (or ``--objective TASK/METRIC``, a column of the
+config's `general_eval:` scores) the forgetting is that of general ability instead — the drop of that score from
+after the first domain to the end, signed so that positive is worse — while the gain stays the new domains'.
+``best.yaml`` is the config with it (data paths made absolute).
 
 ``output_dir`` of the config holds ``sweep_config.json`` (what ``--resume`` compares), ``first/<method>/`` and
 ``runs/<cell>/`` (each an `hf-ewc train` run; weights removed once it finished unless ``--keep-models``), ``logs/``
@@ -41,6 +44,7 @@ from ..config import EWC_MODES, FISHER_ESTIMATORS, IMPORTANCE_METHODS
 from ..plots import plot_frontier
 from ..utils import LOCK_NAME, LOCK_OWNER_NAME, HfEwcError, atomic_path, write_json_atomic
 from .data import resolve_data_files
+from .general_eval import GeneralEvaluator
 from .loop import Pipeline
 from .results import forgetting_and_gain
 from .run_config import build_run_config
@@ -147,6 +151,7 @@ class Sweep:
         resume: bool = False,
         overwrite: bool = False,
         keep_models: bool = False,
+        objective: str = "domains",
         print_fn=print,
     ):
         if not 0 < min_gain_kept <= 1:
@@ -154,6 +159,7 @@ class Sweep:
         if resume and overwrite:
             raise HfEwcError("--resume and --overwrite exclude each other: keep the sweep, or replace it.")
         self.raw, self.source = copy.deepcopy(raw), source
+        self.objective = _check_objective(objective, self.raw.get("general_eval"))
         # every cell is compared with the sweep's own naive run; `best.yaml` keeps the config's choice
         self.baseline = self.raw.pop("baseline", None)
         # under `accelerate launch` every process runs every cell; the sweep's own files are the main process's
@@ -163,6 +169,8 @@ class Sweep:
         self.out = Path(self.raw["output_dir"])
         self.raw["disable_tqdm"] = True
         self.record = {"config": self.raw, "lambdas": lambdas, "methods": [m.label for m in methods]}
+        if objective != "domains":
+            self.record["objective"] = objective
         self.runs = [(m, self._cell_config(m, lam, self.out / "runs" / f"{m.slug}-lambda-{lam:g}")) for m in methods
                      for lam in lambdas]  # fmt: skip
         naive = self._cell_config(MethodSpec("uniform"), lambdas[0], self.out / "runs" / "naive")
@@ -211,13 +219,21 @@ class Sweep:
         recorded = _read_json(self.out / SWEEP_CONFIG_NAME)
         if recorded is not None and recorded != json.loads(json.dumps(self.record)):
             raise HfEwcError(
-                f"--resume: {self.out} holds a sweep of another config, λ grid or method list; use the same "
-                "arguments, or a new output_dir."
+                f"--resume: {self.out} holds a sweep of another config, λ grid, method list or --objective; use the "
+                "same arguments, or a new output_dir."
             )
 
     def run(self) -> dict:
         self._check_output_dir()
         firsts = {m: self._first(m) for m in self.methods}  # bad data fails here, before anything is written
+        if self.objective != "domains":  # the scores are known now: a column the config does not measure is refused
+            general = next(iter(firsts.values())).run_dir.read_json(PROGRESS_NAME)["initial"]["general"]
+            self.column = general["shown"][0] if self.objective == "general" else self.objective
+            if self.column not in general["columns"]:
+                raise HfEwcError(
+                    f"--objective {self.objective!r} is not a general_eval score of this config; choose one of: "
+                    f"{', '.join(general['columns'])}."
+                )
         main = self.accel.is_main_process
         if main:
             write_json_atomic(self.out / SWEEP_CONFIG_NAME, self.record)
@@ -281,11 +297,18 @@ class Sweep:
         if not self.keep_models and self.accel.is_main_process:
             _drop_weights(pipeline.out)
         metric = results["metric"]
-        return {
+        cell = {
             "method": label, "lam": lam, "run": str(pipeline.out), "domains": results["domains"], "metric": metric,
             "matrix": results["matrix"][metric], "initial": results["initial"][metric], **forgetting_and_gain(results),
             "last_logs": [d["train"]["last_log"] for d in results["domains_detail"]],
         }  # fmt: skip
+        if self.objective != "domains":  # general ability's forgetting; the domains' stays alongside
+            general = results["general_eval"]
+            cell.update(
+                objective=self.column, forgetting_domains=cell["forgetting"],
+                forgetting=general["forgetting_after_first"][self.column], general_rows=general["rows"],
+            )  # fmt: skip
+        return cell
 
     def _log(self, name: str) -> Path:
         rank = self.accel.process_index
@@ -299,6 +322,10 @@ class Sweep:
         for i, domain in enumerate(raw["domains"]):
             if domain.get("data_files") is not None:  # absolute: best.yaml runs from anywhere
                 domain["data_files"] = resolve_data_files(domain["data_files"], base_dirs, f"domains.{i}")
+        general = raw.get("general_eval")
+        if isinstance(general, dict) and general.get("include_path"):  # task folders as the runs found them
+            spec = build_run_config(raw, source=self.source).general_eval
+            raw["general_eval"] = {**general, "include_path": GeneralEvaluator(spec, base_dirs).include_paths[1:]}
         raw.pop("disable_tqdm", None)
         if self.baseline is not None:
             raw["baseline"] = self.baseline
@@ -327,8 +354,13 @@ class Sweep:
     def _write_markdown(self, report: dict) -> None:
         naive, names = report["naive"], report["naive"]["domains"]
         per_method = report["choice"]["per_method"]
+        forgetting = (
+            "Forgetting F = −BWT"
+            if "objective" not in naive
+            else f"Forgetting F = the drop of general ability's {naive['objective']} after the first domain"
+        )
         rule = (
-            f"Metric: {naive['metric']}. Forgetting F = −BWT, gain G = Σ of the later domains' learned; removed = "
+            f"Metric: {naive['metric']}. {forgetting}, gain G = Σ of the later domains' learned; removed = "
             f"1 − F/F_naive, kept = G/G_naive. Rule: per method, the most forgetting removed among the λ that keep ≥ "
             f"{self.min_gain_kept:.0%} of the gain."
         )
@@ -348,6 +380,23 @@ class Sweep:
         lines += ["", "★ the method's best λ by the rule.", "", "```", self._summary(report), "```", ""]
         with atomic_path(self.out / "sweep.md") as tmp:
             Path(tmp).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _check_objective(objective: str, general_eval: Any) -> str:
+    """``domains``, ``general`` (the first general_eval score) or ``TASK/METRIC`` of a task the config evaluates."""
+    if objective == "domains":
+        return objective
+    if not general_eval:
+        raise HfEwcError(
+            f"--objective {objective}: the config has no general_eval block to measure general ability with; add one "
+            "(README: General-ability forgetting) or use --objective domains."
+        )
+    if objective != "general" and "/" not in objective:
+        raise HfEwcError(
+            f"--objective {objective!r}: give domains, general, or a general_eval score as TASK/METRIC (e.g. "
+            "hf_ewc_prose_cloze/acc; a run's results.md lists them)."
+        )
+    return objective
 
 
 def _pct(share: float | None) -> str:
