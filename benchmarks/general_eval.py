@@ -89,6 +89,11 @@ def main() -> None:
         "",
         *rows,
         "",
+        "Standard errors at the end (the harness's; none for perplexities): "
+        + ", ".join(f"{c} ±{e:.2g}" for c, e in general["stderr"][-1].items() if e is not None)
+        + ". A difference smaller than about two of them is noise: the cloze accuracies of a model this small stay "
+        "near chance (0.25), and the perplexities carry the signal.",
+        "",
         (
             f"On the sequence's own domains: {results['baseline']['forgetting_removed']:.0%} of naive's forgetting "
             f"removed, {results['baseline']['gain_kept']:.0%} of its gain kept."
