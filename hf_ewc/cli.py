@@ -32,6 +32,7 @@ from .config import FISHER_ESTIMATORS
 from .pipeline import Pipeline, export_clnp_domain, load_run_config, prune_pretrained
 from .pipeline.config_io import describe_type
 from .pipeline.correlate import CORRELATE_METHODS, correlate_pretrained
+from .pipeline.general_eval import GeneralEvalSpec
 from .pipeline.run_config import PIPELINE_KEYS, DomainSpec, ModelSpec, PeftSpec, PruneSpec, training_fields
 from .pipeline.sweep import MethodSpec, Sweep, parse_lambdas
 from .pruning import CRITERIA, SCOPES, STRUCTURE_CHOICES
@@ -82,6 +83,7 @@ def _train(args: argparse.Namespace) -> int:
         print("model: " + ", ".join(ModelSpec.__dataclass_fields__))
         print("prune (optional): " + ", ".join(PruneSpec.__dataclass_fields__))
         print("peft (optional, LoRA): " + ", ".join(PeftSpec.__dataclass_fields__))
+        print("general_eval (optional, lm-evaluation-harness): " + ", ".join(GeneralEvalSpec.__dataclass_fields__))
         print("domains[i]: " + ", ".join(DomainSpec.__dataclass_fields__))
         print("EWCConfig / TrainingArguments fields (top level, or per domain under `training:`):")
         for name, tp in sorted(training_fields().items()):

@@ -258,3 +258,9 @@ def test_the_shipped_tasks_are_held_out_from_the_training_corpora():
     cloze = records["prose_cloze.jsonl.gz"]
     assert all(len(r["choices"]) == 4 and 0 <= r["label"] < 4 for r in cloze)
     assert {r["label"] for r in cloze} == {0, 1, 2, 3}
+
+
+def test_fields_lists_the_block(capsys):
+    rc, out, _ = run_cli(["train", "--fields"], capsys)
+    assert rc == 0
+    assert "general_eval (optional, lm-evaluation-harness): tasks, limit, num_fewshot, batch_size, include_path" in out
