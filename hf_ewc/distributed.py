@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import transformers.integrations.deepspeed as hf_deepspeed
 from accelerate.utils import parse_flag_from_env
 from torch import nn
@@ -20,12 +21,12 @@ from .utils import HfEwcError
 
 
 try:  # public since torch 2.4
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover - torch 2.3, or a build without torch.distributed
     try:
-        from torch.distributed._tensor import DTensor
+        from torch.distributed._tensor import DTensor, distribute_tensor
     except ImportError:
-        DTensor = ()  # isinstance(x, ()) is always False
+        DTensor, distribute_tensor = (), None  # isinstance(x, ()) is always False
 
 
 def sharding_refusal(what: str) -> HfEwcError:
@@ -33,7 +34,9 @@ def sharding_refusal(what: str) -> HfEwcError:
     return HfEwcError(
         f"EWC over sharded parameters ({what}) is not supported: importances, anchors and the penalty need whole "
         "parameters. Use one process, DDP (`accelerate launch --multi_gpu`, configs/accelerate/multi_gpu.yaml) or "
-        "DeepSpeed ZeRO-1/2 (configs/accelerate/deepspeed_zero2.yaml); see the README's support matrix."
+        "DeepSpeed ZeRO-1/2 (configs/accelerate/deepspeed_zero2.yaml); FSDP2 (a model sharded at load time, "
+        "DTensor parameters) is the sharded engine that trains with the penalty and the proximal step, from a state "
+        "collected by one of those; see the README's support matrix."
     )
 
 
@@ -48,23 +51,62 @@ def sharding_of(p: torch.Tensor) -> str | None:
     return None
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_parameters(model: nn.Module, *, sharded: bool = False) -> dict[str, nn.Parameter]:
     """``{name: parameter}`` for the parameters with ``requires_grad``, named as ``model.named_parameters()`` names
     them (tied parameters appear once, under their first name). A sharded parameter is refused, naming it: each
-    process would hold a slice, and the state would pair slices with whole names."""
+    process would hold a slice, and the state would pair slices with whole names — except, with ``sharded=True``,
+    FSDP2's DTensors, for the code that works on them shard by shard (the penalty and the proximal step)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for name, p in params.items():
         kind = sharding_of(p)
-        if kind is not None:
+        if kind is not None and not (sharded and isinstance(p, DTensor)):
             raise sharding_refusal(f"{name!r} is a {kind} shard")
     return params
 
 
+def is_sharded(params: dict[str, torch.Tensor]) -> bool:
+    """Whether any of ``params`` is an FSDP2 DTensor (this process holds a slice of it)."""
+    return any(isinstance(p, DTensor) for p in params.values())
+
+
+def replicated_parameter(params: dict[str, torch.Tensor]) -> str | None:
+    """When some of ``params`` are DTensors: the name of one that several processes hold the same slice of (HSDP's
+    ``Replicate`` placement) or of a plain parameter next to them (every process holds it whole), else None — the
+    penalty's global values would count those once per process."""
+    if not is_sharded(params):
+        return None
+    return next((n for n, p in params.items() if not isinstance(p, DTensor) or not all(
+        s.is_shard() for s in p.placements)), None)  # fmt: skip
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's slice of the whole tensor ``full``, laid out as the DTensor parameter ``like`` is (uneven and
+    empty slices included), as a plain tensor on ``like``'s device; no communication: every process holds ``full``.
+    ``full`` itself when ``like`` is not a DTensor."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """In place over every process of the default group: ``op`` "sum" or "max" (through the device the backend
+    reduces on: a CPU tensor, say of CPU-offloaded slices, goes through CUDA under NCCL)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        moved = tensor.to(device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        tensor.copy_(moved)
+    return tensor
+
+
 def sharded_setup(args: Any = None) -> str | None:
-    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the `accelerate launch` environment (or ``args``) shards the
-    parameters across processes, else None — known before any Trainer or model is built."""
-    if (args is not None and args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        return "FSDP"
+    """``"FSDP2"``, ``"FSDP"`` (version 1) or ``"DeepSpeed ZeRO-3"`` when the `accelerate launch` environment (or
+    ``args``) shards the parameters across processes, else None — known before any Trainer or model is built."""
+    if args is not None and args.fsdp:
+        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+        return "FSDP2" if str(config.get("version", 2)) == "2" else "FSDP"
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "FSDP2" if os.environ.get("FSDP_VERSION", "1") == "2" else "FSDP"
     if hf_deepspeed.is_deepspeed_zero3_enabled():
         return "DeepSpeed ZeRO-3"
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
@@ -79,8 +121,15 @@ def sharded_setup(args: Any = None) -> str | None:
 
 
 def refuse_sharded_setup(args: Any = None) -> None:
-    """Raise the sharding refusal when the launch environment (or ``args``) shards parameters."""
+    """`hf-ewc train`'s refusal of a launch environment (or ``args``) that shards parameters: every domain ends with
+    a consolidation, which collects importances on whole parameters."""
     sharded = sharded_setup(args)
+    if sharded == "FSDP2":
+        raise HfEwcError(
+            "hf-ewc train does not run under FSDP2 yet: it consolidates after every domain, and importances are "
+            "collected on whole parameters. Run the sequence on one process or with DDP (configs/accelerate/"
+            "multi_gpu.yaml); EWCTrainer itself trains FSDP2-sharded models with a given EWC state (README: FSDP2)."
+        )
     if sharded is not None:
         raise sharding_refusal(sharded)
 

@@ -15,7 +15,7 @@ Conventions (one λ for every mode, see ``../shared/research/methods.md`` §3.4)
   Euler) step of the vanilla quadratic ``½·λ·Ω·(θ − θ*)²`` with step η.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +33,11 @@ __all__ = [
     "stabilized_coefficients",
     "vanilla_coefficients",
 ]
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local slice (``.to_local()``: a view), any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _check_lambda_lr(ewc_lambda: float, lr: float | None) -> None:
@@ -225,6 +230,7 @@ def penalty_gradient_(
     workspace: Sequence[Tensor],
     *,
     scale: float = 1.0,
+    grads: Sequence[Tensor] | None = None,
 ) -> None:
     r"""In place: ``θ.grad += scale · 2c ⊙ (θ − θ*)`` — the penalty's gradient, added without autograd.
 
@@ -233,13 +239,15 @@ def penalty_gradient_(
 
     On the CPU it runs one tensor at a time (``θ − θ*`` still in cache when the gradient reads it): about 7
     parameter-sized memory passes, against about 17 for the autograd path's forward and backward. On CUDA it runs as
-    three ``torch._foreach_*`` kernels over all tensors (9 passes, few launches).
+    three ``torch._foreach_*`` kernels over all tensors (9 passes, few launches). ``grads``: where the gradient goes
+    when it is not ``params``' own ``.grad`` (the local slices of sharded parameters' gradients).
     """
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
+    if grads is None:
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
     if not params:
         return
     if params[0].device.type == "cuda":
@@ -268,6 +276,10 @@ class Penalty:
     ``coef_max`` is ``max η·2c`` (penalized) or the largest proximal weight: the share of the distance to the anchor
     one step removes (< 1 for stabilized and proximal; > 1 means vanilla EWC overshoots the anchor under SGD).
     ``overshoot`` is ``η·λ·max Ω``.
+
+    Sharded parameters (FSDP2's DTensors): ``anchors`` and ``importances`` are this process's slices (2·P/N floats per
+    process), every update runs on the parameters' and gradients' local slices (``.to_local()``), and
+    ``all_reduce(tensor, "sum" | "max")`` makes the reported values (``value``, ``coef_max``, …) global.
     """
 
     names: list[str]
@@ -282,6 +294,7 @@ class Penalty:
     proximal_weights: list[Tensor] | None = None
     workspace: list[Tensor] | None = None
     _sqrt_coefficients: list[Tensor] | None = field(default=None, repr=False)  # √c, built by the first `loss()`
+    all_reduce: Callable[[Tensor, str], Tensor] | None = None  # set for sharded parameters: global values
 
     @classmethod
     def build(
@@ -293,49 +306,83 @@ class Penalty:
         mode: str,
         ewc_lambda: float,
         lr: float,
+        all_reduce: Callable[[Tensor, str], Tensor] | None = None,
     ) -> "Penalty | None":
         """The penalty over the parameters of ``params`` that ``anchors`` covers (in ``params``' order); None when it
-        covers none. Anchors take each parameter's device and dtype; coefficients are computed in float32."""
+        covers none. Anchors take each parameter's device and dtype; coefficients are computed in float32. For
+        sharded parameters, ``anchors`` and ``importances`` hold this process's slices and ``all_reduce`` is given
+        (see the class)."""
         names = [n for n in params if n in anchors]
         if not names:
             return None
         plist = [params[n] for n in names]
-        anchor_list = [anchors[n].to(p.device, p.dtype) for n, p in zip(names, plist)]
-        omega = [importances[n].to(p.device, torch.float32) for n, p in zip(names, plist)]
-        overshoot = lr * ewc_lambda * max(float(t.max()) for t in omega if t.numel())
-        count = sum(t.numel() for t in omega)
-        omega_mean = float(sum(t.sum(dtype=torch.float64) for t in omega)) / max(count, 1)
-        penalty = cls(
-            names, plist, anchor_list, [importances[n] for n in names], ewc_lambda, 0.0, overshoot, omega_mean
-        )
+        local = [_local(p) for p in plist]
+        anchor_list = [anchors[n].to(p.device, p.dtype) for n, p in zip(names, local)]
+        omega = [importances[n].to(p.device, torch.float32) for n, p in zip(names, local)]
+        largest = max((float(t.max()) for t in omega if t.numel()), default=0.0)
+        stats = torch.tensor([largest], dtype=torch.float64, device=local[0].device)
+        sums = torch.tensor(
+            [float(sum(t.sum(dtype=torch.float64) for t in omega)), float(sum(t.numel() for t in omega))],
+            dtype=torch.float64, device=local[0].device,
+        )  # fmt: skip
+        if all_reduce is not None:
+            all_reduce(stats, "max"), all_reduce(sums, "sum")
+        overshoot = lr * ewc_lambda * float(stats[0])
+        omega_mean = float(sums[0]) / max(float(sums[1]), 1.0)
+        # Ω as given (not copied); for sharded parameters the slices, kept by the proximal mode only (its monitoring)
+        kept = [importances[n] for n in names] if all_reduce is None else omega if mode == "proximal" else []
+        penalty = cls(names, plist, anchor_list, kept, ewc_lambda, 0.0, overshoot, omega_mean, all_reduce=all_reduce)
         if mode == "proximal":
             weights = proximal_weights(omega, ewc_lambda, lr)
-            penalty.coef_max = max(float(w.max()) for w in weights if w.numel())
+            penalty.coef_max = penalty._global_max(weights)
             penalty.proximal_weights = [w.to(p.dtype) for w, p in zip(weights, plist)]
         else:
             coefficients = penalty_coefficients(omega, ewc_lambda, mode=mode, lr=lr)
-            penalty.coef_max = 2 * lr * max(float(c.max()) for c in coefficients if c.numel())
+            penalty.coef_max = 2 * lr * penalty._global_max(coefficients)
             penalty.two_coefficients = [c.mul_(2).to(p.dtype) for c, p in zip(coefficients, plist)]
-            penalty.workspace = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in plist]
+            penalty.workspace = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in local]
         return penalty
+
+    def _global_max(self, tensors: list[Tensor]) -> float:
+        value = max((float(t.max()) for t in tensors if t.numel()), default=0.0)
+        if self.all_reduce is None:
+            return value
+        device = self.anchors[0].device  # (NCCL reduces CUDA tensors only)
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64, device=device), "max")[0])
+
+    def _global_sum(self, value: Tensor) -> float:
+        return float(self.all_reduce(value, "sum") if self.all_reduce is not None else value)
+
+    def _locals(self) -> list[Tensor]:
+        """The parameters as plain tensors: this process's slices of sharded ones (views: updates reach them)."""
+        return [_local(p) for p in self.params] if self.all_reduce is not None else self.params
 
     @property
     def penalized(self) -> bool:
         """True for a penalty term (stabilized, vanilla), False for the proximal step."""
         return self.two_coefficients is not None
 
+    @torch.no_grad()
     def add_gradient_(self, scale: float = 1.0) -> None:
-        """``θ.grad += scale · 2c ⊙ (θ − θ*)`` (``scale``: a loss scaler's current scale, when gradients carry it)."""
-        penalty_gradient_(self.params, self.anchors, self.two_coefficients, self.workspace, scale=scale)
+        """``θ.grad += scale · 2c ⊙ (θ − θ*)`` (``scale``: a loss scaler's current scale, when gradients carry it);
+        on a sharded parameter, into the local slice of its (already reduce-scattered) gradient."""
+        grads = None
+        if self.all_reduce is not None:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [_local(p.grad) for p in self.params]
+        params = self._locals()
+        penalty_gradient_(params, self.anchors, self.two_coefficients, self.workspace, scale=scale, grads=grads)
 
     @torch.no_grad()
     def value(self) -> float:
-        """``Σ c·(θ − θ*)²`` now, as a float (computed in the workspace; for logs)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
-        for p, anchor, c, w in zip(self.params, self.anchors, self.two_coefficients, self.workspace):
+        """``Σ c·(θ − θ*)²`` now, as a float (computed in the workspace; for logs; over every shard)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.anchors[0].device)
+        for p, anchor, c, w in zip(self._locals(), self.anchors, self.two_coefficients, self.workspace):
             torch.sub(p, anchor, out=w)
             total += torch.dot(w.mul_(w).reshape(-1).float(), c.reshape(-1).float()).double()
-        return 0.5 * float(total)
+        return 0.5 * self._global_sum(total)
 
     def loss(self) -> Tensor:
         """``Σ c·(θ − θ*)²`` as a differentiable loss term (autograd computes the same gradient as
@@ -344,9 +391,10 @@ class Penalty:
             self._sqrt_coefficients = [torch.sqrt(c / 2) for c in self.two_coefficients]
         return ewc_penalty(self.params, self.anchors, sqrt_coefficients=self._sqrt_coefficients)
 
+    @torch.no_grad()
     def proximal_step_(self) -> None:
-        """``θ ← θ* + (θ − θ*)/(1 + η·λ·Ω)`` in place."""
-        proximal_step_(self.params, self.anchors, self.proximal_weights)
+        """``θ ← θ* + (θ − θ*)/(1 + η·λ·Ω)`` in place (on the local slices of sharded parameters)."""
+        proximal_step_(self._locals(), self.anchors, self.proximal_weights)
 
     def two_c(self) -> dict[str, Tensor]:
         """``2c`` per parameter name (the penalty gradient is ``2c·(θ − θ*)``), for penalized modes."""
@@ -355,8 +403,8 @@ class Penalty:
     @torch.no_grad()
     def quadratic_value(self) -> float:
         """``Σ ½·λ·Ω·(θ − θ*)²`` on the CPU: the quadratic the proximal step minimises, for monitoring only."""
-        total = 0.0
-        for p, anchor, omega in zip(self.params, self.anchors, self.importances):
+        total = torch.zeros((), dtype=torch.float64)
+        for p, anchor, omega in zip(self._locals(), self.anchors, self.importances):
             diff = (p.detach() - anchor).float().cpu()
-            total += float((omega.float() * diff.square()).sum())
-        return 0.5 * self.ewc_lambda * total
+            total += (omega.float().cpu() * diff.square()).sum().double()
+        return 0.5 * self.ewc_lambda * self._global_sum(total.to(self.anchors[0].device))

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import EWCConfig
-from .distributed import check_world_size, trainable_parameters
+from .distributed import all_reduce_, check_world_size, is_sharded, shard_like, trainable_parameters
 from .importance import SI_FAMILY, IndependentBatches, SIAccumulator
 from .monitor import PenaltyMonitor
 from .penalty import Penalty
@@ -33,6 +33,7 @@ from .trainer_support import (
     independent_batches,
     independent_gradient,
     new_si,
+    refuse_sharded_training,
     refuse_unsupported,
     si_result,
     sync_log_level,
@@ -89,7 +90,8 @@ class EWCMixin:
         sync_log_level(self.args)
         check_world_size(self.accelerator.state)
         # before training starts, not at its first step
-        refuse_unsupported(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator, "is_fsdp2", False)
+        refuse_unsupported(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled, fsdp2=fsdp2)
         source = str(ewc_state) if isinstance(ewc_state, (str, os.PathLike)) else None
         if source is not None:
             ewc_state = EWCState.load(source)
@@ -112,6 +114,8 @@ class EWCMixin:
         self._monitor = PenaltyMonitor(self.args.ewc_mode)
         self.add_callback(_EWCCallback(self))
         self.clnp, self._clnp_callback = clnp_for(self, ewc_state, source)
+        if fsdp2 or (self.model is not None and is_sharded(trainable_parameters(self._plain_model(), sharded=True))):
+            refuse_sharded_training(self)  # FSDP2 known now (sharded at load time, or accelerate's plugin)
 
     # ------------------------------------------------------------------ setup
     def _plain_model(self) -> nn.Module:
@@ -127,7 +131,10 @@ class EWCMixin:
         args: EWCConfig = self.args
         self._penalty = self._wva = None
         model = self._plain_model()
-        params = trainable_parameters(model)
+        params = trainable_parameters(model, sharded=True)
+        sharded = is_sharded(params)
+        if sharded:
+            refuse_sharded_training(self)
         if args.importance_method in SI_FAMILY and self._si is None:
             self._si = new_si(model, args)
         if self._si is not None and self._si.needs_independent_gradient:
@@ -149,9 +156,13 @@ class EWCMixin:
         if args.ewc_mode == "wva":
             self._wva = build_wva(params, state, args, self._si)
             return
+        anchors, importances = state.anchors, state.importances
+        if sharded:  # this process's slices only: 2·P/N floats
+            anchors = {n: shard_like(anchors[n], p) for n, p in params.items() if n in anchors}
+            importances = {n: shard_like(importances[n], p) for n, p in params.items() if n in importances}
         penalty = Penalty.build(
-            params, state.anchors, state.importances, mode=args.ewc_mode, ewc_lambda=args.ewc_lambda,
-            lr=args.ewc_step_size,
+            params, anchors, importances, mode=args.ewc_mode, ewc_lambda=args.ewc_lambda, lr=args.ewc_step_size,
+            all_reduce=all_reduce_ if sharded else None,
         )  # fmt: skip
         if penalty is None:
             logger.warning("None of the parameters protected by the EWC state is trainable now: penalty is 0.")

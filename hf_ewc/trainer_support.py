@@ -18,7 +18,7 @@ from transformers.training_args import trainer_log_levels
 
 from .clnp import CLNP, CLNP_STATE_NAME
 from .config import EWCConfig, ewc_config_class
-from .distributed import sharded_setup, sharding_refusal, trainable_parameters
+from .distributed import replicated_parameter, sharded_setup, sharding_refusal, trainable_parameters
 from .importance import (
     SI_FAMILY,
     SI_STATE_NAME,
@@ -29,6 +29,7 @@ from .importance import (
     SIAccumulator,
     collect,
 )
+from .sparsity import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState
 from .utils import HfEwcError, logger
 from .wva import Attenuation
@@ -50,10 +51,11 @@ def sync_log_level(args: TrainingArguments) -> None:
         logger.setLevel(level)
 
 
-def refuse_unsupported(args: EWCConfig, *, fsdp: bool, deepspeed: bool) -> None:
-    """Name what is not supported instead of silently doing nothing (see the README's support matrix)."""
-    sharded = "FSDP" if fsdp else sharded_setup(args)
-    if sharded is not None:
+def refuse_unsupported(args: EWCConfig, *, fsdp: bool, deepspeed: bool, fsdp2: bool = False) -> None:
+    """Name what is not supported instead of silently doing nothing (see the README's support matrix). ``fsdp``: the
+    trainer runs FSDP; ``fsdp2``: it is FSDP2 (the accelerator's own answer, over the launch environment's)."""
+    sharded = None if fsdp2 else "FSDP" if fsdp else sharded_setup(args)
+    if sharded is not None and sharded != "FSDP2":  # FSDP2: shard by shard (refuse_sharded_training names the rest)
         raise sharding_refusal(sharded)
     if deepspeed and (args.ewc_mode in ("proximal", "wva") or args.importance_method in SI_FAMILY):
         # DeepSpeed steps fp32 master weights and keeps gradients in its own buffers: a proximal pull or an attenuated
@@ -62,6 +64,36 @@ def refuse_unsupported(args: EWCConfig, *, fsdp: bool, deepspeed: bool) -> None:
             "ewc_mode='proximal' or 'wva' and the SI family (si, siu, sib, sos, onaf) are not supported under "
             "DeepSpeed yet; use ewc_mode='stabilized' or 'vanilla' with importances collected after training "
             "(fisher, mas, …)."
+        )
+
+
+def refuse_sharded_training(trainer) -> None:
+    """On FSDP2-sharded parameters only the penalty (stabilized, vanilla) and the proximal step work shard by shard so
+    far: name anything else the trainer was asked to do before its first step."""
+    args: EWCConfig = trainer.args
+    asked = [
+        f"ewc_mode={args.ewc_mode!r}" if args.ewc_mode in ("wva", "clnp") else None,
+        f"importance_method={args.importance_method!r} (SI accumulates on the trajectory)"
+        if args.importance_method in SI_FAMILY
+        else None,
+        "a pruned model's sparsity callback" if any(isinstance(c, KeepSparsityCallback) for c in
+                                                    trainer.callback_handler.callbacks) else None,
+        "the penalty as a loss term (DeepSpeed)" if trainer._penalty_in_loss else None,
+    ]  # fmt: skip
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    replicated = replicated_parameter(trainable_parameters(model, sharded=True))
+    if replicated is not None:
+        raise HfEwcError(
+            f"{replicated!r} is held whole (or replicated, HSDP) by several processes next to FSDP2-sharded "
+            "parameters: the penalty's global values would count it once per process. Shard every trainable "
+            "parameter on one mesh dimension (DistributedConfig(fsdp_size=N), no dp_replicate_size), or use DDP."
+        )
+    asked = [a for a in asked if a is not None]
+    if asked:
+        raise HfEwcError(
+            f"{asked[0]} is not supported on FSDP2-sharded parameters yet: there, EWC runs the stabilized or vanilla "
+            "penalty and the proximal step shard by shard, with an EWC state collected by one process or DDP; use "
+            "one of those modes (and fisher, mas, signal or uniform importances), or DDP."
         )
 
 

@@ -210,6 +210,60 @@ def sharded_refusals() -> dict[str, str]:
     return out
 
 
+def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, steps: int, route: str = "load"):
+    """`EWCTrainer` from the model saved in ``start`` with the EWC state in ``state_dir``: on 2 processes the model
+    is sharded at load time by transformers (FSDP2, `DistributedConfig(fsdp_size=2)`: DTensor parameters), on 1 it is
+    loaded whole. ``batch``: the batch per device, or ``"BxG"`` with G accumulation steps. The whole parameters after
+    ``steps`` steps (gathered), the logged penalties, and each process's penalty tensors (bytes of anchors and
+    coefficients or weights it holds)."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    extra = {}
+    if sharded and route == "accelerate":  # accelerate's FSDP2 plugin (what `accelerate launch --use_fsdp` sets up)
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        # accelerate enables FSDP for GPU setups only: on CPU the shared state is told so by hand (test only)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        Accelerator(cpu=True, fsdp_plugin=plugin)
+        for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+            shared["distributed_type"] = DistributedType.FSDP
+        AcceleratorState._shared_state["fsdp_plugin"] = plugin
+        extra["accelerator_config"] = {"use_configured_state": True}
+        model = AutoModelForCausalLM.from_pretrained(start)
+    elif sharded:
+        from transformers.distributed import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(start, distributed_config=DistributedConfig(fsdp_size=2))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(start)
+    per_device, _, accumulation = str(batch).partition("x")
+    accumulation = int(accumulation or 1)
+    args = EWCConfig(
+        output_dir=out, per_device_train_batch_size=int(per_device), gradient_accumulation_steps=accumulation,
+        max_steps=steps, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+        weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
+        use_cpu=True, ewc_mode=mode, ewc_lambda=20.0, importance_normalization="none", **extra,
+    )  # fmt: skip
+    trainer = EWCTrainer(model=model, args=args, train_dataset=lm_samples(16, seed=4), ewc_state=state_dir)
+    trainer.train()
+    penalty = trainer._penalty
+    held = [*penalty.anchors, *(penalty.two_coefficients or penalty.proximal_weights)] if penalty else []
+    tensors = {}
+    for name, p in trainer._plain_model().named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        tensors[f"param/{name}"] = full.detach().clone()
+    logs = [log.get("ewc/penalty") for log in trainer.state.log_history if "loss" in log]
+    return tensors, {
+        "penalties": logs,
+        "bytes": sum(t.numel() * t.element_size() for t in held),
+        "sharded": type(next(iter(trainer._plain_model().parameters()))).__name__,
+        "fsdp_enabled": trainer.is_fsdp_enabled,
+    }
+
+
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "cli":
@@ -226,6 +280,8 @@ def main(argv: list[str]) -> int:
         tensors, info = {"none": torch.zeros(1)}, sharded_refusals()
     elif command == "train":
         tensors, info = train_sequence(out, int(rest[1]))
+    elif command == "sharded":
+        tensors, info = train_sharded(out, rest[1], rest[2], rest[3], rest[4], int(rest[5]), *rest[6:])
     elif command == "si_family":
         tensors, info = train_si_family(out, int(rest[1]))
     else:

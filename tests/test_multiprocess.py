@@ -6,7 +6,9 @@
 - `hf-ewc train`: every file under output_dir is written by the main process only (rank 1 writes its own RNG state
   into checkpoints, as the Trainer does), and the results equal a 1-process run (EWC, and CLNP's allocation);
 - `general_eval:` scored on the main process, received by every rank (equal to 1 process), its errors on every rank;
-- FSDP2-sharded (DTensor) parameters are refused by collection, consolidation and SI;
+- FSDP2 (a model sharded at load time, DTensor parameters): `EWCTrainer` with the penalty or the proximal step on
+  each process's slices equals 1 process and holds half the state per process; collection, consolidation, SI and the
+  other modes are refused;
 - a launch whose processes each believe they are alone is refused before anything is written.
 """
 
@@ -15,11 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from mp_worker import collect_all, train_sequence, train_si_family
+from mp_worker import collect_all, train_sequence, train_sharded, train_si_family
 from safetensors.torch import load_file
-from testing_utils import assert_tensors_close, failure, launch, make_config, run_cli, write_yaml
+from testing_utils import (
+    assert_tensors_close,
+    failure,
+    launch,
+    lm_samples,
+    make_config,
+    run_cli,
+    tiny_llama,
+    write_yaml,
+)
 
-from hf_ewc import EWCState
+from hf_ewc import EWCState, collect_importance
 
 
 pytestmark = pytest.mark.multiprocess
@@ -201,3 +212,58 @@ def test_general_eval_on_two_processes_equals_one_process_and_errors_stop_every_
     assert done.returncode != 0
     assert done.stderr.count("hf-ewc train: error: general_eval: lm-eval could not score the model") == 2
     assert not (tmp_path / "short").exists()
+
+
+@pytest.fixture(scope="module")
+def sharded_start(tmp_path_factory):
+    """A tiny Llama saved to disk, moved off the anchors of an EWC state collected on it by one process."""
+    root = tmp_path_factory.mktemp("sharded")
+    torch.manual_seed(0)
+    model = tiny_llama()
+    importances = collect_importance(model, lm_samples(8), show_progress=False)
+    EWCState().consolidate(model, importances, domain="a", normalization="none").save(root / "state")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(root / "start")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("route", "mode", "batch"),
+    [("load", "stabilized", "2"), ("load", "stabilized", "1x2"), ("load", "proximal", "2"),
+     ("accelerate", "vanilla", "2")],
+)  # fmt: skip
+def test_fsdp2_training_with_the_penalty_equals_one_process_and_holds_half_the_state(
+    tmp_path, sharded_start, route, mode, batch
+):
+    """EWCTrainer on FSDP2 (DTensor parameters) on 2 gloo processes — a model sharded at load time by transformers
+    (`DistributedConfig`), or by accelerate's FSDP2 plugin (told it may run on CPU, which accelerate itself allows
+    on GPUs only): the penalty's gradient (or the proximal step) works on each process's slices, and 4 SGD steps end
+    where one process ends with the same global batch; the logged penalty is the global one; each process holds half
+    of the anchors and coefficients. ``1x2``: batches of 1 with 2 accumulation steps (FSDP's gradient sync deferred
+    to the last micro-batch, the penalty added once)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    common = [str(sharded_start / "start"), str(sharded_start / "state")]
+    done = launch(str(WORKER), "sharded", str(two), *common, batch, mode, "4", route)
+    assert done.returncode == 0, failure(done)
+    whole, info_one = train_sharded(str(one), *common, "4", mode, 4)
+    for tensors, info in ranks(two):
+        assert info["sharded"] == "DTensor" and info["fsdp_enabled"] == (route == "accelerate")
+        assert_close_to(tensors, whole, rel=1e-5)
+        assert info["bytes"] * 2 == info_one["bytes"]  # 2·P/N: each rank holds its slices only
+        if mode != "proximal":
+            assert info["penalties"] == pytest.approx(info_one["penalties"], rel=1e-5) and info["penalties"][0] > 0
+    start = load_file(sharded_start / "start" / "model.safetensors")
+    assert any(not torch.equal(whole[f"param/{n}"], t) for n, t in start.items())  # it did train
+    plain, _ = train_sharded(str(tmp_path / "off"), *common, "4", "off", 4)  # and the penalty did change it
+    assert max(float((whole[n] - plain[n]).abs().max() / plain[n].abs().max()) for n in plain) > 1e-3
+
+
+def test_fsdp2_training_refuses_what_does_not_work_shard_by_shard(tmp_path, sharded_start):
+    done = launch(str(WORKER), "sharded", str(tmp_path), str(sharded_start / "start"), str(sharded_start / "state"),
+                  "2", "wva", "1")  # fmt: skip
+    assert done.returncode != 0
+    assert "ewc_mode='wva' is not supported on FSDP2-sharded parameters yet" in done.stderr

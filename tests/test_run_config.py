@@ -74,6 +74,17 @@ def test_sharded_launch_is_refused_before_anything_is_written(tmp_path, capsys, 
     assert snapshot(tmp_path) == before
 
 
+def test_an_fsdp2_launch_is_refused_by_hf_ewc_train_with_what_works(tmp_path, capsys, monkeypatch):
+    config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")  # what `accelerate launch` sets for fsdp_version: 2
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli(["train", str(config)], capsys)
+    assert rc == 2 and "hf-ewc train: error: hf-ewc train does not run under FSDP2 yet" in err
+    assert "EWCTrainer itself trains FSDP2-sharded models" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
 def test_accelerate_configs_open_with_their_command():
     root = Path(__file__).resolve().parents[1]
     expected = {"cpu_2proc": "MULTI_GPU", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
