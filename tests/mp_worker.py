@@ -264,6 +264,71 @@ def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, s
     }
 
 
+def _sft_data():
+    import random
+
+    import datasets
+    from testing_utils import WORDS
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS["animals"]) for _ in range(rng.randint(6, 12))) for _ in range(16)]
+    return datasets.Dataset.from_dict({"text": texts}), texts
+
+
+def _sft_args(out: str, per_device_batch_size: int, **kwargs):
+    import trl
+
+    from hf_ewc import ewc_config_class
+
+    return ewc_config_class(trl.SFTConfig)(
+        output_dir=out, per_device_train_batch_size=per_device_batch_size, max_steps=2, learning_rate=0.05,
+        optim="sgd", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", report_to="none",
+        use_cpu=True, save_strategy="no", max_length=16, disable_tqdm=True, seed=0, logging_steps=1, **kwargs,
+    )  # fmt: skip
+
+
+def prepare_sft(root: str) -> None:
+    """One process: a tiny Llama trained with TRL's SFTTrainer on the animal texts, its consolidated Fisher state,
+    then moved off its anchors; model, tokenizer and state saved in ``root``."""
+    import trl
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_ewc import with_ewc
+    from hf_ewc.pipeline import train_tokenizer
+
+    dataset, texts = _sft_data()
+    tokenizer = train_tokenizer("causal_lm", iter(texts), 96)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id,
+    ))  # fmt: skip
+    trainer = with_ewc(trl.SFTTrainer)(model=model, args=_sft_args(os.path.join(root, "first"), 4),
+                                       train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    state = trainer.consolidate(domain="animals")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(root), tokenizer.save_pretrained(root), state.save(root)
+
+
+def train_sft(out: str, root: str, per_device_batch_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """TRL's SFTTrainer with EWC (`with_ewc`) from ``root`` (see `prepare_sft`): 2 steps with the penalty."""
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_ewc import with_ewc
+
+    dataset, _ = _sft_data()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(root), AutoTokenizer.from_pretrained(root)
+    trainer = with_ewc(trl.SFTTrainer)(model=model, args=_sft_args(out, per_device_batch_size, ewc_lambda=5.0),
+                                       train_dataset=dataset, processing_class=tokenizer, ewc_state=root)  # fmt: skip
+    trainer.train()
+    tensors = {n: p.detach().clone() for n, p in trainer._plain_model().named_parameters()}
+    return tensors, {"penalties": [log["ewc/penalty"] for log in trainer.state.log_history if "ewc/penalty" in log]}
+
+
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "cli":
@@ -282,6 +347,8 @@ def main(argv: list[str]) -> int:
         tensors, info = train_sequence(out, int(rest[1]))
     elif command == "sharded":
         tensors, info = train_sharded(out, rest[1], rest[2], rest[3], rest[4], int(rest[5]), *rest[6:])
+    elif command == "sft":
+        tensors, info = train_sft(out, rest[1], int(rest[2]))
     elif command == "si_family":
         tensors, info = train_si_family(out, int(rest[1]))
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mp_worker import collect_all, train_sequence, train_sharded, train_si_family
+from mp_worker import collect_all, prepare_sft, train_sequence, train_sft, train_sharded, train_si_family
 from safetensors.torch import load_file
 from testing_utils import (
     assert_tensors_close,
@@ -267,3 +267,18 @@ def test_fsdp2_training_refuses_what_does_not_work_shard_by_shard(tmp_path, shar
                   "2", "wva", "1")  # fmt: skip
     assert done.returncode != 0
     assert "ewc_mode='wva' is not supported on FSDP2-sharded parameters yet" in done.stderr
+
+
+def test_trl_sft_with_ewc_on_two_processes_equals_one_process(tmp_path):
+    """`with_ewc(SFTTrainer)` under DDP (2 gloo processes, batches of 2) ends where one process ends with batches of
+    4: the penalty is neither multiplied nor divided by the world size in TRL's loss path (its `num_items_in_batch`
+    scaling included), and the logged penalty is the same."""
+    pytest.importorskip("trl")
+    root = tmp_path / "start"
+    prepare_sft(str(root))
+    done = launch(str(WORKER), "sft", str(tmp_path), str(root), "2")
+    assert done.returncode == 0, failure(done)
+    whole, info_one = train_sft(str(tmp_path / "one"), str(root), 4)
+    for tensors, info in ranks(tmp_path):
+        assert_close_to(tensors, whole, rel=1e-5)
+        assert info["penalties"] == pytest.approx(info_one["penalties"], rel=1e-5) and info["penalties"][0] > 0
