@@ -237,6 +237,8 @@ def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, s
         from transformers.distributed import DistributedConfig
 
         model = AutoModelForCausalLM.from_pretrained(start, distributed_config=DistributedConfig(fsdp_size=2))
+        if route == "mixed":  # a plain trainable parameter next to the sharded ones: every process holds it whole
+            model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     else:
         model = AutoModelForCausalLM.from_pretrained(start)
     per_device, _, accumulation = str(batch).partition("x")

@@ -262,11 +262,16 @@ def test_fsdp2_training_with_the_penalty_equals_one_process_and_holds_half_the_s
     assert max(float((whole[n] - plain[n]).abs().max() / plain[n].abs().max()) for n in plain) > 1e-3
 
 
-def test_fsdp2_training_refuses_what_does_not_work_shard_by_shard(tmp_path, sharded_start):
+@pytest.mark.parametrize(
+    ("mode", "route", "message"),
+    [("wva", "load", "ewc_mode='wva' is not supported on FSDP2-sharded parameters yet"),
+     ("stabilized", "mixed", "'extra' is held whole (or replicated, HSDP) by several processes next to")],
+)  # fmt: skip
+def test_fsdp2_training_refuses_what_does_not_work_shard_by_shard(tmp_path, sharded_start, mode, route, message):
     done = launch(str(WORKER), "sharded", str(tmp_path), str(sharded_start / "start"), str(sharded_start / "state"),
-                  "2", "wva", "1")  # fmt: skip
+                  "2", mode, "1", route)  # fmt: skip
     assert done.returncode != 0
-    assert "ewc_mode='wva' is not supported on FSDP2-sharded parameters yet" in done.stderr
+    assert message in done.stderr
 
 
 def test_trl_sft_with_ewc_on_two_processes_equals_one_process(tmp_path):
