@@ -9,6 +9,7 @@ launch environment before any model exists.
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,13 +21,11 @@ from torch import nn
 from .utils import HfEwcError
 
 
-try:  # public since torch 2.4
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - torch 2.3, or a build without torch.distributed
-    try:
-        from torch.distributed._tensor import DTensor, distribute_tensor
-    except ImportError:
-        DTensor, distribute_tensor = (), None  # isinstance(x, ()) is always False
+try:  # public since torch 2.4 (FSDPModule since 2.6)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Partial, distribute_tensor
+except ImportError:  # pragma: no cover - an older torch, or a build without torch.distributed
+    DTensor, Partial, distribute_tensor, FSDPModule = (), None, None, None  # isinstance(x, ()) is always False
 
 
 def sharding_refusal(what: str) -> HfEwcError:
@@ -64,6 +63,15 @@ def trainable_parameters(model: nn.Module, *, sharded: bool = False) -> dict[str
     return params
 
 
+def reshard(model: nn.Module) -> None:
+    """Put the slices of every FSDP2 module of ``model`` back in place of whole parameters left after a forward
+    without backward (FSDP2 keeps the root's, say, after an evaluation), so the parameters are DTensors again; a no-op
+    for other models. Call it between steps only."""
+    for module in model.modules():
+        if FSDPModule is not None and isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_sharded(params: dict[str, torch.Tensor]) -> bool:
     """Whether any of ``params`` is an FSDP2 DTensor (this process holds a slice of it)."""
     return any(isinstance(p, DTensor) for p in params.values())
@@ -86,6 +94,63 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(like, DTensor):
         return full
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (a sharded parameter, or an importance or anchor laid out like one)."""
+    return isinstance(t, DTensor)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the default group, or no group at all."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's slices gathered from every process (a collective: every process calls it, in
+    the same order); ``t`` itself otherwise."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def raise_together(check: Callable[[], None]) -> None:
+    """Run ``check`` on every process; when it raises `HfEwcError` on any of them, raise on all — a process that
+    went on alone would wait forever in the next collective. A check of slices finds a fault on one process only."""
+    error = None
+    try:
+        check()
+    except HfEwcError as err:
+        error = err
+    failed = all_reduce_(torch.tensor([float(error is not None)]), "max")
+    if error is not None:
+        raise error
+    if float(failed) > 0:
+        raise HfEwcError("A check failed on another process (its error, above, names the fault); nothing was changed.")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's slice of a DTensor (a plain tensor); ``t`` itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def as_shard_of(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``local`` (this process's slice, laid out as ``like``'s) as a DTensor with ``like``'s mesh, placements and
+    global shape — what an importance or anchor of a sharded parameter is; ``local`` itself when ``like`` is plain."""
+    if not isinstance(like, DTensor):
+        return local
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+
+
+def reduce_scatter_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The sum over every process of the whole tensor ``full`` (each process holds its own), as this process's slice
+    in ``like``'s layout: one reduce-scatter (``Partial`` → ``like``'s placements). ``full`` itself when ``like`` is
+    plain."""
+    if not isinstance(like, DTensor):
+        return full
+    mesh = like.device_mesh
+    partial = DTensor.from_local(full.to(like.device), mesh, [Partial()] * mesh.ndim, run_check=False)
+    return partial.redistribute(mesh, like.placements).to_local()
 
 
 def all_reduce_(tensor: torch.Tensor, op: str) -> torch.Tensor:

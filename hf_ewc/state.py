@@ -4,6 +4,10 @@ One anchor (the weights after the latest consolidated domain) and one importance
 costs ``2·P`` numbers whatever the number of domains (Huszár 2018; the structure every seed implementation uses).
 
 On disk it is two files (see `hf_ewc.state_io`): ``ewc_state.safetensors`` and ``ewc_state.json``.
+
+On an FSDP2-sharded model (DTensor parameters) each process holds its slices only: Ω and θ* of a sharded parameter are
+DTensors laid out like it, so the state costs ``2·P/N`` numbers per process. `save` gathers one tensor at a time into
+the same one-file format; `load(directory, model)` keeps only this process's slices, at whatever world size.
 """
 
 import math
@@ -14,7 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import trainable_parameters
+from .distributed import (
+    all_reduce_,
+    as_shard_of,
+    is_dtensor,
+    is_main_process,
+    is_sharded,
+    local_tensor,
+    raise_together,
+    replicated_parameter,
+    reshard,
+    shard_like,
+    trainable_parameters,
+    whole_tensor,
+)
 from .state_io import (
     CONSOLIDATIONS,
     FORMAT_VERSION,
@@ -51,11 +68,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in STATE_DTYPES.items() if d == dtype)
 
 
+def _held(value: torch.Tensor, dtype: torch.dtype, *, copy: bool = True, like: torch.Tensor | None = None):
+    """How the state holds Ω or θ* of one parameter: a whole tensor on the CPU; for an FSDP2-sharded parameter
+    (``value`` a DTensor, or ``like`` one: a whole ``value`` is cut to its slice) this process's slice as a DTensor
+    laid out like the parameter, on the slice's device."""
+    if is_dtensor(like) and not is_dtensor(value):
+        value = as_shard_of(shard_like(value.detach(), like), like)
+    if is_dtensor(value):
+        return as_shard_of(value.to_local().detach().to(dtype=dtype, copy=copy).contiguous(), value)
+    return value.detach().to("cpu", dtype, copy=copy).contiguous()
+
+
 def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "importance") -> None:
-    """Refuse non-finite or negative importances, naming the first bad parameter."""
+    """Refuse non-finite or negative importances, naming the first bad parameter (a sharded parameter's: in this
+    process's slice)."""
     for name, value in importances.items():
         if not torch.is_tensor(value):
             raise HfEwcError(f"The {what} of {name!r} is a {type(value).__name__}, not a tensor.")
+        value = local_tensor(value)
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise HfEwcError(
@@ -73,16 +103,21 @@ def _normalize(importances: Mapping[str, torch.Tensor], kind: str, domain: str) 
     """``Ω_t / mean(Ω_t)`` over all parameters (the sum in float64) for ``kind="mean"``, with the divisor."""
     if kind == "none":
         return importances, None
-    total = sum(float(t.detach().sum(dtype=torch.float64)) for t in importances.values())
-    count = sum(t.numel() for t in importances.values())
-    mean = total / max(count, 1)
+    total = torch.tensor(
+        [sum(float(local_tensor(t).detach().sum(dtype=torch.float64)) for t in importances.values())],
+        dtype=torch.float64,
+    )
+    if any(is_dtensor(t) for t in importances.values()):  # slices: the sum over every process
+        all_reduce_(total, "sum")
+    count = sum(t.numel() for t in importances.values())  # a DTensor's numel is the whole parameter's
+    mean = float(total) / max(count, 1)
     if not mean > 0:
         raise HfEwcError(
             f"The importances of domain {domain!r} are all 0: there is nothing to normalize (Ω̄ = 0). Check that the "
             "model trained and that the method sees its parameters, or consolidate with importance_normalization="
             "'none'."
         )
-    return {n: t / mean for n, t in importances.items()}, mean
+    return {n: as_shard_of(local_tensor(t) / mean, t) for n, t in importances.items()}, mean
 
 
 def _check_covers(importances: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
@@ -159,11 +194,9 @@ class EWCState:
         # Copies, unless the tensors were just read from disk: an anchor must not share storage with a live
         # parameter, nor Ω with the caller's tensor.
         self.importances: dict[str, torch.Tensor] = {
-            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in importances.items()
+            k: _held(v, self.dtype, copy=copy) for k, v in importances.items()
         }
-        self.anchors: dict[str, torch.Tensor] = {
-            k: v.detach().to("cpu", self.dtype, copy=copy).contiguous() for k, v in anchors.items()
-        }
+        self.anchors: dict[str, torch.Tensor] = {k: _held(v, self.dtype, copy=copy) for k, v in anchors.items()}
 
     @staticmethod
     def _check_tensors(importances: dict, anchors: dict) -> None:
@@ -199,8 +232,14 @@ class EWCState:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by importances and anchors."""
-        return sum(t.numel() * t.element_size() for t in (*self.importances.values(), *self.anchors.values()))
+        """Bytes this process holds for importances and anchors (its slices, for sharded parameters)."""
+        held = (local_tensor(t) for t in (*self.importances.values(), *self.anchors.values()))
+        return sum(t.numel() * t.element_size() for t in held)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether this process holds slices (of FSDP2-sharded parameters) rather than whole tensors."""
+        return any(is_dtensor(t) for t in self.importances.values())
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -275,11 +314,22 @@ class EWCState:
             raise HfEwcError(f"decay must be in (0, 1], got {decay!r}.")
         if mode == "sum" and decay != 1.0:
             raise HfEwcError(f"decay={decay} only applies to mode='online'; use mode='online' or decay=1.0.")
-        params = trainable_parameters(model)
+        reshard(model)  # (FSDP2 may hold whole parameters after an evaluation's forward)
+        params = trainable_parameters(model, sharded=True)
         if not params:
             raise HfEwcError("The model has no trainable parameters (requires_grad=True) to protect.")
         _check_covers(importances, params)
-        check_importances(importances)
+        sharded = is_sharded(params)
+        if sharded and replicated_parameter(params) is not None:
+            raise HfEwcError(
+                f"{replicated_parameter(params)!r} is held whole (or replicated, HSDP) by several processes next to "
+                "FSDP2-sharded parameters; consolidating a sharded model needs every trainable parameter sharded "
+                "(fully_shard with a 1-D mesh) or frozen."
+            )
+        if sharded:  # each process checks its slices; every process stops if one finds a fault
+            raise_together(lambda: check_importances(importances))
+        else:
+            check_importances(importances)
         self.check_normalization(normalization)
         domain_name = domain if domain is not None else f"domain_{len(self.domains)}"
         importances, divisor = _normalize(importances, normalization, domain_name)
@@ -295,12 +345,13 @@ class EWCState:
                 logger.warning(f"Consolidation mode changes from {self.consolidation!r} to {mode!r}.")
         gamma = float(decay) if mode == "online" else 1.0
         for name, p in params.items():
-            new = importances[name].detach().to("cpu", torch.float32, copy=True)
+            # (a whole Ω_t, or a whole state loaded earlier, is cut to this process's slice of a sharded parameter)
+            new = local_tensor(_held(importances[name], torch.float32, like=p))
             old = self.importances.get(name)
             if old is not None:
-                new = new + gamma * old.float()
-            self.importances[name] = new.to(self.dtype).contiguous()
-            self.anchors[name] = p.detach().to("cpu", self.dtype, copy=True).contiguous()
+                new = new + gamma * local_tensor(_held(old, torch.float32, copy=False, like=p))
+            self.importances[name] = _held(as_shard_of(new, p), self.dtype, copy=False)
+            self.anchors[name] = _held(p, self.dtype)
         kept = [n for n in self.importances if n not in params]
         if kept:
             # Parameters protected by earlier domains that are frozen now keep their anchors; their importance decays.
@@ -366,39 +417,76 @@ class EWCState:
         return uncovered
 
     # ------------------------------------------------------------------ persistence
-    def save(self, save_directory: str | os.PathLike) -> None:
+    def save(self, save_directory: str | os.PathLike, *, write: bool | None = None) -> None:
         """Write ``ewc_state.safetensors`` and ``ewc_state.json`` into ``save_directory`` (created if needed),
-        each atomically."""
+        each atomically.
+
+        A sharded state (see [`EWCState.is_sharded`]) is gathered one tensor at a time into the same whole-tensor
+        file: every process must call this, and the one with ``write`` (default: rank 0) writes."""
         tensors = {f"importance.{k}": v.contiguous() for k, v in self.importances.items()}
         tensors.update({f"anchor.{k}": v.contiguous() for k, v in self.anchors.items()})
-        write_state_file(save_directory, tensors, self.metadata)
+        if not self.is_sharded:
+            write_state_file(save_directory, tensors, self.metadata)
+            return
+        write = is_main_process() if write is None else write
+        write_state_file(save_directory, tensors, self.metadata, whole=whole_tensor, write=write)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "EWCState":
+    def load(cls, directory: str | os.PathLike, model: nn.Module | None = None) -> "EWCState":
         """Load a state written by [`EWCState.save`] (tensors through safetensors, never pickle) from its directory, a
-        checkpoint, or a finished `hf-ewc train` run (its ``ewc_state/``)."""
+        checkpoint, or a finished `hf-ewc train` run (its ``ewc_state/``).
+
+        With ``model`` whose trainable parameters are FSDP2-sharded, each process keeps only its slices of those
+        parameters' tensors (read one whole tensor at a time), whatever the world size that saved the state; every
+        process must call it."""
         path, side = state_file_of(directory)
-        importances, anchors, meta = read_state_file(path)
+        params = trainable_parameters(model, sharded=True) if model is not None else {}
+        sharded = is_sharded(params)
+
+        def place(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            like = params.get(name)
+            if not is_dtensor(like) or tuple(tensor.shape) != tuple(like.shape):
+                return tensor  # (a shape that differs is named by `validate`)
+            return as_shard_of(shard_like(tensor, like), like)
+
+        importances, anchors, meta = read_state_file(path, place if sharded else None)
         check_side_file(side, path, meta)
-        check_loaded_state(importances, anchors, meta, path)  # a damaged file never reaches training or pruning
+        if sharded:  # a fault may sit in one process's slices only
+            raise_together(lambda: check_loaded_state(importances, anchors, meta, path))
+        else:
+            check_loaded_state(importances, anchors, meta, path)  # a damaged file never reaches training or pruning
         dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
         state = cls(metadata=meta, dtype=dtype)
         state._set_tensors(importances, anchors, copy=False, checked=True)
         return state
+
+    def shard_like(self, model: nn.Module) -> "EWCState":
+        """Keep only this process's slices of the whole tensors that protect ``model``'s FSDP2-sharded parameters
+        (2·P/N numbers per process instead of 2·P); in place, no communication. Returns ``self``."""
+        for name, p in trainable_parameters(model, sharded=True).items():
+            if is_dtensor(p) and name in self.anchors and tuple(self.anchors[name].shape) == tuple(p.shape):
+                self.importances[name] = _held(self.importances[name], self.dtype, copy=False, like=p)
+                self.anchors[name] = _held(self.anchors[name], self.dtype, copy=False, like=p)
+        return self
 
     # ------------------------------------------------------------------ helpers
     def max_importance(self) -> float:
         """max Ω over all parameters (0.0 for an empty state)."""
         if self.is_empty:
             return 0.0
-        return max(float(t.max()) if t.numel() else 0.0 for t in self.importances.values())
+        local = (local_tensor(t) for t in self.importances.values())
+        largest = torch.tensor([max((float(t.max()) for t in local if t.numel()), default=0.0)])
+        return float(all_reduce_(largest, "max")) if self.is_sharded else float(largest)
 
     def summary(self) -> dict[str, float]:
         """A few numbers about Ω, for logs: mean, max and the share of exact zeros."""
         if self.is_empty:
             return {}
         total = self.num_parameters
-        mean = sum(float(t.float().sum()) for t in self.importances.values()) / max(total, 1)
-        zeros = sum(int((t == 0).sum()) for t in self.importances.values()) / max(total, 1)
+        local = [local_tensor(t) for t in self.importances.values()]
+        sums = torch.tensor([sum(float(t.float().sum()) for t in local), sum(int((t == 0).sum()) for t in local)])
+        if self.is_sharded:
+            all_reduce_(sums, "sum")
+        mean, zeros = float(sums[0]) / max(total, 1), float(sums[1]) / max(total, 1)
         out = {"importance/mean": mean, "importance/max": self.max_importance(), "importance/zero_share": zeros}
         return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -7,12 +7,15 @@
 - ``ewc_state.json`` — the same metadata, indented with sorted keys, for people and tools.
 
 Both are written atomically (temporary file + ``os.replace``): an interrupted save leaves the previous state intact.
-Tensors go through safetensors only, never pickle.
+Tensors go through safetensors only, never pickle. A state of FSDP2-sharded parameters (each process holds slices) is
+written in the same format, one whole tensor at a time (see [`write_state_file`]), and read back at any world size.
 """
 
 import json
 import os
+import struct
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,15 +60,67 @@ def find_ewc_state(directory: str | os.PathLike) -> Path | None:
     return None
 
 
-def write_state_file(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def write_state_file(
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    *,
+    whole: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    write: bool = True,
+) -> None:
     """``ewc_state.safetensors`` (tensors, metadata in the header) and ``ewc_state.json`` in ``directory``, each
-    written atomically and stamped with one fresh ``state_id`` (a mismatch later reveals an interrupted save)."""
+    written atomically and stamped with one fresh ``state_id`` (a mismatch later reveals an interrupted save).
+
+    With ``whole`` (sharded tensors: it gathers one; every process calls this, in the same order, and only the one
+    with ``write`` writes) the file is streamed: safetensors' header needs only names, dtypes and shapes, so it is
+    written first and each tensor is gathered just before its bytes — no process holds more than one whole tensor
+    besides its slices. The file is the one `save_file` would write, read back by `safe_open` at any world size."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "state_id": uuid.uuid4().hex}
-    with atomic_path(directory / STATE_WEIGHTS_NAME) as tmp:
-        save_file(tensors, tmp, metadata={"hf_ewc": json.dumps(meta, sort_keys=True)})
+    header = {"hf_ewc": json.dumps(meta, sort_keys=True)}
+    if whole is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / STATE_WEIGHTS_NAME) as tmp:
+            save_file(tensors, tmp, metadata=header)
+    elif not write:
+        for name in sorted(tensors):
+            whole(tensors[name])
+        return
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / STATE_WEIGHTS_NAME) as tmp:
+            write_safetensors_streamed(tmp, tensors, header, whole)
     write_json_atomic(directory / STATE_CONFIG_NAME, meta)
+
+
+def write_safetensors_streamed(
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], whole: Callable
+) -> None:
+    """safetensors' layout: the header's length (8 bytes, little-endian), the JSON header padded with spaces to a
+    multiple of 8, then every tensor's bytes (C order, little-endian) in the order of their offsets."""
+    names = sorted(tensors)
+    entries: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        entries[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            data = whole(tensors[name]).detach().to("cpu").contiguous().reshape(-1)
+            f.write(data.view(torch.uint8).numpy().tobytes())
 
 
 def state_file_of(directory: str | os.PathLike) -> tuple[Path, Path]:
@@ -83,18 +138,23 @@ def state_file_of(directory: str | os.PathLike) -> tuple[Path, Path]:
     return path, directory / STATE_CONFIG_NAME if path.parent == directory else path.with_suffix(".json")
 
 
-def read_state_file(path: Path) -> tuple[dict, dict, dict]:
-    """Importances, anchors and metadata of an ``ewc_state.safetensors`` (safetensors only: never pickle)."""
+def read_state_file(
+    path: Path, place: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+) -> tuple[dict, dict, dict]:
+    """Importances, anchors and metadata of an ``ewc_state.safetensors`` (safetensors only: never pickle).
+    ``place(name, tensor)``, applied to each tensor as it is read, may keep only a slice of it (a sharded parameter's),
+    so that one whole tensor at a time is held."""
     importances, anchors = {}, {}
+    place = place or (lambda name, tensor: tensor)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 kind, _, name = key.partition(".")
                 if kind == "importance":
-                    importances[name] = f.get_tensor(key)
+                    importances[name] = place(name, f.get_tensor(key))
                 elif kind == "anchor":
-                    anchors[name] = f.get_tensor(key)
+                    anchors[name] = place(name, f.get_tensor(key))
                 else:
                     logger.warning(f"Ignoring unknown tensor {key!r} in {path}.")
     except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -134,6 +194,10 @@ def check_side_file(side: Path, path: Path, meta: dict) -> None:
         )
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def check_loaded_state(importances: dict, anchors: dict, meta: dict, path: Path) -> None:
     """Refuse a state file whose contents cannot be used as they are, naming the file and the first fault: mixed or
     unsupported dtypes, NaN/Inf anywhere, negative importances, importances without anchors (or the reverse), shapes
@@ -170,6 +234,7 @@ def check_loaded_state(importances: dict, anchors: dict, meta: dict, path: Path)
         anchor = anchors[name]
         if importance.shape != anchor.shape:
             fail(f"{name!r}: importance shape {tuple(importance.shape)}, anchor shape {tuple(anchor.shape)}")
+        importance, anchor = _local(importance), _local(anchor)  # a sharded parameter's: this process's slice
         for kind, t in (("importance", importance), ("anchor", anchor)):
             if not bool(torch.isfinite(t).all()):
                 fail(f"the {kind} of {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")

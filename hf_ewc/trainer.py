@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import EWCConfig
-from .distributed import all_reduce_, check_world_size, is_sharded, shard_like, trainable_parameters
+from .distributed import all_reduce_, check_world_size, is_sharded, local_tensor, trainable_parameters
 from .importance import SI_FAMILY, IndependentBatches, SIAccumulator
 from .monitor import PenaltyMonitor
 from .penalty import Penalty
@@ -94,7 +94,7 @@ class EWCMixin:
         refuse_unsupported(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled, fsdp2=fsdp2)
         source = str(ewc_state) if isinstance(ewc_state, (str, os.PathLike)) else None
         if source is not None:
-            ewc_state = EWCState.load(source)
+            ewc_state = EWCState.load(source, self.model)  # (FSDP2-sharded: this process's slices only)
         self.ewc_state: EWCState | None = ewc_state
         if ewc_state is not None:  # before training, not when consolidating after it
             ewc_state.check_normalization(self.args.importance_normalization)
@@ -156,10 +156,10 @@ class EWCMixin:
         if args.ewc_mode == "wva":
             self._wva = build_wva(params, state, args, self._si)
             return
-        anchors, importances = state.anchors, state.importances
-        if sharded:  # this process's slices only: 2·P/N floats
-            anchors = {n: shard_like(anchors[n], p) for n, p in params.items() if n in anchors}
-            importances = {n: shard_like(importances[n], p) for n, p in params.items() if n in importances}
+        if sharded:  # this process keeps its slices only: 2·P/N numbers
+            state.shard_like(model)
+        anchors = {n: local_tensor(t) for n, t in state.anchors.items()}
+        importances = {n: local_tensor(t) for n, t in state.importances.items()}
         penalty = Penalty.build(
             params, anchors, importances, mode=args.ewc_mode, ewc_lambda=args.ewc_lambda, lr=args.ewc_step_size,
             all_reduce=all_reduce_ if sharded else None,
@@ -316,13 +316,13 @@ class EWCMixin:
         """`Trainer.save_model`, plus the EWC state (and SI's running sums while a domain is in progress)."""
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            if self.ewc_state is not None and not self.ewc_state.is_empty:
-                self.ewc_state.save(output_dir)
-            if self._si is not None and self._si.steps > 0:
-                self._si.save(output_dir)
-            if self.clnp is not None and self.clnp.domains:
-                self.clnp.save(output_dir)
+        state, si, write = self.ewc_state, self._si, self.args.should_save  # (sharded: all join the gathers)
+        if state is not None and not state.is_empty and (write or state.is_sharded):
+            state.save(output_dir, write=write)
+        if si is not None and si.steps > 0 and (write or si.sharded):
+            si.save(output_dir, write=write)
+        if self.args.should_save and self.clnp is not None and self.clnp.domains:
+            self.clnp.save(output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; when resuming, the EWC state (and SI's running sums) come back from the checkpoint."""

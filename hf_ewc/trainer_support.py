@@ -73,8 +73,8 @@ def refuse_sharded_training(trainer) -> None:
     args: EWCConfig = trainer.args
     asked = [
         f"ewc_mode={args.ewc_mode!r}" if args.ewc_mode in ("wva", "clnp") else None,
-        f"importance_method={args.importance_method!r} (SI accumulates on the trajectory)"
-        if args.importance_method in SI_FAMILY
+        f"importance_method={args.importance_method!r} (an independent minibatch gradient at every step)"
+        if args.importance_method in ("siu", "sib") or (args.importance_method == "sos" and args.sos_alpha > 0)
         else None,
         "a pruned model's sparsity callback" if any(isinstance(c, KeepSparsityCallback) for c in
                                                     trainer.callback_handler.callbacks) else None,
@@ -92,8 +92,8 @@ def refuse_sharded_training(trainer) -> None:
     if asked:
         raise HfEwcError(
             f"{asked[0]} is not supported on FSDP2-sharded parameters yet: there, EWC runs the stabilized or vanilla "
-            "penalty and the proximal step shard by shard, with an EWC state collected by one process or DDP; use "
-            "one of those modes (and fisher, mas, signal or uniform importances), or DDP."
+            "penalty and the proximal step shard by shard, with the collected importances (fisher, sqrt_fisher, af, "
+            "mas, masx, signal, uniform) or si, onaf and sos (sos_alpha=0); use one of those, or DDP."
         )
 
 
@@ -156,7 +156,10 @@ def host_config_class(trainer_class: type[Trainer]) -> type[TrainingArguments]:
 
 def new_si(model: nn.Module, args: EWCConfig) -> SIAccumulator:
     return SIAccumulator(
-        trainable_parameters(model), damping=args.si_damping, method=args.importance_method, sos_alpha=args.sos_alpha
+        trainable_parameters(model, sharded=True),
+        damping=args.si_damping,
+        method=args.importance_method,
+        sos_alpha=args.sos_alpha,
     )
 
 
@@ -321,7 +324,7 @@ def clnp_batches(trainer: Trainer, data) -> list[dict]:
 def checkpoint_state(checkpoint: str, model: nn.Module, args: EWCConfig, state: EWCState | None):
     """``(EWC state, SI accumulator, CLNP allocation or None)`` to resume from ``checkpoint``."""
     if os.path.isfile(os.path.join(checkpoint, STATE_WEIGHTS_NAME)):
-        loaded = EWCState.load(checkpoint)
+        loaded = EWCState.load(checkpoint, model)
         loaded.validate(model, strict=False)  # a state that does not fit is refused, not kept
         state = loaded
     elif state is not None and not state.is_empty:

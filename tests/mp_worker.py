@@ -181,6 +181,75 @@ def record_writes(root: str, log_path: str) -> None:
     atexit.register(dump)
 
 
+# ----------------------------------------------------------------------------------------------- FSDP2 collection
+# 13 samples in batches of 3: 3 batches on rank 0 (7 samples), 2 on rank 1 (6) — rank 1 pads a pass to keep in step.
+SHARDED_CASES = {
+    "fisher_empirical": ("fisher", "empirical", {}),
+    "fisher_exact": ("fisher", "exact", {"max_backward_per_batch": 400}),
+    "fisher_sampled": ("fisher", "sampled", {}),
+    "fisher_batched": ("fisher", "batched", {}),
+    "sqrt_fisher": ("sqrt_fisher", "empirical", {}),
+    "af": ("af", "empirical", {"max_backward_per_batch": 400}),
+    "mas": ("mas", "empirical", {}),
+    "masx": ("masx", "empirical", {}),
+    "signal": ("signal", "empirical", {}),
+    "signal_activation": ("signal", "empirical", {"bias": "activation"}),
+    "uniform": ("uniform", "empirical", {}),
+}
+# which process draws a sample's labels, or which samples share a minibatch, changes these: compared with DDP
+BY_PROCESS = ("fisher_sampled", "fisher_batched")
+
+
+def llama_on_processes(shard: bool):
+    """The tiny Llama, whole or sharded over the processes with `fully_shard` (per decoder layer, then the root)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    if shard:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def collect_sharded(out: str, whole_state: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """On 2 processes: every case of SHARDED_CASES on the FSDP2-sharded Llama (``sharded/…``, gathered) and the
+    BY_PROCESS ones on the whole model (``whole/…``, DDP's path); a state consolidated on the sharded model saved
+    to OUT/state (streamed), and the 1-process state in ``whole_state`` loaded onto the sharded model (this process's
+    slices), consolidated with a second domain and saved to OUT/state2. On 1 process: every case whole, the state of
+    one domain saved to ``whole_state`` and of two to ``whole_state``/two."""
+    from hf_ewc import EWCState
+    from hf_ewc.distributed import whole_tensor
+
+    shard = PartialState(cpu=True).num_processes > 1
+    tensors, info = {}, {}
+    runs = [(True, list(SHARDED_CASES)), (False, list(BY_PROCESS))] if shard else [(False, list(SHARDED_CASES))]
+    for sharded, cases in runs:
+        for case in cases:
+            method, estimator, options = SHARDED_CASES[case]
+            model = llama_on_processes(sharded)
+            spec = CollectionSpec(method, estimator, batch_size=3, show_progress=False, options=options)
+            result = collect(model, lm_samples(13, pad_last=3), spec)
+            prefix = f"{'sharded' if sharded else 'whole'}/{case}"
+            tensors.update({f"{prefix}/{n}": whole_tensor(t) for n, t in result.importances.items()})
+            info[prefix] = [result.num_samples, type(next(iter(result.importances.values()))).__name__]
+    model = llama_on_processes(shard)
+    first = collect(model, lm_samples(13, pad_last=3), CollectionSpec("fisher", batch_size=3, show_progress=False))
+    state = EWCState().consolidate(model, first.importances, domain="a")
+    info["state_bytes"], info["state_sharded"] = state.nbytes, state.is_sharded
+    state.save(os.path.join(out, "state") if shard else whole_state)
+    loaded = EWCState.load(whole_state, model)
+    info["loaded_bytes"], info["loaded_sharded"] = loaded.nbytes, loaded.is_sharded
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)  # "trained" on domain b
+    second = collect(model, lm_samples(9, seed=3), CollectionSpec("mas", batch_size=4, show_progress=False))
+    loaded.consolidate(model, second.importances, domain="b")
+    loaded.save(os.path.join(out, "state2") if shard else os.path.join(whole_state, "two"))
+    return tensors, info
+
+
 def sharded_refusals() -> dict[str, str]:
     """FSDP2 (`fully_shard`, DTensor parameters) on the gloo group: what each EWC entry point says."""
     from torch.distributed.fsdp import fully_shard
@@ -213,10 +282,14 @@ def sharded_refusals() -> dict[str, str]:
 def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, steps: int, route: str = "load"):
     """`EWCTrainer` from the model saved in ``start`` with the EWC state in ``state_dir``: on 2 processes the model
     is sharded at load time by transformers (FSDP2, `DistributedConfig(fsdp_size=2)`: DTensor parameters), on 1 it is
-    loaded whole. ``batch``: the batch per device, or ``"BxG"`` with G accumulation steps. The whole parameters after
-    ``steps`` steps (gathered), the logged penalties, and each process's penalty tensors (bytes of anchors and
-    coefficients or weights it holds)."""
+    loaded whole. ``batch``: the batch per device, or ``"BxG"`` with G accumulation steps; ``mode``: the ewc_mode, or
+    ``"MODE+METHOD"`` with an importance method (default fisher). The whole parameters after ``steps`` steps
+    (gathered), the logged penalties, each process's penalty tensors (bytes of anchors and coefficients or weights it
+    holds); then `trainer.consolidate()` (the method's importances, on the sharded model) and `save_model` into
+    OUT/final (the state gathered into one file) — the state's tensors (gathered) and bytes per process."""
     from transformers import AutoModelForCausalLM
+
+    from hf_ewc.distributed import whole_tensor
 
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
     extra = {}
@@ -241,13 +314,15 @@ def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, s
             model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     else:
         model = AutoModelForCausalLM.from_pretrained(start)
+    mode, _, method = mode.partition("+")
     per_device, _, accumulation = str(batch).partition("x")
     accumulation = int(accumulation or 1)
     args = EWCConfig(
         output_dir=out, per_device_train_batch_size=int(per_device), gradient_accumulation_steps=accumulation,
         max_steps=steps, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
         weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
-        use_cpu=True, ewc_mode=mode, ewc_lambda=20.0, importance_normalization="none", **extra,
+        use_cpu=True, ewc_mode=mode, ewc_lambda=20.0, importance_normalization="none",
+        importance_method=method or "fisher", importance_batch_size=3, **extra,
     )  # fmt: skip
     trainer = EWCTrainer(model=model, args=args, train_dataset=lm_samples(16, seed=4), ewc_state=state_dir)
     trainer.train()
@@ -258,8 +333,15 @@ def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, s
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         tensors[f"param/{name}"] = full.detach().clone()
     logs = [log.get("ewc/penalty") for log in trainer.state.log_history if "loss" in log]
+    state = trainer.consolidate(domain="b")
+    trainer.save_model(os.path.join(out, "final"))
+    for name in state.importances:
+        tensors[f"importance/{name}"] = whole_tensor(state.importances[name]).clone()
+        tensors[f"anchor/{name}"] = whole_tensor(state.anchors[name]).clone()
     return tensors, {
         "penalties": logs,
+        "state_bytes": state.nbytes,
+        "num_samples": state.domains[-1]["num_samples"],
         "bytes": sum(t.numel() * t.element_size() for t in held),
         "sharded": type(next(iter(trainer._plain_model().parameters()))).__name__,
         "fsdp_enabled": trainer.is_fsdp_enabled,
@@ -343,6 +425,8 @@ def main(argv: list[str]) -> int:
     out = rest[0]
     if command == "importances":
         tensors, info = collect_all()
+    elif command == "sharded_collect":
+        tensors, info = collect_sharded(out, rest[1])
     elif command == "fsdp":
         tensors, info = {"none": torch.zeros(1)}, sharded_refusals()
     elif command == "train":

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from mp_worker import collect_all, prepare_sft, train_sequence, train_sft, train_sharded, train_si_family
+from mp_worker import (
+    BY_PROCESS,
+    SHARDED_CASES,
+    collect_all,
+    collect_sharded,
+    prepare_sft,
+    train_sequence,
+    train_sft,
+    train_sharded,
+    train_si_family,
+)
 from safetensors.torch import load_file
 from testing_utils import (
     assert_tensors_close,
@@ -174,6 +184,40 @@ def test_fsdp2_sharded_parameters_are_refused_by_every_entry_point(tmp_path):
             assert "is a FSDP2 (DTensor) shard" in message and "DDP" in message
 
 
+def test_fsdp2_collection_equals_one_process_and_states_cross_world_sizes(tmp_path):
+    """Every importance method on a tiny Llama sharded with `fully_shard` over 2 gloo processes: per-sample terms
+    squared (or |·|) before the reduce-scatter, so the importances equal one process on the same samples (≤ 1e-5);
+    the sampled and batched Fisher, which depend on which process draws or batches a sample, equal DDP's on the same
+    2 processes. Rank 1 has a batch fewer and pads a pass to stay in step with FSDP's collectives. A state
+    consolidated on the sharded model holds 2·P/N per process (as DTensors), saves (gathered, streamed) to the file
+    one process writes, and a 1-process state loads onto the sharded model as slices and consolidates a second
+    domain as one process does."""
+    two = tmp_path / "two"
+    two.mkdir()
+    one, info_one = collect_sharded(str(tmp_path), str(tmp_path / "whole_state"))
+    done = launch(str(WORKER), "sharded_collect", str(two), str(tmp_path / "whole_state"))
+    assert done.returncode == 0, failure(done)
+    for tensors, info in ranks(two):
+        for case in SHARDED_CASES:
+            reference = tensors if case in BY_PROCESS else one
+            want = {k.split("/", 2)[2]: v for k, v in reference.items() if k.startswith(f"whole/{case}/")}
+            got = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"sharded/{case}/")}
+            assert got.keys() == want.keys() and want, case
+            assert_close_to(got, want, rel=1e-5)
+            assert info[f"sharded/{case}"] == [info_one[f"whole/{case}"][0], "DTensor"], case
+        assert info["state_sharded"] and info["loaded_sharded"] and not info_one["state_sharded"]
+        assert info["state_bytes"] * 2 == info["loaded_bytes"] * 2 == info_one["state_bytes"]  # 2·P/N per process
+    assert any(float(t.abs().max()) > 0 for k, t in one.items() if k.startswith("whole/fisher_empirical/"))
+    for saved, reference in (
+        (two / "state", tmp_path / "whole_state"),
+        (two / "state2", tmp_path / "whole_state" / "two"),
+    ):
+        got, want = EWCState.load(saved), EWCState.load(reference)
+        assert [d["name"] for d in got.domains] == [d["name"] for d in want.domains] and got.nbytes == want.nbytes
+        assert_close_to(got.importances, want.importances, rel=1e-5)
+        assert all(torch.equal(got.anchors[n], want.anchors[n]) for n in want.anchors)
+
+
 def test_launch_where_every_process_thinks_it_is_alone_is_refused(tmp_path):
     """On CPU without ACCELERATE_USE_CPU each process reports 1 process: stop before writing, with the fix."""
     config = write_yaml(tmp_path / "run.yaml", make_config(tmp_path))
@@ -233,9 +277,9 @@ def sharded_start(tmp_path_factory):
 @pytest.mark.parametrize(
     ("route", "mode", "batch"),
     [("load", "stabilized", "2"), ("load", "stabilized", "1x2"), ("load", "proximal", "2"),
-     ("accelerate", "vanilla", "2")],
+     ("load", "stabilized+si", "2"), ("accelerate", "vanilla+mas", "2")],
 )  # fmt: skip
-def test_fsdp2_training_with_the_penalty_equals_one_process_and_holds_half_the_state(
+def test_fsdp2_training_and_consolidation_equal_one_process_and_hold_half_the_state(
     tmp_path, sharded_start, route, mode, batch
 ):
     """EWCTrainer on FSDP2 (DTensor parameters) on 2 gloo processes — a model sharded at load time by transformers
@@ -243,7 +287,10 @@ def test_fsdp2_training_with_the_penalty_equals_one_process_and_holds_half_the_s
     on GPUs only): the penalty's gradient (or the proximal step) works on each process's slices, and 4 SGD steps end
     where one process ends with the same global batch; the logged penalty is the global one; each process holds half
     of the anchors and coefficients. ``1x2``: batches of 1 with 2 accumulation steps (FSDP's gradient sync deferred
-    to the last micro-batch, the penalty added once)."""
+    to the last micro-batch, the penalty added once). Then `trainer.consolidate()` on the sharded model — Fisher or
+    MAS collected shard by shard, or SI's path integral accumulated on the slices of θ and of the reduce-scattered
+    gradient — gives one process's Ω and θ* with half the state per process, and `save_model` writes the one file
+    (gathered) that one process writes."""
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
     common = [str(sharded_start / "start"), str(sharded_start / "state")]
@@ -256,6 +303,14 @@ def test_fsdp2_training_with_the_penalty_equals_one_process_and_holds_half_the_s
         assert info["bytes"] * 2 == info_one["bytes"]  # 2·P/N: each rank holds its slices only
         if mode != "proximal":
             assert info["penalties"] == pytest.approx(info_one["penalties"], rel=1e-5) and info["penalties"][0] > 0
+        assert info["state_bytes"] * 2 == info_one["state_bytes"] and info["num_samples"] == info_one["num_samples"]
+    assert any(k.startswith("importance/") for k in whole) and any(k.startswith("anchor/") for k in whole)
+    saved, want = EWCState.load(two / "final"), EWCState.load(one / "final")
+    assert [d["name"] for d in saved.domains] == ["a", "b"] and saved.domains[-1]["method"] == want.domains[-1][
+        "method"
+    ]
+    assert_close_to(saved.importances, want.importances, rel=1e-5)
+    assert_close_to(saved.anchors, want.anchors, rel=1e-5)
     start = load_file(sharded_start / "start" / "model.safetensors")
     assert any(not torch.equal(whole[f"param/{n}"], t) for n, t in start.items())  # it did train
     plain, _ = train_sharded(str(tmp_path / "off"), *common, "4", "off", 4)  # and the penalty did change it

@@ -4,10 +4,12 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from testing_utils import MLP, damaged_state, run_cli, snapshot, tiny_bert_classifier, tiny_gpt2
 
 from hf_ewc import EWCState, HfEwcError, collect_importance
 from hf_ewc.state import STATE_CONFIG_NAME, STATE_WEIGHTS_NAME
+from hf_ewc.state_io import write_safetensors_streamed
 
 
 def _ones_like(model, value=1.0):
@@ -91,6 +93,24 @@ def test_storage_dtype_round_trip(tmp_path):
     loaded = EWCState.load(tmp_path)
     assert loaded.dtype == torch.bfloat16
     assert all(v.dtype == torch.bfloat16 for v in loaded.anchors.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_streamed_writer_of_sharded_states_writes_the_file_safetensors_writes(tmp_path, dtype):
+    """A sharded state is written header first, then one gathered tensor at a time: byte for byte what
+    `safetensors.torch.save_file` writes for the same whole tensors (0-d and empty tensors included)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"anchor.b.w": torch.randn(3, 4, generator=g), "importance.a": torch.rand(5, generator=g),
+               "anchor.a": torch.tensor(2.5), "importance.b.w": torch.zeros(0, 4)}  # fmt: skip
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    metadata = {"hf_ewc": json.dumps({"format_version": 1})}
+    gathered = []
+    save_file(tensors, tmp_path / "reference.safetensors", metadata=metadata)
+    write_safetensors_streamed(
+        str(tmp_path / "streamed.safetensors"), tensors, metadata, lambda t: gathered.append(t) or t
+    )
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    assert len(gathered) == len(tensors)  # each tensor made whole once, one at a time
 
 
 def test_validate_names_missing_extra_and_mismatched_parameters():

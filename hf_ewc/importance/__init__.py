@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..distributed import trainable_parameters
+from ..distributed import replicated_parameter, reshard, trainable_parameters
 from ..utils import HfEwcError
 from ._loop import ImportanceMethod, ImportanceResult, run_collection
 from .correlation import importance_correlations
@@ -150,9 +150,17 @@ class CollectionSpec:
 def collect(model: nn.Module, data: Any, spec: CollectionSpec) -> ImportanceResult:
     """Run the collection ``spec`` asks for: table lookup → the shared loop; the result says how it was obtained."""
     cls = METHODS[spec.method]
-    params = trainable_parameters(model)
+    reshard(model)  # (FSDP2 may hold whole parameters after an evaluation's forward)
+    params = trainable_parameters(model, sharded=True)
     if not params:
         raise HfEwcError("The model has no trainable parameters (requires_grad=True): nothing to measure.")
+    replicated = replicated_parameter(params)
+    if replicated is not None:  # its whole sums would be reduce-scattered into a layout it does not have
+        raise HfEwcError(
+            f"{replicated!r} is held whole (or replicated, HSDP) by several processes next to FSDP2-sharded "
+            "parameters; collection on a sharded model needs every trainable parameter sharded (fully_shard with a "
+            "1-D mesh) or frozen."
+        )
     recorded = {**spec.options, "batch_size": spec.batch_size, "max_samples": spec.max_samples, "seed": spec.seed}
     estimator = spec.estimator if "estimator" in cls.options else None
     options = {**spec.options, **({"estimator": estimator} if estimator else {})}

@@ -11,6 +11,12 @@ A method is a class (see [`ImportanceMethod`]) built on the model's trainable pa
 5. calls ``method.finalize(sums, count)`` on the global sums (a mean, for most methods), and refuses non-finite or
    negative results.
 
+On an FSDP2-sharded model (DTensor parameters) every process forms whole-parameter sums of its own samples' per-sample
+terms (the square or absolute value of a gradient is taken before any exchange: squaring an averaged gradient would
+give (mean g)², not mean g²); step 4 then reduce-scatters each sum into the parameter's layout, one parameter at a
+time, so ``finalize`` works on this process's slices and the importances come back as DTensors laid out like their
+parameters. A method whose sums are not parameter-shaped (signal's per-feature sums) is all-reduced as before.
+
 Reducing before finalizing lets a method reduce small per-feature sums (signal) instead of parameter-sized results and
 divide by the global count.
 """
@@ -30,7 +36,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
-from ..distributed import check_world_size
+from ..distributed import (
+    all_reduce_,
+    as_shard_of,
+    check_world_size,
+    is_sharded,
+    raise_together,
+    reduce_scatter_like,
+)
 from ..state import check_importances
 from ..utils import HfEwcError
 
@@ -70,6 +83,18 @@ class ImportanceMethod:
 
     def close(self) -> None:
         """Release what the method attached to the model (hooks)."""
+
+    def pad(self, inputs: dict[str, Any]) -> None:
+        """Sharded models: run ``inputs``' passes (so this process joins every collective of FSDP2's forward and
+        backward) with the terms weighted 0 and nothing counted. Methods on the per-sample engine get it for free."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            raise HfEwcError(f"The {self.name} method cannot run on FSDP2-sharded parameters.")
+        engine.scale = 0.0
+        try:
+            self.accumulate(inputs)
+        finally:
+            engine.scale = 1.0
 
 
 @dataclass
@@ -111,18 +136,26 @@ def run_collection(
     with collection_mode(model, seed):
         collector = method(model, params, seed=seed, **options)
         try:
-            for batch in batches:
+            if is_sharded(params):
+                count = accumulate_in_step(collector, batches, model, device)
+            for batch in [] if is_sharded(params) else batches:
                 count += collector.accumulate(prepare_inputs(batch, model, device, categorical=collector.categorical))
         finally:
             collector.close()
-    sums, count = reduce_across_processes(collector.sums, count, state)
+    if is_sharded(params):
+        sums, count = reduce_to_shards(collector.sums, count, params)
+    else:
+        sums, count = reduce_across_processes(collector.sums, count, state)
     if count == 0:
         raise HfEwcError(
             "No sample counted: every sample had all its labels masked (-100). Check the data collator and the labels."
         )
     importances = collector.finalize(sums, count)
-    check_importances(importances)
-    return importances, count, collector.recorded
+    if not is_sharded(params):
+        check_importances(importances)
+        return importances, count, collector.recorded
+    raise_together(lambda: check_importances(importances))  # each process checks its slices
+    return {n: as_shard_of(t, params[n]) for n, t in importances.items()}, count, collector.recorded
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -284,6 +317,41 @@ def collection_mode(model: nn.Module, seed: int | None) -> Iterator[None]:
             module.training = flag
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
+
+
+def accumulate_in_step(collector: ImportanceMethod, batches: Iterator, model: nn.Module, device) -> int:
+    """Sharded model: FSDP2 all-gathers parameters in every forward and backward, so every process must run as many
+    passes as the others; a process out of batches repeats its last one, weighted 0 and not counted."""
+    count, last, first = 0, None, True
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if first:  # every process needs one batch to keep in step with
+            if float(all_reduce_(torch.tensor([float(batch is None)]), "max")):
+                raise HfEwcError(
+                    "A process got no sample to collect on: a sharded model needs at least one batch per process "
+                    "(more samples than processes, or a DataLoader with at least as many batches)."
+                )
+            first = False
+        if not float(all_reduce_(torch.tensor([float(batch is not None)]), "max")):
+            return count
+        if batch is None:
+            collector.pad(last)
+        else:
+            last = prepare_inputs(batch, model, device, categorical=collector.categorical)
+            count += collector.accumulate(last)
+
+
+def reduce_to_shards(sums: dict[str, Tensor], count: int, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+    """Sharded model: each parameter-shaped whole sum reduce-scattered into this process's slice (freed as it goes),
+    any other sum all-reduced; the count summed."""
+    reduced = {}
+    for name in list(sums):
+        full = sums.pop(name)
+        like = params.get(name)
+        shaped = like is not None and tuple(full.shape) == tuple(like.shape)
+        reduced[name] = reduce_scatter_like(full, like) if shaped else all_reduce_(full, "sum")
+    return reduced, round(float(all_reduce_(torch.tensor([float(count)], dtype=torch.float64), "sum")))
 
 
 def reduce_across_processes(sums: dict[str, Tensor], count: int, state: PartialState) -> tuple[dict[str, Tensor], int]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from ..distributed import all_reduce_, is_sharded, whole_tensor
 from ..models import LINEAR_TYPES
 from ..utils import HfEwcError, logger
 from ._loop import batch_size_of, slice_batch
@@ -49,6 +50,7 @@ class _Record:
     args: tuple
     kwargs: dict
     output: Tensor
+    values: dict[str, Tensor] | None = None  # the module's parameters as the forward saw them (sharded models)
 
 
 def _flat(x: Tensor, batch: int) -> Tensor:
@@ -158,7 +160,7 @@ def _vmapped_vjp(record: _Record, grad_out: Tensor, batch: int, attrs: dict[str,
     batched = [torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == batch for a in args]
     if not any(batched) or grad_out.shape[0] != batch:
         raise Unsupported(f"{type(module).__name__}: no batch dimension to split")
-    params = {attr: getattr(module, attr).detach() for attr in attrs}
+    params = record.values or {attr: getattr(module, attr).detach() for attr in attrs}
 
     def one(grad_n, *args_n):
         full = [a.unsqueeze(0) if b else a for a, b in zip(args_n, batched)]
@@ -172,34 +174,65 @@ def _vmapped_vjp(record: _Record, grad_out: Tensor, batch: int, attrs: dict[str,
     in_dims = (0, *[0 if b else None for b in batched])
     detached = [a.detach() if torch.is_tensor(a) else a for a in args]
     try:
-        grads = vmap(one, in_dims=in_dims)(grad_out, *detached)
+        with _hooks_off(module) if record.values else contextlib.nullcontext():
+            grads = vmap(one, in_dims=in_dims)(grad_out, *detached)
     except Exception as err:  # vmap refuses many ops; the loop engine takes over
         raise Unsupported(f"{type(module).__name__} cannot be vmapped ({err})") from err
     return {attrs[attr]: g.float() for attr, g in grads.items()}
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _hooks_off(module: nn.Module) -> Iterator[None]:
+    """The module's own forward hooks set aside: re-running an FSDP2 module's forward for its per-sample gradients
+    must not all-gather, reshard or move its training state (the whole parameters are passed in)."""
+    kept = {name: getattr(module, name) for name in HOOK_DICTS if hasattr(module, name)}
+    try:
+        for name, hooks in kept.items():
+            setattr(module, name, type(hooks)())
+        yield
+    finally:
+        for name, hooks in kept.items():
+            setattr(module, name, hooks)
 
 
 class PerSampleGradients:
     """Accumulates ``Σ_n transform(∇_θ objective_n)`` in float32 for the trainable parameters of ``model``."""
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], transform: str, engine: str = "auto"):
-        if transform not in ("square", "abs"):
+        if transform not in ("square", "abs", "batch_square"):  # batch_square: (Σ_n g_n)², the batch's gradient
             raise ValueError(transform)
         if engine not in ("auto", "hooks", "loop"):
             raise HfEwcError(f"Unknown per_sample engine {engine!r}; choose one of: auto, hooks, loop.")
         self.model = model
         self.params = params
         self.transform = transform
+        # whole-parameter sums on every process, sharded parameters included (the loop reduce-scatters them)
         self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        self.sharded = is_sharded(params)
+        self.scale = 1.0  # 0 for a padding pass (`ImportanceMethod.pad`): gradients formed, nothing added
         self._name_of = {id(p): n for n, p in params.items()}
         self._owners: dict[nn.Module, dict[str, str]] = {}  # leaf module -> {attribute: parameter name}
         self._engine_requested = engine
+        if self.sharded and engine == "loop":
+            raise HfEwcError(
+                "per_sample='loop' differentiates whole parameters; on FSDP2-sharded parameters only the hooks engine "
+                "forms per-sample gradients (per_sample='auto' or 'hooks')."
+            )
         reason = self._find_owners() if engine != "loop" else None
+        if self.sharded and reason:
+            raise HfEwcError(f"Per-sample gradients of this FSDP2-sharded model cannot be formed: {reason}.")
         if engine == "hooks" and reason:
             raise HfEwcError(f"per_sample='hooks' cannot be used with this model: {reason}. Use per_sample='loop'.")
         if engine == "auto" and reason:
             logger.info(f"Per-sample gradients: using the batch-size-1 loop ({reason}).")
         self.engine = "loop" if (engine == "loop" or reason) else "hooks"
-        self.verify_pending = engine == "auto" and self.engine == "hooks"
+        # The first-batch check compares with autograd's gradients of the parameters, which FSDP2 reduce-scatters
+        # across processes: it runs where the parameters are whole (the hooks are the same code on both).
+        self.verify_pending = engine == "auto" and self.engine == "hooks" and not self.sharded
         self._records: list[_Record] = []
         self._recording = False
         self._batch = 1
@@ -267,12 +300,13 @@ class PerSampleGradients:
                     a.expand(batch, *a.shape[1:]) if torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == 1 else a
                     for a in args
                 )
-                self._records.append(_Record(module, args, kwargs, output))
+                self._records.append(_Record(module, args, kwargs, output, self._snapshot(module)))
                 return output
-            self._records.append(_Record(module, args, kwargs, output))
+            self._records.append(_Record(module, args, kwargs, output, self._snapshot(module)))
             return None
 
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._owners]
+        # Sharded: before FSDP2's own post-forward hook, which puts the slices back in place of the whole parameters
+        handles = [m.register_forward_hook(hook, with_kwargs=True, prepend=self.sharded) for m in self._owners]
         self._recording = True
         try:
             yield
@@ -280,6 +314,13 @@ class PerSampleGradients:
             self._recording = False
             for h in handles:
                 h.remove()
+
+    def _snapshot(self, module: nn.Module) -> dict[str, Tensor] | None:
+        """Under FSDP2 a module's parameters are whole only during its forward (slices again, their storage freed, by
+        the backward): the generic (vmapped) path keeps a copy of the ones it differentiates."""
+        if not self.sharded or isinstance(module, (*LINEAR_TYPES, nn.Embedding, nn.LayerNorm)):
+            return None
+        return {attr: whole_tensor(getattr(module, attr).detach()).clone() for attr in self._owners[module]}
 
     # ---------------------------------------------------------------- accumulation
     def _accumulate(self, acc: Tensor, per_sample: Iterable[Tensor]) -> None:
@@ -330,6 +371,10 @@ class PerSampleGradients:
         batch = objective.shape[0]
         for name, parts in self._per_parameter(objective, retain_graph).items():
             acc = self.sums[name]
+            if self.transform == "batch_square":
+                total = sum(block.sum(0) for block in self._blocks(parts, batch, acc.shape, acc.device))
+                acc.addcmul_(total, total)
+                continue
             if len(parts) == 1 and isinstance(parts[0], _Rows):  # an untied embedding: stay sparse
                 rows = parts[0]
                 values = rows.values.square_() if self.transform == "square" else rows.values.abs_()
@@ -409,9 +454,9 @@ class PerSampleGradients:
                 return self._run_hooks(inputs, make_objectives)
             except Unsupported as err:
                 if not self.verify_pending:  # only the first, checked batch may still fall back
+                    fix = "" if self.sharded else " Use per_sample='loop'."
                     raise HfEwcError(
-                        f"The hooks engine cannot compute per-sample gradients for this model: {err}. Use "
-                        "per_sample='loop'."
+                        f"The hooks engine cannot compute per-sample gradients for this model: {err}.{fix}"
                     ) from err
                 logger.warning(f"Per-sample gradients: switching to the batch-size-1 loop ({err}).")
                 self.engine = "loop"
@@ -429,9 +474,21 @@ class PerSampleGradients:
                 raise Unsupported(reason)
             self.verify_pending = False
         count, objectives = make_objectives(outputs, inputs)
+        if self.sharded:
+            objectives = self._in_step(list(objectives), outputs, inputs)
         for objective in objectives:
-            self.backward(objective, retain_graph=True)
-        return count
+            self.backward(objective if self.scale == 1.0 else objective * self.scale, retain_graph=True)
+        return count if self.scale else 0
+
+    def _in_step(self, objectives: list[Tensor], outputs: Any, inputs: dict[str, Any]) -> list[Tensor]:
+        """Sharded model: as many backward passes as the process with the most (FSDP2 all-gathers in each), the
+        extra ones of objective 0 (the exact Fisher's count of (position, class) pairs depends on the samples)."""
+        most = int(all_reduce_(torch.tensor([float(len(objectives))]), "max"))
+        if most > len(objectives):
+            logits = outputs_logits(outputs, "labels" in inputs).float()
+            zero = logits.reshape(logits.shape[0], -1).sum(1) * 0.0
+            objectives += [zero] * (most - len(objectives))
+        return objectives
 
     def _run_loop(self, inputs, make_objectives) -> int:
         names = list(self.params)

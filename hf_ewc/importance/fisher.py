@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import is_sharded
 from ..models import model_shifts_labels
 from ..utils import HfEwcError
 from ._loop import ImportanceMethod
@@ -105,11 +106,13 @@ class Fisher(ImportanceMethod):
         else:
             self.generator.seed()
         self.first = True
-        if estimator == "batched":
+        if estimator == "batched" and not is_sharded(params):
             self.engine = None
             self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         else:
-            self.engine = PerSampleGradients(model, params, "square", per_sample)
+            # sharded parameters: the minibatch gradient of each process's own batch, from the hooks, squared
+            transform = "batch_square" if estimator == "batched" else "square"
+            self.engine = PerSampleGradients(model, params, transform, per_sample)
             self.sums = self.engine.sums
 
     def _targets(self, outputs: Any, inputs: dict[str, Any]) -> Targets:
@@ -140,6 +143,9 @@ class Fisher(ImportanceMethod):
 
     def _objectives(self, outputs: Any, inputs: dict[str, Any]):
         targets = self._targets(outputs, inputs)
+        if self.estimator == "batched":  # (sharded parameters) one "sample": the mean over the batch's valid samples
+            ll = _sample_log_likelihood(targets, targets.labels)
+            return int(targets.num_valid > 0), [ll.where(targets.valid, 0) / max(targets.num_valid, 1)]
         if self.estimator == "empirical":
             return targets.num_valid, [_sample_log_likelihood(targets, targets.labels)]
         if self.estimator == "sampled":

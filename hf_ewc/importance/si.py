@@ -26,6 +26,11 @@ to 0 (Benzing) so that the quadratic penalty stays convex and the stabilized coe
 
 The gradient is read from ``p.grad`` right after ``optimizer.step()`` (the Trainer zeroes it only later), which
 assumes the optimizer does not rewrite gradients in place — true of the torch optimizers the Trainer builds.
+
+On FSDP2-sharded parameters every buffer is this process's slice and every update is element-wise on the slices of
+θ and of the reduce-scattered gradient: no communication, 1/N of the memory; the running sums of a checkpoint are
+gathered one tensor at a time into the same file. `siu`, `sib` and `sos` (α > 0) need a second backward per step and
+are not offered there.
 """
 
 import os
@@ -36,6 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..distributed import as_shard_of, is_sharded, local_tensor, shard_like, whole_tensor
+from ..state_io import write_safetensors_streamed
 from ..utils import HfEwcError, atomic_path
 
 
@@ -62,13 +69,26 @@ class SIAccumulator:
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self.damping = float(damping)
-        self.start = [p.detach().float().clone() for p in self.params]
+        self.sharded = is_sharded(params)
+        if self.sharded and self.needs_independent_gradient:
+            raise HfEwcError(
+                f"{method} needs an independent minibatch gradient at every step, which is not formed on "
+                "FSDP2-sharded parameters; use si, onaf or sos with sos_alpha=0 there, or DDP."
+            )
+        self.start = [p.float().clone() for p in self._values()]
         self.omega = [torch.zeros_like(s) for s in self.start]
         self._before = [torch.zeros_like(s) for s in self.start]
         self._penalty: tuple[list[Tensor], list[Tensor]] | None = None
         self._kept: list[Tensor] | None = None
         self._independent: list[Tensor] | None = None
         self.steps = 0
+
+    def _values(self) -> list[Tensor]:
+        """θ as this process holds it (its slices of sharded parameters), detached."""
+        return [local_tensor(p.detach()) for p in self.params]
+
+    def _gradients(self) -> list[Tensor | None]:
+        return [None if p.grad is None else local_tensor(p.grad.detach()) for p in self.params]
 
     @property
     def needs_independent_gradient(self) -> bool:
@@ -87,11 +107,9 @@ class SIAccumulator:
     @torch.no_grad()
     def before_step(self) -> None:
         """Snapshot θ (and, after `keep_step_gradient`, the gradient) right before ``optimizer.step()``."""
-        torch._foreach_copy_(self._before, [p.detach() for p in self.params])
+        torch._foreach_copy_(self._before, self._values())
         if self._kept is not None:
-            grads = [
-                p.grad.detach() if p.grad is not None else torch.zeros_like(k) for p, k in zip(self.params, self._kept)
-            ]
+            grads = [g if g is not None else torch.zeros_like(k) for g, k in zip(self._gradients(), self._kept)]
             torch._foreach_copy_(self._kept, grads)
 
     def subtract_penalty(
@@ -104,7 +122,7 @@ class SIAccumulator:
         if anchors is None:
             self._penalty = None
             return
-        zeros = [torch.zeros_like(p) for p in self.params]
+        zeros = [torch.zeros_like(s) for s in self.start]
         self._penalty = (
             [anchors[n].float() if n in anchors else z for n, z in zip(self.names, zeros)],
             [two_c[n].float() if n in two_c else z for n, z in zip(self.names, zeros)],
@@ -118,10 +136,7 @@ class SIAccumulator:
         grads = (
             self._kept
             if self._kept is not None
-            else [
-                p.grad.detach().float() if p.grad is not None else torch.zeros_like(b)
-                for p, b in zip(self.params, self._before)
-            ]
+            else [g.float() if g is not None else torch.zeros_like(b) for g, b in zip(self._gradients(), self._before)]
         )
         if grad_scale != 1.0:
             grads = torch._foreach_mul(grads, grad_scale)
@@ -154,7 +169,7 @@ class SIAccumulator:
             grads = independent
         elif self.method == "sib":
             grads = torch._foreach_sub(grads, independent)
-        torch._foreach_sub_(self._before, [p.detach().float() for p in self.params])  # θ_before − θ_after = −Δθ
+        torch._foreach_sub_(self._before, [p.float() for p in self._values()])  # θ_before − θ_after = −Δθ
         torch._foreach_addcmul_(self.omega, grads, self._before)
 
     @torch.no_grad()
@@ -162,23 +177,34 @@ class SIAccumulator:
         """Ω of the trajectory so far (the module docstring's last column)."""
         out = {}
         steps = max(self.steps, 1)
-        for name, p, start, omega in zip(self.names, self.params, self.start, self.omega):
+        for name, p, value, start, omega in zip(self.names, self.params, self._values(), self.start, self.omega):
             if self.method == "onaf":
                 out[name] = omega / steps
             elif self.method == "sos":
                 out[name] = (omega / (1 - SOS_BETA**steps)).clamp(min=0).sqrt_()
             else:
-                delta = p.detach().float() - start
+                delta = value.float() - start
                 out[name] = (omega / (delta.square() + self.damping)).clamp_(min=0)
+            out[name] = as_shard_of(out[name], p)  # (a sharded parameter's: a DTensor laid out like it)
         return out
 
     # ------------------------------------------------------------------ checkpointing
-    def save(self, directory: str | os.PathLike) -> None:
-        tensors = {f"omega.{n}": t for n, t in zip(self.names, self.omega)}
-        tensors.update({f"start.{n}": t for n, t in zip(self.names, self.start)})
+    def save(self, directory: str | os.PathLike, *, write: bool = True) -> None:
+        """The running sums into ``directory``; sharded parameters' slices are gathered one tensor at a time (every
+        process calls this; the one with ``write`` writes)."""
+        tensors = {f"omega.{n}": as_shard_of(t, p) for n, t, p in zip(self.names, self.omega, self.params)}
+        tensors.update({f"start.{n}": as_shard_of(t, p) for n, t, p in zip(self.names, self.start, self.params)})
+        metadata = {"steps": str(self.steps), "damping": repr(self.damping), "method": self.method}
+        metadata["sos_alpha"] = repr(self.sos_alpha)
+        if not write:
+            for name in sorted(tensors):
+                whole_tensor(tensors[name])  # the gathers the writing process waits for
+            return
         with atomic_path(os.path.join(directory, SI_STATE_NAME)) as tmp:
-            metadata = {"steps": str(self.steps), "damping": repr(self.damping), "method": self.method}
-            save_file(tensors, tmp, metadata={**metadata, "sos_alpha": repr(self.sos_alpha)})
+            if self.sharded:
+                write_safetensors_streamed(tmp, tensors, metadata, whole_tensor)
+            else:
+                save_file(tensors, tmp, metadata=metadata)
 
     def load(self, directory: str | os.PathLike) -> bool:
         """Restore ω, θ_start and the step count from a checkpoint; ``False`` when it holds no SI state."""
@@ -204,13 +230,14 @@ class SIAccumulator:
                 raise HfEwcError(f"{path} has no SI state for parameter {missing[0]!r}; it belongs to another model.")
             for i, name in enumerate(self.names):
                 omega, start = f.get_tensor(f"omega.{name}"), f.get_tensor(f"start.{name}")
-                if omega.shape != self.omega[i].shape or start.shape != self.start[i].shape:
+                shape = tuple(self.params[i].shape)
+                if tuple(omega.shape) != shape or tuple(start.shape) != shape:
                     raise HfEwcError(
-                        f"{path} holds SI sums of shape {tuple(omega.shape)} for {name!r}, whose shape is "
-                        f"{tuple(self.omega[i].shape)}; it belongs to another model."
+                        f"{path} holds SI sums of shape {tuple(omega.shape)} for {name!r}, whose shape is {shape}; it "
+                        "belongs to another model."
                     )
-                self.omega[i].copy_(omega)
-                self.start[i].copy_(start)
+                self.omega[i].copy_(shard_like(omega, self.params[i]))  # (a sharded parameter's: this slice)
+                self.start[i].copy_(shard_like(start, self.params[i]))
             self.steps = int((f.metadata() or {}).get("steps", 0))
         return True
 

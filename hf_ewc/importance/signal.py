@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import local_tensor, shard_like
 from ..models import LINEAR_TYPES
 from ..utils import HfEwcError, logger
 from ._loop import ImportanceMethod, batch_size_of
@@ -204,22 +205,33 @@ class Signal(ImportanceMethod):
         self.pending.clear()
         return self.context["batch"]
 
+    def pad(self, inputs: dict[str, Any]) -> None:
+        """A forward that adds nothing (sharded models keep every process in step): the per-feature sums are small,
+        so they are put back as they were."""
+        kept = {key: value.clone() for key, value in self.sums.items()}
+        self.accumulate(inputs)
+        for key, value in kept.items():
+            self.sums[key].copy_(value)
+
     def close(self) -> None:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
 
     def finalize(self, sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
-        out = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        # A sharded parameter's Ω is formed on this process's slice: the per-feature means, broadcast to the whole
+        # parameter's shape (a view), are cut to the slice's layout.
+        out = {n: torch.zeros_like(local_tensor(p), dtype=torch.float32) for n, p in self.params.items()}
         for rule, name, key in self.plan:
-            weight = self.params[name].detach().float()
+            param = self.params[name]
+            weight = local_tensor(param).detach().float()
             mean = sums[key] / max(count, 1)
             if rule == "linear":
-                out[name] += weight.abs() * mean.unsqueeze(0)
+                out[name] += weight.abs() * shard_like(mean.unsqueeze(0).expand(param.shape), param)
             elif rule in ("conv1d", "embedding"):
-                out[name] += weight.abs() * mean.unsqueeze(1)
+                out[name] += weight.abs() * shard_like(mean.unsqueeze(1).expand(param.shape), param)
             elif rule in ("norm_weight", "bias_output", "bias_activation"):
-                out[name] += mean
+                out[name] += shard_like(mean, param)
             elif rule == "bias_abs":
                 out[name] += weight.abs()
         return out

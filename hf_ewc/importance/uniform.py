@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor
 
+from ..distributed import as_shard_of, local_tensor
 from ._loop import ImportanceMethod
 
 
@@ -13,4 +14,6 @@ class Uniform(ImportanceMethod):
     needs_data = False
 
     def finalize(self, sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
-        return {n: torch.ones(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        return {
+            n: as_shard_of(torch.ones_like(local_tensor(p), dtype=torch.float32), p) for n, p in self.params.items()
+        }
