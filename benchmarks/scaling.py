@@ -1,6 +1,6 @@
-"""Data-parallel importance collection (P4) and the size of the EWC state over a sequence (P3).
+"""Data-parallel and FSDP2-sharded importance collection (P4) and the size of the EWC state (P3, and per process).
 
-    python benchmarks/scaling.py          # ~1.5 min on 2 CPU cores; writes benchmarks/results/scaling.{json,md}
+    python benchmarks/scaling.py          # ~3 min on 2 CPU cores; writes benchmarks/results/scaling.{json,md}
     python benchmarks/scaling.py --quick  # fewer samples and repeats: a smoke test (*_quick.* files)
 
 Model: the embedded default's architecture (Llama-style, hidden 128, 2 layers, vocabulary 4096, tied embeddings:
@@ -11,6 +11,10 @@ Model: the embedded default's architecture (Llama-style, hidden 128, 2 layers, v
   (samples / s with 2 processes) / (samples / s with 1 process), from the medians of the repeats; the clock starts
   after a barrier, once the model and data are built, and stops after the cross-process reduction. Target ≥ 0.9.
   Max relative difference of the importances = max over tensors of max|Ω₂ − Ω₁| / max|Ω₁|. Target ≤ 1e-5.
+  The same on 2 processes with the model sharded by FSDP2 (`fully_shard` per decoder layer and the root, DTensor
+  parameters): per-sample squares formed on each process, reduce-scattered into the parameters' slices. Reported:
+  its throughput against DDP's, the difference from 1 process, and the EWC state each process holds after
+  consolidating (bytes of its Ω and θ* slices; 2·P·4 for 1 process and DDP).
 - **P3** — EWC state after 1…5 consolidated domains (Fisher on 16 samples each, weights moved between domains):
   tensor bytes (importances + anchors) and the size of `ewc_state.safetensors`, float32 and bfloat16 storage.
   Target: tensor bytes constant at 2·P·4 (2·P·2 in bfloat16); the file adds only its JSON header.
@@ -37,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_ewc import EWCState, collect_importance
+from hf_ewc.distributed import whole_tensor
 from hf_ewc.state import STATE_WEIGHTS_NAME
 from hf_ewc.utils import versions
 
@@ -61,28 +66,44 @@ def samples(n: int, seed: int = 0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------- P4
-def worker(out: Path, n: int) -> None:
-    """One collection, in this process (or in each process of a launch); rank 0 writes Ω and the seconds."""
+def worker(out: Path, n: int, shard: bool) -> None:
+    """One collection, in this process (or in each process of a launch; ``shard``: FSDP2); rank 0 writes Ω and the
+    seconds, every process the bytes of the EWC state it holds after consolidating."""
     from accelerate import PartialState
+    from torch.distributed.fsdp import fully_shard
 
     state = PartialState(cpu=True)
     model, data = build_model(), samples(n)
+    if shard:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     collect_importance(model, data[: 2 * state.num_processes], batch_size=1, show_progress=False)  # warm-up
     state.wait_for_everyone()
     start = time.perf_counter()
     importances = collect_importance(model, data, batch_size=8, show_progress=False)
     seconds = time.perf_counter() - start
+    held = EWCState().consolidate(model, importances).nbytes
+    (out / f"state_bytes_rank{state.process_index}.json").write_text(json.dumps(held))
+    importances = {name: whole_tensor(value) for name, value in importances.items()}  # (gathered: FSDP2)
     if state.is_main_process:
         save_file(importances, out / "importances.safetensors")
         info = {"seconds": seconds, "processes": state.num_processes, "threads": torch.get_num_threads()}
         (out / "timing.json").write_text(json.dumps(info))
 
 
-def run_worker(processes: int, n: int, out: Path) -> dict:
+def run_worker(processes: int, n: int, out: Path, shard: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update({"OMP_NUM_THREADS": str(2 // processes), "OMP_WAIT_POLICY": "PASSIVE", "ACCELERATE_USE_CPU": "1"})
-    script = [str(Path(__file__).resolve()), "--worker", str(out), "--samples", str(n)]
+    script = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(out),
+        "--samples",
+        str(n),
+        *(["--shard"] if shard else []),
+    ]
     if processes == 1:
         cmd = [sys.executable, *script]
     else:
@@ -93,36 +114,53 @@ def run_worker(processes: int, n: int, out: Path) -> dict:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"worker with {processes} process(es) failed:\n{done.stderr[-3000:]}")
-    return json.loads((out / "timing.json").read_text())
+    info = json.loads((out / "timing.json").read_text())
+    info["state_bytes"] = [json.loads((out / f"state_bytes_rank{r}.json").read_text()) for r in range(processes)]
+    return info
 
 
-def p4(n: int, repeats: int, tmp: Path) -> dict:
-    times: dict[int, list[float]] = {1: [], 2: []}
-    threads: dict[int, int] = {}
-    for r in range(repeats):
-        for processes in (1, 2) if r % 2 == 0 else (2, 1):
-            info = run_worker(processes, n, tmp / f"p{processes}")
-            times[processes].append(info["seconds"])
-            threads[processes] = info["threads"]
-            print(f"P4 repeat {r + 1}/{repeats}: {processes} process(es) {info['seconds']:.2f} s", flush=True)
-    one, two = load_file(tmp / "p1" / "importances.safetensors"), load_file(tmp / "p2" / "importances.safetensors")
+def worst_difference(one: dict, two: dict) -> tuple[float, str | None]:
     worst, where = 0.0, None
     for name, value in one.items():
         scale = float(value.abs().max())
         if scale > 0:
             diff = float((two[name] - value).abs().max()) / scale
             worst, where = max((worst, where), (diff, name))
-    median = {p: statistics.median(t) for p, t in times.items()}
+    return worst, where
+
+
+SETUPS = {1: (1, False), 2: (2, False), "fsdp2": (2, True)}  # key: (processes, sharded)
+
+
+def p4(n: int, repeats: int, tmp: Path) -> dict:
+    times: dict = {key: [] for key in SETUPS}
+    threads, held = {}, {}
+    for r in range(repeats):
+        for key in list(SETUPS) if r % 2 == 0 else list(SETUPS)[::-1]:
+            processes, shard = SETUPS[key]
+            info = run_worker(processes, n, tmp / f"p{key}", shard)
+            times[key].append(info["seconds"])
+            threads[key], held[key] = info["threads"], info["state_bytes"]
+            print(f"P4 repeat {r + 1}/{repeats}: {key} ({processes} process(es)) {info['seconds']:.2f} s", flush=True)
+    one, two, sharded = (load_file(tmp / f"p{key}" / "importances.safetensors") for key in SETUPS)
+    worst, where = worst_difference(one, two)
+    worst_sharded, where_sharded = worst_difference(one, sharded)
+    median = {key: statistics.median(t) for key, t in times.items()}
     return {
         "samples": n,
         "seconds": times,
         "median_seconds": median,
-        "samples_per_second": {p: n / s for p, s in median.items()},
+        "samples_per_second": {key: n / s for key, s in median.items()},
         "threads_per_process": threads,
         "throughput_ratio": median[1] / median[2],
         "round_ratios": [a / b for a, b in zip(times[1], times[2])],
         "max_relative_difference": worst,
         "worst_tensor": where,
+        "fsdp2_vs_ddp_throughput_ratio": median[2] / median["fsdp2"],
+        "fsdp2_round_ratios": [a / b for a, b in zip(times[2], times["fsdp2"])],
+        "fsdp2_max_relative_difference": worst_sharded,
+        "fsdp2_worst_tensor": where_sharded,
+        "state_bytes_per_process": held,
     }
 
 
@@ -178,6 +216,28 @@ def markdown(result: dict) -> str:
         ),
         f"| samples / s | {four['samples_per_second'][1]:.1f} | {four['samples_per_second'][2]:.1f} |",
         "",
+        "FSDP2 (2 processes × 1 thread, `fully_shard` per decoder layer and the root) against DDP on the same samples:",
+        "",
+        "| | DDP, 2 processes | FSDP2, 2 processes |",
+        "|---|---:|---:|",
+        f"| median seconds | {four['median_seconds'][2]:.2f} | {four['median_seconds']['fsdp2']:.2f} |",
+        f"| samples / s | {four['samples_per_second'][2]:.1f} | {four['samples_per_second']['fsdp2']:.1f} |",
+        (
+            f"| EWC state bytes per process (Ω + θ*) | {', '.join(f'{b:,}' for b in four['state_bytes_per_process'][2])} "
+            f"| {', '.join(f'{b:,}' for b in four['state_bytes_per_process']['fsdp2'])} |"
+        ),
+        "",
+        (
+            f"- FSDP2 / DDP throughput: **{four['fsdp2_vs_ddp_throughput_ratio']:.3f}**; per round: "
+            f"{', '.join(f'{r:.2f}' for r in four['fsdp2_round_ratios'])}"
+        ),
+        (
+            f"- FSDP2 vs 1 process, max relative difference of the importances: "
+            f"**{four['fsdp2_max_relative_difference']:.2e}** (worst tensor `{four['fsdp2_worst_tensor']}`); state per "
+            f"process {four['state_bytes_per_process']['fsdp2'][0] / four['state_bytes_per_process'][1][0]:.3f} of "
+            "one process's"
+        ),
+        "",
         (
             f"- throughput ratio (2 processes / 1 process): **{four['throughput_ratio']:.3f}** (target ≥ "
             f"{TARGETS['p4_throughput_ratio']}); per round: {', '.join(f'{r:.2f}' for r in four['round_ratios'])}"
@@ -216,9 +276,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--shard", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(Path(args.worker), args.samples)
+        worker(Path(args.worker), args.samples, args.shard)
         return
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:

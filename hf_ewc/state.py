@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .distributed import (
-    all_reduce_,
     as_shard_of,
     is_dtensor,
     is_main_process,
@@ -28,7 +27,6 @@ from .distributed import (
     raise_together,
     replicated_parameter,
     reshard,
-    shard_like,
     trainable_parameters,
     whole_tensor,
 )
@@ -39,7 +37,6 @@ from .state_io import (
     NORMALIZATIONS,
     STATE_CONFIG_NAME,
     STATE_DIR,
-    STATE_DTYPES,
     STATE_WEIGHTS_NAME,
     check_loaded_state,
     check_side_file,
@@ -48,98 +45,22 @@ from .state_io import (
     state_file_of,
     write_state_file,
 )
+from .state_tensors import (
+    check_covers,
+    check_fits,
+    check_importances,
+    check_pairs,
+    dtype_name,
+    held,
+    importance_stats,
+    normalize,
+    slicer,
+    storage_dtype,
+)
 from .utils import HfEwcError, logger, versions
 
 
 __all__ = ["STATE_CONFIG_NAME", "STATE_DIR", "STATE_WEIGHTS_NAME", "EWCState", "check_importances", "find_ewc_state"]
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in STATE_DTYPES.values():
-            raise HfEwcError(f"Unsupported EWC state dtype {dtype}; choose one of: {', '.join(STATE_DTYPES)}.")
-        return dtype
-    if dtype not in STATE_DTYPES:
-        raise HfEwcError(f"Unknown EWC state dtype {dtype!r}; choose one of: {', '.join(STATE_DTYPES)}.")
-    return STATE_DTYPES[dtype]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in STATE_DTYPES.items() if d == dtype)
-
-
-def _held(value: torch.Tensor, dtype: torch.dtype, *, copy: bool = True, like: torch.Tensor | None = None):
-    """How the state holds Ω or θ* of one parameter: a whole tensor on the CPU; for an FSDP2-sharded parameter
-    (``value`` a DTensor, or ``like`` one: a whole ``value`` is cut to its slice) this process's slice as a DTensor
-    laid out like the parameter, on the slice's device."""
-    if is_dtensor(like) and not is_dtensor(value):
-        value = as_shard_of(shard_like(value.detach(), like), like)
-    if is_dtensor(value):
-        return as_shard_of(value.to_local().detach().to(dtype=dtype, copy=copy).contiguous(), value)
-    return value.detach().to("cpu", dtype, copy=copy).contiguous()
-
-
-def check_importances(importances: Mapping[str, torch.Tensor], *, what: str = "importance") -> None:
-    """Refuse non-finite or negative importances, naming the first bad parameter (a sharded parameter's: in this
-    process's slice)."""
-    for name, value in importances.items():
-        if not torch.is_tensor(value):
-            raise HfEwcError(f"The {what} of {name!r} is a {type(value).__name__}, not a tensor.")
-        value = local_tensor(value)
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise HfEwcError(
-                f"The {what} of parameter {name!r} has {bad} non-finite value(s) (NaN/Inf); recollect it in float32 "
-                "(check the model's loss on that data) before consolidating."
-            )
-        if bool((value < 0).any()):
-            raise HfEwcError(
-                f"The {what} of parameter {name!r} has negative values (min {float(value.min()):.3g}); importances "
-                "must be >= 0 for the penalty to pull towards the anchors."
-            )
-
-
-def _normalize(importances: Mapping[str, torch.Tensor], kind: str, domain: str) -> tuple[Mapping, float | None]:
-    """``Ω_t / mean(Ω_t)`` over all parameters (the sum in float64) for ``kind="mean"``, with the divisor."""
-    if kind == "none":
-        return importances, None
-    total = torch.tensor(
-        [sum(float(local_tensor(t).detach().sum(dtype=torch.float64)) for t in importances.values())],
-        dtype=torch.float64,
-    )
-    if any(is_dtensor(t) for t in importances.values()):  # slices: the sum over every process
-        all_reduce_(total, "sum")
-    count = sum(t.numel() for t in importances.values())  # a DTensor's numel is the whole parameter's
-    mean = float(total) / max(count, 1)
-    if not mean > 0:
-        raise HfEwcError(
-            f"The importances of domain {domain!r} are all 0: there is nothing to normalize (Ω̄ = 0). Check that the "
-            "model trained and that the method sees its parameters, or consolidate with importance_normalization="
-            "'none'."
-        )
-    return {n: as_shard_of(local_tensor(t) / mean, t) for n, t in importances.items()}, mean
-
-
-def _check_covers(importances: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
-    """Importances to consolidate must cover exactly the trainable parameters, shape for shape."""
-    missing = [n for n in params if n not in importances]
-    extra = [n for n in importances if n not in params]
-    if missing:
-        raise HfEwcError(
-            f"No importance given for trainable parameter {missing[0]!r} ({len(missing)} missing); collect the "
-            "importances on this model with collect_importance(model, ...)."
-        )
-    if extra:
-        raise HfEwcError(
-            f"Importance given for {extra[0]!r}, which is not a trainable parameter of the model ({len(extra)} "
-            "such); were the importances collected on another model or with other parameters frozen?"
-        )
-    for name, p in params.items():
-        if tuple(importances[name].shape) != tuple(p.shape):
-            raise HfEwcError(
-                f"Importance of {name!r} has shape {tuple(importances[name].shape)}, the parameter has "
-                f"{tuple(p.shape)}."
-            )
 
 
 class EWCState:
@@ -177,7 +98,7 @@ class EWCState:
         *,
         dtype: str | torch.dtype = "float32",
     ):
-        self.dtype = _dtype(dtype)
+        self.dtype = storage_dtype(dtype)
         self._set_tensors(dict(importances or {}), dict(anchors or {}), copy=True)
         meta = dict(metadata or {})
         self.domains: list[dict[str, Any]] = list(meta.get("domains", []))
@@ -190,30 +111,11 @@ class EWCState:
 
     def _set_tensors(self, importances: dict, anchors: dict, *, copy: bool, checked: bool = False) -> None:
         if not checked:  # (a loaded state was checked, more thoroughly, by `check_loaded_state`)
-            self._check_tensors(importances, anchors)
+            check_pairs(importances, anchors)
         # Copies, unless the tensors were just read from disk: an anchor must not share storage with a live
         # parameter, nor Ω with the caller's tensor.
-        self.importances: dict[str, torch.Tensor] = {
-            k: _held(v, self.dtype, copy=copy) for k, v in importances.items()
-        }
-        self.anchors: dict[str, torch.Tensor] = {k: _held(v, self.dtype, copy=copy) for k, v in anchors.items()}
-
-    @staticmethod
-    def _check_tensors(importances: dict, anchors: dict) -> None:
-        if set(importances) != set(anchors):
-            only_imp = sorted(set(importances) - set(anchors))
-            only_anc = sorted(set(anchors) - set(importances))
-            raise HfEwcError(
-                "importances and anchors must cover the same parameters; "
-                f"only in importances: {only_imp[:3]}, only in anchors: {only_anc[:3]}."
-            )
-        for name, importance in importances.items():
-            if importance.shape != anchors[name].shape:
-                raise HfEwcError(
-                    f"Parameter {name!r}: importance shape {tuple(importance.shape)} differs from anchor shape "
-                    f"{tuple(anchors[name].shape)}."
-                )
-        check_importances(importances)
+        self.importances: dict[str, torch.Tensor] = {k: held(v, self.dtype, copy=copy) for k, v in importances.items()}
+        self.anchors: dict[str, torch.Tensor] = {k: held(v, self.dtype, copy=copy) for k, v in anchors.items()}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -249,7 +151,7 @@ class EWCState:
             "decay": self.decay,
             "importance_normalization": self.normalization,
             "domains": self.domains,
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "format_version": FORMAT_VERSION,
             "lambda_convention": LAMBDA_CONVENTION,
             "num_parameters": self.num_parameters,
@@ -261,7 +163,7 @@ class EWCState:
         names = [d.get("name") for d in self.domains]
         return (
             f"EWCState(domains={names}, tensors={len(self.importances)}, parameters={self.num_parameters}, "
-            f"dtype={_dtype_name(self.dtype)})"
+            f"dtype={dtype_name(self.dtype)})"
         )
 
     # ------------------------------------------------------------------ consolidation
@@ -318,7 +220,6 @@ class EWCState:
         params = trainable_parameters(model, sharded=True)
         if not params:
             raise HfEwcError("The model has no trainable parameters (requires_grad=True) to protect.")
-        _check_covers(importances, params)
         sharded = is_sharded(params)
         if sharded and replicated_parameter(params) is not None:
             raise HfEwcError(
@@ -326,13 +227,14 @@ class EWCState:
                 "FSDP2-sharded parameters; consolidating a sharded model needs every trainable parameter sharded "
                 "(fully_shard with a 1-D mesh) or frozen."
             )
+        check_covers(importances, params)
         if sharded:  # each process checks its slices; every process stops if one finds a fault
             raise_together(lambda: check_importances(importances))
         else:
             check_importances(importances)
         self.check_normalization(normalization)
         domain_name = domain if domain is not None else f"domain_{len(self.domains)}"
-        importances, divisor = _normalize(importances, normalization, domain_name)
+        importances, divisor = normalize(importances, normalization, domain_name)
         if self.domains:
             previous = self.domains[-1]
             if normalization == "none" and (previous.get("method"), previous.get("estimator")) != (method, estimator):
@@ -346,12 +248,12 @@ class EWCState:
         gamma = float(decay) if mode == "online" else 1.0
         for name, p in params.items():
             # (a whole Ω_t, or a whole state loaded earlier, is cut to this process's slice of a sharded parameter)
-            new = local_tensor(_held(importances[name], torch.float32, like=p))
+            new = local_tensor(held(importances[name], torch.float32, like=p))
             old = self.importances.get(name)
             if old is not None:
-                new = new + gamma * local_tensor(_held(old, torch.float32, copy=False, like=p))
-            self.importances[name] = _held(as_shard_of(new, p), self.dtype, copy=False)
-            self.anchors[name] = _held(p, self.dtype)
+                new = new + gamma * local_tensor(held(old, torch.float32, copy=False, like=p))
+            self.importances[name] = held(as_shard_of(new, p), self.dtype, copy=False)
+            self.anchors[name] = held(p, self.dtype)
         kept = [n for n in self.importances if n not in params]
         if kept:
             # Parameters protected by earlier domains that are frozen now keep their anchors; their importance decays.
@@ -390,31 +292,7 @@ class EWCState:
         Returns:
             `list[str]`: names of the model's trainable parameters the state does not cover.
         """
-        model_params = dict(model.named_parameters())
-        missing = [n for n in self.anchors if n not in model_params]
-        if missing:
-            hint = ""
-            if any(n.startswith("base_model.model.") for n in model_params) != any(
-                n.startswith("base_model.model.") for n in self.anchors
-            ):
-                hint = " (one of the two is a PEFT-wrapped model and the other is not)"
-            raise HfEwcError(
-                f"The EWC state protects {missing[0]!r}, which the model does not have ({len(missing)} such "
-                f"parameter(s)){hint}; load the state that was saved with this model."
-            )
-        for name, anchor in self.anchors.items():
-            if tuple(anchor.shape) != tuple(model_params[name].shape):
-                raise HfEwcError(
-                    f"The EWC state's {name!r} has shape {tuple(anchor.shape)} but the model's has "
-                    f"{tuple(model_params[name].shape)}; the state belongs to another model."
-                )
-        uncovered = [n for n, p in model_params.items() if p.requires_grad and n not in self.anchors]
-        if uncovered and strict and not self.is_empty:
-            raise HfEwcError(
-                f"The model's trainable parameter {uncovered[0]!r} is not in the EWC state ({len(uncovered)} such); "
-                "freeze it, or validate with strict=False to train it unprotected."
-            )
-        return uncovered
+        return check_fits(self.anchors, model, strict=strict, empty=self.is_empty)
 
     # ------------------------------------------------------------------ persistence
     def save(self, save_directory: str | os.PathLike, *, write: bool | None = None) -> None:
@@ -442,20 +320,13 @@ class EWCState:
         path, side = state_file_of(directory)
         params = trainable_parameters(model, sharded=True) if model is not None else {}
         sharded = is_sharded(params)
-
-        def place(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            like = params.get(name)
-            if not is_dtensor(like) or tuple(tensor.shape) != tuple(like.shape):
-                return tensor  # (a shape that differs is named by `validate`)
-            return as_shard_of(shard_like(tensor, like), like)
-
-        importances, anchors, meta = read_state_file(path, place if sharded else None)
+        importances, anchors, meta = read_state_file(path, slicer(params) if sharded else None)
         check_side_file(side, path, meta)
         if sharded:  # a fault may sit in one process's slices only
             raise_together(lambda: check_loaded_state(importances, anchors, meta, path))
         else:
             check_loaded_state(importances, anchors, meta, path)  # a damaged file never reaches training or pruning
-        dtype = next(iter(importances.values())).dtype if importances else _dtype(meta.get("dtype", "float32"))
+        dtype = next(iter(importances.values())).dtype if importances else storage_dtype(meta.get("dtype", "float32"))
         state = cls(metadata=meta, dtype=dtype)
         state._set_tensors(importances, anchors, copy=False, checked=True)
         return state
@@ -465,28 +336,19 @@ class EWCState:
         (2·P/N numbers per process instead of 2·P); in place, no communication. Returns ``self``."""
         for name, p in trainable_parameters(model, sharded=True).items():
             if is_dtensor(p) and name in self.anchors and tuple(self.anchors[name].shape) == tuple(p.shape):
-                self.importances[name] = _held(self.importances[name], self.dtype, copy=False, like=p)
-                self.anchors[name] = _held(self.anchors[name], self.dtype, copy=False, like=p)
+                self.importances[name] = held(self.importances[name], self.dtype, copy=False, like=p)
+                self.anchors[name] = held(self.anchors[name], self.dtype, copy=False, like=p)
         return self
 
     # ------------------------------------------------------------------ helpers
     def max_importance(self) -> float:
         """max Ω over all parameters (0.0 for an empty state)."""
-        if self.is_empty:
-            return 0.0
-        local = (local_tensor(t) for t in self.importances.values())
-        largest = torch.tensor([max((float(t.max()) for t in local if t.numel()), default=0.0)])
-        return float(all_reduce_(largest, "max")) if self.is_sharded else float(largest)
+        return importance_stats(self.importances)[0] if not self.is_empty else 0.0
 
     def summary(self) -> dict[str, float]:
         """A few numbers about Ω, for logs: mean, max and the share of exact zeros."""
         if self.is_empty:
             return {}
-        total = self.num_parameters
-        local = [local_tensor(t) for t in self.importances.values()]
-        sums = torch.tensor([sum(float(t.float().sum()) for t in local), sum(int((t == 0).sum()) for t in local)])
-        if self.is_sharded:
-            all_reduce_(sums, "sum")
-        mean, zeros = float(sums[0]) / max(total, 1), float(sums[1]) / max(total, 1)
-        out = {"importance/mean": mean, "importance/max": self.max_importance(), "importance/zero_share": zeros}
+        largest, mean, zeros = importance_stats(self.importances)
+        out = {"importance/mean": mean, "importance/max": largest, "importance/zero_share": zeros}
         return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -251,23 +251,23 @@ def collect_sharded(out: str, whole_state: str) -> tuple[dict[str, torch.Tensor]
 
 
 def sharded_refusals() -> dict[str, str]:
-    """FSDP2 (`fully_shard`, DTensor parameters) on the gloo group: what each EWC entry point says."""
-    from torch.distributed.fsdp import fully_shard
-
+    """FSDP2 (`fully_shard`, DTensor parameters) on the gloo group: what is refused, and what each refusal says."""
     from hf_ewc import EWCState, HfEwcError
     from hf_ewc.distributed import trainable_parameters
     from hf_ewc.importance import SIAccumulator
 
     PartialState(cpu=True)  # the process group
-    torch.manual_seed(0)
-    model = tiny_llama()
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    model = llama_on_processes(True)
+
+    def with_plain_parameter():
+        model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))  # every process holds it whole
+        return EWCState().consolidate(model, {})
+
     attempts = {
-        "collect": lambda: collect_importance(model, lm_samples(4), "fisher", show_progress=False),
-        "consolidate": lambda: EWCState().consolidate(model, {}),
-        "si": lambda: SIAccumulator(trainable_parameters(model)),
+        "whole_parameters": lambda: trainable_parameters(model),  # what the code that needs whole ones asks for
+        "loop": lambda: collect_importance(model, lm_samples(4), per_sample="loop", show_progress=False),
+        "siu": lambda: SIAccumulator(trainable_parameters(model, sharded=True), method="siu"),
+        "plain": with_plain_parameter,
     }
     out = {}
     for name, attempt in attempts.items():

@@ -37,8 +37,9 @@ def test_ewc_state_signatures():
     consolidate = inspect.signature(EWCState.consolidate).parameters
     assert list(consolidate)[:5] == ["self", "model", "importances", "mode", "decay"]
     assert consolidate["mode"].default == "sum" and consolidate["decay"].default == 1.0
-    assert list(inspect.signature(EWCState.save).parameters) == ["self", "save_directory"]
-    assert list(inspect.signature(EWCState.load).parameters)[:1] == ["directory"]
+    save = inspect.signature(EWCState.save).parameters
+    assert list(save) == ["self", "save_directory", "write"] and save["write"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(inspect.signature(EWCState.load).parameters) == ["directory", "model"]
     assert "model" in inspect.signature(EWCState.validate).parameters
 
 

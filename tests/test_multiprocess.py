@@ -172,16 +172,18 @@ def test_clnp_run_on_two_processes_equals_one_process(tmp_path, capsys):
     assert owners[0].keys() == owners[1].keys() and all(torch.equal(owners[0][k], owners[1][k]) for k in owners[0])
 
 
-def test_fsdp2_sharded_parameters_are_refused_by_every_entry_point(tmp_path):
-    """`fully_shard` on 2 CPU processes: collection, consolidation and SI name the sharded parameter and what is
-    supported instead of pairing slices with whole names."""
+def test_fsdp2_refusals_name_what_does_not_work_shard_by_shard(tmp_path):
+    """`fully_shard` on 2 CPU processes: code that needs whole parameters names the sharded one instead of pairing
+    slices with whole names; the batch-size-1 loop engine, the SI variants with an independent gradient and a plain
+    parameter next to the sharded ones are refused with what works instead."""
     done = launch(str(WORKER), "fsdp", str(tmp_path))
     assert done.returncode == 0, failure(done)
     for _, info in ranks(tmp_path):
-        for entry in ("collect", "consolidate", "si"):
-            message = info[entry]
-            assert "EWC over sharded parameters (" in message and ") is not supported" in message, (entry, message)
-            assert "is a FSDP2 (DTensor) shard" in message and "DDP" in message
+        assert "EWC over sharded parameters ('model.embed_tokens.weight' is a FSDP2 (DTensor) shard)" in info[
+            "whole_parameters"]  # fmt: skip
+        assert "per_sample='loop' differentiates whole parameters" in info["loop"]
+        assert "siu needs an independent minibatch gradient" in info["siu"] and "DDP" in info["siu"]
+        assert "'extra' is held whole (or replicated, HSDP) by several processes" in info["plain"]
 
 
 def test_fsdp2_collection_equals_one_process_and_states_cross_world_sizes(tmp_path):
