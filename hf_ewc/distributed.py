@@ -191,9 +191,9 @@ def refuse_sharded_setup(args: Any = None) -> None:
     sharded = sharded_setup(args)
     if sharded == "FSDP2":
         raise HfEwcError(
-            "hf-ewc train does not run under FSDP2 yet: it consolidates after every domain, and importances are "
-            "collected on whole parameters. Run the sequence on one process or with DDP (configs/accelerate/"
-            "multi_gpu.yaml); EWCTrainer itself trains FSDP2-sharded models with a given EWC state (README: FSDP2)."
+            "hf-ewc train does not run under FSDP2 yet: its evaluation, pruning and model-saving steps are not built "
+            "for sharded models. Run the sequence on one process or with DDP (configs/accelerate/multi_gpu.yaml); "
+            "EWCTrainer itself trains, consolidates and saves FSDP2-sharded models (README: FSDP2)."
         )
     if sharded is not None:
         raise sharding_refusal(sharded)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from .distributed import local_tensor, shard_like
 from .models import default_targets
 from .utils import HfEwcError
 
@@ -94,7 +95,8 @@ class KeepSparsityCallback(TrainerCallback):
                         f"KeepSparsityCallback: mask of {name!r} has shape {tuple(mask.shape)}, the parameter "
                         f"{tuple(p.shape)}."
                     )
-                bound.append((p, ~mask.to(p.device)))
+                # (an FSDP2-sharded parameter: this process's slice of the mask, applied to its slice)
+                bound.append((p, shard_like(~mask.to(local_tensor(p).device), p)))
             self._bound, self._model_id = bound, id(model)
         return self._bound
 
@@ -102,7 +104,7 @@ class KeepSparsityCallback(TrainerCallback):
     def apply(self, model: nn.Module) -> None:
         """Zero the pruned weights of ``model`` now."""
         for p, pruned in self._bind(model):
-            p.masked_fill_(pruned, 0)
+            local_tensor(p).masked_fill_(pruned, 0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:

@@ -29,7 +29,6 @@ from .importance import (
     SIAccumulator,
     collect,
 )
-from .sparsity import KeepSparsityCallback
 from .state import STATE_WEIGHTS_NAME, EWCState
 from .utils import HfEwcError, logger
 from .wva import Attenuation
@@ -76,8 +75,6 @@ def refuse_sharded_training(trainer) -> None:
         f"importance_method={args.importance_method!r} (an independent minibatch gradient at every step)"
         if args.importance_method in ("siu", "sib") or (args.importance_method == "sos" and args.sos_alpha > 0)
         else None,
-        "a pruned model's sparsity callback" if any(isinstance(c, KeepSparsityCallback) for c in
-                                                    trainer.callback_handler.callbacks) else None,
         "the penalty as a loss term (DeepSpeed)" if trainer._penalty_in_loss else None,
     ]  # fmt: skip
     model = trainer.accelerator.unwrap_model(trainer.model)

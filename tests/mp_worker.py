@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from testing_utils import cls_samples, lm_samples, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from transformers import default_data_collator
 
-from hf_ewc import EWCConfig, EWCTrainer, collect_importance
+from hf_ewc import EWCConfig, EWCTrainer, KeepSparsityCallback, collect_importance
 from hf_ewc.importance import CollectionSpec, collect
 
 
@@ -314,17 +314,25 @@ def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, s
             model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
     else:
         model = AutoModelForCausalLM.from_pretrained(start)
-    mode, _, method = mode.partition("+")
+    mode, method, *more = f"{mode}+".split("+")
+    callbacks = []
+    if "sparse" in more:  # a pruned model: every third weight of the decoder's Linear layers held at zero
+        masks = {n: torch.arange(p.numel()).reshape(p.shape) % 3 != 0 for n, p in model.named_parameters()
+                 if ".layers." in n and n.endswith("proj.weight")}  # fmt: skip
+        callbacks.append(KeepSparsityCallback(masks))
     per_device, _, accumulation = str(batch).partition("x")
     accumulation = int(accumulation or 1)
     args = EWCConfig(
         output_dir=out, per_device_train_batch_size=int(per_device), gradient_accumulation_steps=accumulation,
-        max_steps=steps, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+        max_steps=steps, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
+        max_grad_norm=0.05 if "clip" in more else 0.0,
         weight_decay=0.0, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
         use_cpu=True, ewc_mode=mode, ewc_lambda=20.0, importance_normalization="none",
         importance_method=method or "fisher", importance_batch_size=3, **extra,
     )  # fmt: skip
-    trainer = EWCTrainer(model=model, args=args, train_dataset=lm_samples(16, seed=4), ewc_state=state_dir)
+    trainer = EWCTrainer(
+        model=model, args=args, train_dataset=lm_samples(16, seed=4), ewc_state=state_dir, callbacks=callbacks
+    )
     trainer.train()
     penalty = trainer._penalty
     held = [*penalty.anchors, *(penalty.two_coefficients or penalty.proximal_weights)] if penalty else []
@@ -340,6 +348,7 @@ def train_sharded(out: str, start: str, state_dir: str, batch: str, mode: str, s
         tensors[f"anchor/{name}"] = whole_tensor(state.anchors[name]).clone()
     return tensors, {
         "penalties": logs,
+        "grad_norms": [float(log["grad_norm"]) for log in trainer.state.log_history if "grad_norm" in log],
         "state_bytes": state.nbytes,
         "num_samples": state.domains[-1]["num_samples"],
         "bytes": sum(t.numel() * t.element_size() for t in held),

@@ -279,7 +279,8 @@ def sharded_start(tmp_path_factory):
 @pytest.mark.parametrize(
     ("route", "mode", "batch"),
     [("load", "stabilized", "2"), ("load", "stabilized", "1x2"), ("load", "proximal", "2"),
-     ("load", "stabilized+si", "2"), ("accelerate", "vanilla+mas", "2")],
+     ("load", "stabilized+si+clip", "2"), ("load", "stabilized+fisher+sparse", "2"),
+     ("accelerate", "vanilla+mas", "2")],
 )  # fmt: skip
 def test_fsdp2_training_and_consolidation_equal_one_process_and_hold_half_the_state(
     tmp_path, sharded_start, route, mode, batch
@@ -292,7 +293,8 @@ def test_fsdp2_training_and_consolidation_equal_one_process_and_hold_half_the_st
     to the last micro-batch, the penalty added once). Then `trainer.consolidate()` on the sharded model — Fisher or
     MAS collected shard by shard, or SI's path integral accumulated on the slices of θ and of the reduce-scattered
     gradient — gives one process's Ω and θ* with half the state per process, and `save_model` writes the one file
-    (gathered) that one process writes."""
+    (gathered) that one process writes. ``sparse``: a pruned model's masks hold on each process's slices; ``clip``:
+    gradient clipping (the norm over every process's slices, the penalty's gradient included, SI undoing it)."""
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
     common = [str(sharded_start / "start"), str(sharded_start / "state")]
@@ -306,7 +308,13 @@ def test_fsdp2_training_and_consolidation_equal_one_process_and_hold_half_the_st
         if mode != "proximal":
             assert info["penalties"] == pytest.approx(info_one["penalties"], rel=1e-5) and info["penalties"][0] > 0
         assert info["state_bytes"] * 2 == info_one["state_bytes"] and info["num_samples"] == info_one["num_samples"]
+        if "clip" in mode:  # the norm of the whole gradient, over both processes' slices, and it did clip
+            assert info["grad_norms"] == pytest.approx(info_one["grad_norms"], rel=1e-5)
+            assert min(info["grad_norms"]) > 0.05
     assert any(k.startswith("importance/") for k in whole) and any(k.startswith("anchor/") for k in whole)
+    if "sparse" in mode:
+        weight = whole["param/model.layers.1.mlp.down_proj.weight"].flatten()
+        assert bool((weight[::3] == 0).all()) and bool((weight[1::3] != 0).all())
     saved, want = EWCState.load(two / "final"), EWCState.load(one / "final")
     assert [d["name"] for d in saved.domains] == ["a", "b"] and saved.domains[-1]["method"] == want.domains[-1][
         "method"

@@ -96,14 +96,17 @@ def collect_importance(
             `shift_labels`, `per_sample`; `signal`: `bias` (`"abs"` | `"output"`).
 
     Returns:
-        `dict[str, torch.Tensor]`: float32 importances keyed by parameter name, on the parameters' devices. (What the
-        trainer records besides, sample count and resolved settings, comes from [`collect`].)
+        `dict[str, torch.Tensor]`: float32 importances keyed by parameter name, on the parameters' devices; for
+        FSDP2-sharded parameters, DTensors laid out like them (this process's slices). (What the trainer records
+        besides, sample count and resolved settings, comes from [`collect`].)
 
     Under `accelerate launch` with N processes, every process must call this with the same data: samples are split
     round-robin, summed with `accelerate.utils.reduce` and divided by the global count, so the result equals a
     1-process run on the same samples for the per-sample estimators (`empirical`, `exact`, MAS, signal). `batched`
     depends on which samples share a minibatch and `sampled` on the label draws, so those two differ by sampling
-    noise.
+    noise. On an FSDP2-sharded model (DTensor parameters, `fully_shard`) the same holds: per-sample terms are formed
+    on each process before a reduce-scatter leaves it its slices (see `hf_ewc.importance._loop`); every process must
+    call this, and the per-sample engine is the hooks one.
     """
     seed = method_options.pop("seed", 0)
     show_progress = method_options.pop("show_progress", True)
