@@ -78,7 +78,14 @@ def refuse_sharded_training(trainer) -> None:
         "the penalty as a loss term (DeepSpeed)" if trainer._penalty_in_loss else None,
     ]  # fmt: skip
     model = trainer.accelerator.unwrap_model(trainer.model)
-    replicated = replicated_parameter(trainable_parameters(model, sharded=True))
+    params = trainable_parameters(model, sharded=True)
+    si = getattr(trainer, "_si", None)
+    if si is not None and any(p is not q for p, q in zip(si.params, params.values())):
+        raise HfEwcError(
+            "SI's running sums were restored from a checkpoint before FSDP2 sharded the model, so they are bound to "
+            "parameters it replaced; resuming SI under FSDP2 is not supported yet: restart the domain, or use DDP."
+        )
+    replicated = replicated_parameter(params)
     if replicated is not None:
         raise HfEwcError(
             f"{replicated!r} is held whole (or replicated, HSDP) by several processes next to FSDP2-sharded "

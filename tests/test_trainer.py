@@ -10,7 +10,10 @@ from testing_utils import MLP, lm_samples, tiny_gpt2, tiny_llama, vec_samples
 from transformers import Trainer, TrainerCallback
 
 from hf_ewc import EWCConfig, EWCState, EWCTrainer, HfEwcError, collect_importance, with_ewc
+from hf_ewc.distributed import trainable_parameters
+from hf_ewc.importance import SIAccumulator
 from hf_ewc.state import STATE_WEIGHTS_NAME
+from hf_ewc.trainer_support import refuse_sharded_training
 
 
 def make_args(tmp_path, **kwargs) -> EWCConfig:
@@ -640,3 +643,16 @@ def test_a_host_whose_updates_bypass_training_step_is_refused_at_its_first_step(
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # (it did step once)
     # EWCTrainer itself, on the same data, steps with the penalty joined
     EWCTrainer(model=model, args=make_args(tmp_path / "b"), train_dataset=samples, ewc_state=state).train()
+
+
+def test_si_sums_bound_to_replaced_parameters_are_refused_under_fsdp2(tmp_path):
+    """Resuming under accelerate's FSDP2 restores SI's running sums before `prepare` replaces the parameters with
+    DTensors: the sums would follow parameters that no longer train. The FSDP2 checks (`refuse_sharded_training`)
+    name it instead; SI bound to the trainer's own parameters passes them."""
+    model = MLP()
+    trainer = EWCTrainer(model=model, args=make_args(tmp_path, importance_method="si"), train_dataset=vec_samples(8))
+    trainer._si = SIAccumulator(trainable_parameters(model))
+    refuse_sharded_training(trainer)  # the parameters it trains: nothing to say
+    trainer._si = SIAccumulator(trainable_parameters(MLP()))
+    with pytest.raises(HfEwcError, match="restored from a checkpoint before FSDP2 sharded the model"):
+        refuse_sharded_training(trainer)
