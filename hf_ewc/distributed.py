@@ -21,11 +21,17 @@ from torch import nn
 from .utils import HfEwcError
 
 
-try:  # public since torch 2.4 (FSDPModule since 2.6)
-    from torch.distributed.fsdp import FSDPModule
+try:  # public since torch 2.4
     from torch.distributed.tensor import DTensor, Partial, distribute_tensor
-except ImportError:  # pragma: no cover - an older torch, or a build without torch.distributed
-    DTensor, Partial, distribute_tensor, FSDPModule = (), None, None, None  # isinstance(x, ()) is always False
+except ImportError:  # pragma: no cover - torch 2.3, or a build without torch.distributed
+    try:
+        from torch.distributed._tensor import DTensor, Partial, distribute_tensor
+    except ImportError:
+        DTensor, Partial, distribute_tensor = (), None, None  # isinstance(x, ()) is always False
+try:  # public since torch 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - an older torch: nothing to reshard
+    FSDPModule = None
 
 
 def sharding_refusal(what: str) -> HfEwcError:
@@ -33,9 +39,9 @@ def sharding_refusal(what: str) -> HfEwcError:
     return HfEwcError(
         f"EWC over sharded parameters ({what}) is not supported: importances, anchors and the penalty need whole "
         "parameters. Use one process, DDP (`accelerate launch --multi_gpu`, configs/accelerate/multi_gpu.yaml) or "
-        "DeepSpeed ZeRO-1/2 (configs/accelerate/deepspeed_zero2.yaml); FSDP2 (a model sharded at load time, "
-        "DTensor parameters) is the sharded engine that trains with the penalty and the proximal step, from a state "
-        "collected by one of those; see the README's support matrix."
+        "DeepSpeed ZeRO-1/2 (configs/accelerate/deepspeed_zero2.yaml); FSDP2 (DTensor parameters: fully_shard, "
+        "a model sharded at load time, accelerate's FSDP2 plugin) is the sharded engine EWCTrainer collects, "
+        "trains and consolidates on, shard by shard; see the README's support matrix."
     )
 
 
@@ -54,7 +60,11 @@ def trainable_parameters(model: nn.Module, *, sharded: bool = False) -> dict[str
     """``{name: parameter}`` for the parameters with ``requires_grad``, named as ``model.named_parameters()`` names
     them (tied parameters appear once, under their first name). A sharded parameter is refused, naming it: each
     process would hold a slice, and the state would pair slices with whole names — except, with ``sharded=True``,
-    FSDP2's DTensors, for the code that works on them shard by shard (the penalty and the proximal step)."""
+    FSDP2's DTensors, for the code that works on them shard by shard (collection, the state, the penalty, the
+    proximal step, SI, the sparsity masks); FSDP2 modules holding whole parameters after a forward without backward
+    are first resharded (see [`reshard`]), so call it between steps."""
+    if sharded:
+        reshard(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for name, p in params.items():
         kind = sharding_of(p)
@@ -186,8 +196,8 @@ def sharded_setup(args: Any = None) -> str | None:
 
 
 def refuse_sharded_setup(args: Any = None) -> None:
-    """`hf-ewc train`'s refusal of a launch environment (or ``args``) that shards parameters: every domain ends with
-    a consolidation, which collects importances on whole parameters."""
+    """`hf-ewc train`'s refusal of a launch environment (or ``args``) that shards parameters: its evaluation, pruning
+    and model-saving steps are not built for sharded models."""
     sharded = sharded_setup(args)
     if sharded == "FSDP2":
         raise HfEwcError(

@@ -96,7 +96,8 @@ def model_shifts_labels(model: nn.Module) -> bool:
     config = getattr(inner, "config", None)
     if config is not None and getattr(config, "is_encoder_decoder", False):
         return False
-    if type(inner).__name__ in set(_model_classes(_BY_TASK["causal_lm"]).values()):
+    causal = set(_model_classes(_BY_TASK["causal_lm"]).values())
+    if any(cls.__name__ in causal for cls in type(inner).__mro__):  # (FSDP2's FSDPGPT2LMHeadModel, a user's subclass)
         return True
     return LOSS_MAPPING.get(getattr(inner, "loss_type", None)) is ForCausalLMLoss
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from .distributed import local_tensor, shard_like
+from .distributed import local_tensor, reshard, shard_like
 from .models import default_targets
 from .utils import HfEwcError
 
@@ -80,6 +80,7 @@ class KeepSparsityCallback(TrainerCallback):
 
     def _bind(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
         if self._bound is None or self._model_id != id(model):
+            reshard(model)  # (FSDP2: slices, not whole parameters an evaluation's forward may have left)
             params = dict(model.named_parameters())
             plain = getattr(model, "module", None)  # DDP / accelerate wrappers
             if plain is not None and not set(self.masks) <= set(params):

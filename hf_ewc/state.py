@@ -26,7 +26,6 @@ from .distributed import (
     local_tensor,
     raise_together,
     replicated_parameter,
-    reshard,
     trainable_parameters,
     whole_tensor,
 )
@@ -216,7 +215,6 @@ class EWCState:
             raise HfEwcError(f"decay must be in (0, 1], got {decay!r}.")
         if mode == "sum" and decay != 1.0:
             raise HfEwcError(f"decay={decay} only applies to mode='online'; use mode='online' or decay=1.0.")
-        reshard(model)  # (FSDP2 may hold whole parameters after an evaluation's forward)
         params = trainable_parameters(model, sharded=True)
         if not params:
             raise HfEwcError("The model has no trainable parameters (requires_grad=True) to protect.")
@@ -234,6 +232,8 @@ class EWCState:
             check_importances(importances)
         self.check_normalization(normalization)
         domain_name = domain if domain is not None else f"domain_{len(self.domains)}"
+        # float32, each laid out as its parameter is (a whole Ω_t is cut to this process's slice of a sharded one)
+        importances = {n: held(importances[n], torch.float32, copy=False, like=p) for n, p in params.items()}
         importances, divisor = normalize(importances, normalization, domain_name)
         if self.domains:
             previous = self.domains[-1]
@@ -247,8 +247,8 @@ class EWCState:
                 logger.warning(f"Consolidation mode changes from {self.consolidation!r} to {mode!r}.")
         gamma = float(decay) if mode == "online" else 1.0
         for name, p in params.items():
-            # (a whole Ω_t, or a whole state loaded earlier, is cut to this process's slice of a sharded parameter)
-            new = local_tensor(held(importances[name], torch.float32, like=p))
+            # (a whole state loaded earlier is cut to this process's slice of a sharded parameter)
+            new = local_tensor(importances[name]).clone()
             old = self.importances.get(name)
             if old is not None:
                 new = new + gamma * local_tensor(held(old, torch.float32, copy=False, like=p))
@@ -299,15 +299,19 @@ class EWCState:
         """Write ``ewc_state.safetensors`` and ``ewc_state.json`` into ``save_directory`` (created if needed),
         each atomically.
 
-        A sharded state (see [`EWCState.is_sharded`]) is gathered one tensor at a time into the same whole-tensor
-        file: every process must call this, and the one with ``write`` (default: rank 0) writes."""
+        ``write=False``: this process does not write (another one does). A sharded state (see
+        [`EWCState.is_sharded`]) is gathered one tensor at a time into the same whole-tensor file: every process must
+        call this, the one with ``write`` (default: rank 0) writes, and all return once the file is in place (or all
+        raise, when the write failed)."""
         tensors = {f"importance.{k}": v.contiguous() for k, v in self.importances.items()}
         tensors.update({f"anchor.{k}": v.contiguous() for k, v in self.anchors.items()})
         if not self.is_sharded:
-            write_state_file(save_directory, tensors, self.metadata)
+            if write is not False:
+                write_state_file(save_directory, tensors, self.metadata)
             return
         write = is_main_process() if write is None else write
-        write_state_file(save_directory, tensors, self.metadata, whole=whole_tensor, write=write)
+        meta = self.metadata
+        raise_together(lambda: write_state_file(save_directory, tensors, meta, whole=whole_tensor, write=write))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None) -> "EWCState":
@@ -342,11 +346,13 @@ class EWCState:
 
     # ------------------------------------------------------------------ helpers
     def max_importance(self) -> float:
-        """max Ω over all parameters (0.0 for an empty state)."""
+        """max Ω over all parameters (0.0 for an empty state); of a sharded state: a collective, every process calls
+        it."""
         return importance_stats(self.importances)[0] if not self.is_empty else 0.0
 
     def summary(self) -> dict[str, float]:
-        """A few numbers about Ω, for logs: mean, max and the share of exact zeros."""
+        """A few numbers about Ω, for logs: mean, max and the share of exact zeros (of a sharded state: a collective,
+        every process calls it)."""
         if self.is_empty:
             return {}
         largest, mean, zeros = importance_stats(self.importances)

@@ -77,30 +77,53 @@ def write_state_file(
     With ``whole`` (sharded tensors: it gathers one; every process calls this, in the same order, and only the one
     with ``write`` writes) the file is streamed: safetensors' header needs only names, dtypes and shapes, so it is
     written first and each tensor is gathered just before its bytes — no process holds more than one whole tensor
-    besides its slices. The file is the one `save_file` would write, read back by `safe_open` at any world size."""
+    besides its slices. The file is the one `save_file` would write, read back by `safe_open` at any world size. A
+    write that fails still takes part in every remaining gather before it raises, so no process is left waiting."""
     directory = Path(directory)
     meta = {**meta, "state_id": uuid.uuid4().hex}
-    header = {"hf_ewc": json.dumps(meta, sort_keys=True)}
+    save_tensors(directory / STATE_WEIGHTS_NAME, tensors, {"hf_ewc": json.dumps(meta, sort_keys=True)}, whole=whole,
+                 write=write)  # fmt: skip
+    if write:
+        write_json_atomic(directory / STATE_CONFIG_NAME, meta)
+
+
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    whole: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    write: bool = True,
+) -> None:
+    """One safetensors file, written atomically (its directory created): with `save_file`, or — with ``whole`` —
+    streamed by [`write_safetensors_streamed`], every process taking part in every gather, in name order, even when
+    its own write fails (it raises afterwards)."""
     if whole is None:
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / STATE_WEIGHTS_NAME) as tmp:
-            save_file(tensors, tmp, metadata=header)
-    elif not write:
-        for name in sorted(tensors):
-            whole(tensors[name])
+        if write:
+            with atomic_path(path) as tmp:
+                save_file(tensors, tmp, metadata=metadata)
         return
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / STATE_WEIGHTS_NAME) as tmp:
-            write_safetensors_streamed(tmp, tensors, header, whole)
-    write_json_atomic(directory / STATE_CONFIG_NAME, meta)
+    gathered: set[str] = set()
+    try:
+        if write:
+            with atomic_path(path) as tmp:
+                write_safetensors_streamed(tmp, tensors, metadata, whole, gathered)
+    finally:
+        for name in sorted(tensors):
+            if name not in gathered:
+                whole(tensors[name])
 
 
 def write_safetensors_streamed(
-    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], whole: Callable
+    path: str,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    whole: Callable[[torch.Tensor], torch.Tensor],
+    gathered: set[str] | None = None,
 ) -> None:
     """safetensors' layout: the header's length (8 bytes, little-endian), the JSON header padded with spaces to a
-    multiple of 8, then every tensor's bytes (C order, little-endian) in the order of their offsets."""
+    multiple of 8, then every tensor's bytes (C order, little-endian) in the order of their offsets (by name).
+    ``whole`` makes each tensor whole just before its bytes are written; ``gathered`` collects the names done."""
     names = sorted(tensors)
     entries: dict = {"__metadata__": metadata}
     offset = 0
@@ -120,7 +143,9 @@ def write_safetensors_streamed(
         f.write(raw)
         for name in names:
             data = whole(tensors[name]).detach().to("cpu").contiguous().reshape(-1)
-            f.write(data.view(torch.uint8).numpy().tobytes())
+            if gathered is not None:
+                gathered.add(name)
+            f.write(memoryview(data.view(torch.uint8).numpy()))  # (no second copy of the bytes)
 
 
 def state_file_of(directory: str | os.PathLike) -> tuple[Path, Path]:

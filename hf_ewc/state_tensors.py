@@ -166,8 +166,10 @@ def slicer(params: Mapping[str, torch.Tensor]):
 def importance_stats(importances: Mapping[str, torch.Tensor]) -> tuple[float, float, float]:
     """``(max, mean, share of exact zeros)`` of Ω over every parameter (slices reduced over the processes)."""
     local = [local_tensor(t) for t in importances.values()]
-    largest = torch.tensor([max((float(t.max()) for t in local if t.numel()), default=0.0)])
-    sums = torch.tensor([sum(float(t.float().sum()) for t in local), sum(int((t == 0).sum()) for t in local)])
+    largest = torch.tensor([max((float(t.max()) for t in local if t.numel()), default=0.0)], dtype=torch.float64)
+    sums = torch.tensor(
+        [sum(float(t.float().sum()) for t in local), sum(int((t == 0).sum()) for t in local)], dtype=torch.float64
+    )
     if any(is_dtensor(t) for t in importances.values()):
         all_reduce_(largest, "max")
         all_reduce_(sums, "sum")

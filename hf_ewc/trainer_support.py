@@ -80,10 +80,13 @@ def refuse_sharded_training(trainer) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = trainable_parameters(model, sharded=True)
     si = getattr(trainer, "_si", None)
-    if si is not None and any(p is not q for p, q in zip(si.params, params.values())):
+    if si is not None and (
+        len(si.params) != len(params) or any(p is not q for p, q in zip(si.params, params.values()))
+    ):
         raise HfEwcError(
-            "SI's running sums were restored from a checkpoint before FSDP2 sharded the model, so they are bound to "
-            "parameters it replaced; resuming SI under FSDP2 is not supported yet: restart the domain, or use DDP."
+            "SI's running sums are bound to other parameters than the sharded ones training now (restored from a "
+            "checkpoint before FSDP2 sharded the model, or parameters frozen since); resuming SI under FSDP2 is not "
+            "supported yet: restart the domain, or use DDP."
         )
     replicated = replicated_parameter(params)
     if replicated is not None:

@@ -183,32 +183,46 @@ def record_writes(root: str, log_path: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- FSDP2 collection
 # 13 samples in batches of 3: 3 batches on rank 0 (7 samples), 2 on rank 1 (6) — rank 1 pads a pass to keep in step.
-SHARDED_CASES = {
-    "fisher_empirical": ("fisher", "empirical", {}),
-    "fisher_exact": ("fisher", "exact", {"max_backward_per_batch": 400}),
-    "fisher_sampled": ("fisher", "sampled", {}),
-    "fisher_batched": ("fisher", "batched", {}),
-    "sqrt_fisher": ("sqrt_fisher", "empirical", {}),
-    "af": ("af", "empirical", {"max_backward_per_batch": 400}),
-    "mas": ("mas", "empirical", {}),
-    "masx": ("masx", "empirical", {}),
-    "signal": ("signal", "empirical", {}),
-    "signal_activation": ("signal", "empirical", {"bias": "activation"}),
-    "uniform": ("uniform", "empirical", {}),
+SHARDED_CASES = {  # case: (model, method, estimator, options)
+    "fisher_empirical": ("llama", "fisher", "empirical", {}),
+    "fisher_exact": ("llama", "fisher", "exact", {"max_backward_per_batch": 400}),
+    "fisher_sampled": ("llama", "fisher", "sampled", {}),
+    "fisher_batched": ("llama", "fisher", "batched", {}),
+    "sqrt_fisher": ("llama", "sqrt_fisher", "empirical", {}),
+    "af": ("llama", "af", "empirical", {"max_backward_per_batch": 400}),
+    "mas": ("llama", "mas", "empirical", {}),
+    "masx": ("llama", "masx", "empirical", {}),
+    "signal": ("llama", "signal", "empirical", {}),
+    "signal_activation": ("llama", "signal", "empirical", {"bias": "activation"}),
+    "uniform": ("llama", "uniform", "empirical", {}),
+    "gpt2_fisher_empirical": ("gpt2", "fisher", "empirical", {}),
+    "gpt2_signal_output": ("gpt2", "signal", "empirical", {"bias": "output"}),
 }
 # which process draws a sample's labels, or which samples share a minibatch, changes these: compared with DDP
 BY_PROCESS = ("fisher_sampled", "fisher_batched")
 
 
-def llama_on_processes(shard: bool):
-    """The tiny Llama, whole or sharded over the processes with `fully_shard` (per decoder layer, then the root)."""
+def model_on_processes(shard: bool, kind: str = "llama"):
+    """A tiny Llama (RMSNorm through `vmap`) or GPT-2 (Conv1D, LayerNorm, tied embedding and head) whose sizes do
+    not split evenly over 2 processes (vocabulary 41; Llama's FFN 33; GPT-2's width 15), whole or sharded with
+    `fully_shard` (per decoder block, then the root)."""
     from torch.distributed.fsdp import fully_shard
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = tiny_llama()
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=41, hidden_size=16, intermediate_size=33, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        ))  # fmt: skip
+        blocks = model.model.layers
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=41, n_embd=15, n_layer=2, n_head=3, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))  # fmt: skip
+        blocks = model.transformer.h
     if shard:
-        for layer in model.model.layers:
-            fully_shard(layer)
+        for block in blocks:
+            fully_shard(block)
         fully_shard(model)
     return model
 
@@ -227,14 +241,14 @@ def collect_sharded(out: str, whole_state: str) -> tuple[dict[str, torch.Tensor]
     runs = [(True, list(SHARDED_CASES)), (False, list(BY_PROCESS))] if shard else [(False, list(SHARDED_CASES))]
     for sharded, cases in runs:
         for case in cases:
-            method, estimator, options = SHARDED_CASES[case]
-            model = llama_on_processes(sharded)
+            kind, method, estimator, options = SHARDED_CASES[case]
+            model = model_on_processes(sharded, kind)
             spec = CollectionSpec(method, estimator, batch_size=3, show_progress=False, options=options)
             result = collect(model, lm_samples(13, pad_last=3), spec)
             prefix = f"{'sharded' if sharded else 'whole'}/{case}"
             tensors.update({f"{prefix}/{n}": whole_tensor(t) for n, t in result.importances.items()})
             info[prefix] = [result.num_samples, type(next(iter(result.importances.values()))).__name__]
-    model = llama_on_processes(shard)
+    model = model_on_processes(shard)
     first = collect(model, lm_samples(13, pad_last=3), CollectionSpec("fisher", batch_size=3, show_progress=False))
     state = EWCState().consolidate(model, first.importances, domain="a")
     info["state_bytes"], info["state_sharded"] = state.nbytes, state.is_sharded
@@ -253,11 +267,15 @@ def collect_sharded(out: str, whole_state: str) -> tuple[dict[str, torch.Tensor]
 def sharded_refusals() -> dict[str, str]:
     """FSDP2 (`fully_shard`, DTensor parameters) on the gloo group: what is refused, and what each refusal says."""
     from hf_ewc import EWCState, HfEwcError
-    from hf_ewc.distributed import trainable_parameters
+    from hf_ewc.distributed import raise_together, trainable_parameters
     from hf_ewc.importance import SIAccumulator
 
     PartialState(cpu=True)  # the process group
-    model = llama_on_processes(True)
+    model = model_on_processes(True)
+
+    def fails_on_rank_0():
+        if PartialState().process_index == 0:
+            raise HfEwcError("a NaN in rank 0's slice")
 
     def with_plain_parameter():
         model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))  # every process holds it whole
@@ -267,6 +285,7 @@ def sharded_refusals() -> dict[str, str]:
         "whole_parameters": lambda: trainable_parameters(model),  # what the code that needs whole ones asks for
         "loop": lambda: collect_importance(model, lm_samples(4), per_sample="loop", show_progress=False),
         "siu": lambda: SIAccumulator(trainable_parameters(model, sharded=True), method="siu"),
+        "together": lambda: raise_together(fails_on_rank_0),  # rank 1 must not go on alone
         "plain": with_plain_parameter,
     }
     out = {}

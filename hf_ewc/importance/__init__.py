@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..distributed import replicated_parameter, reshard, trainable_parameters
+from ..distributed import replicated_parameter, trainable_parameters
 from ..utils import HfEwcError
 from ._loop import ImportanceMethod, ImportanceResult, run_collection
 from .correlation import importance_correlations
@@ -153,7 +153,6 @@ class CollectionSpec:
 def collect(model: nn.Module, data: Any, spec: CollectionSpec) -> ImportanceResult:
     """Run the collection ``spec`` asks for: table lookup → the shared loop; the result says how it was obtained."""
     cls = METHODS[spec.method]
-    reshard(model)  # (FSDP2 may hold whole parameters after an evaluation's forward)
     params = trainable_parameters(model, sharded=True)
     if not params:
         raise HfEwcError("The model has no trainable parameters (requires_grad=True): nothing to measure.")

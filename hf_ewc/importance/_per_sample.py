@@ -38,15 +38,27 @@ from ._targets import outputs_logits
 SCRATCH_ELEMENTS = 1 << 24  # 64 MB of float32
 
 
-def in_step(objectives: list[Tensor], outputs: Any, inputs: dict[str, Any]) -> list[Tensor]:
-    """Sharded model: as many backward passes as the process with the most (FSDP2 all-gathers in each), the
-    extra ones of objective 0 (the exact Fisher's count of (position, class) pairs depends on the samples)."""
-    most = int(all_reduce_(torch.tensor([float(len(objectives))]), "max"))
+def in_step(make_objectives: Callable, outputs: Any, inputs: dict[str, Any]) -> tuple[int, list[Tensor]]:
+    """Sharded model: ``make_objectives``' result with as many backward passes as the process with the most (FSDP2
+    all-gathers in each), the extra ones of objective 0 (the exact Fisher's count of (position, class) pairs depends
+    on the samples). An error on any process (a batch over ``max_backward_per_batch``, say) is raised on all."""
+    error, count, objectives = None, 0, []
+    try:
+        count, objectives = make_objectives(outputs, inputs)
+        objectives = list(objectives)
+    except HfEwcError as err:
+        error = err
+    most, failed = all_reduce_(torch.tensor([float(len(objectives)), float(error is not None)]), "max").tolist()
+    if error is not None:
+        raise error
+    if failed:
+        raise HfEwcError("Per-sample gradients failed on another process (its error, above, says why).")
+    most = int(most)
     if most > len(objectives):
         logits = outputs_logits(outputs, "labels" in inputs).float()
         zero = logits.reshape(logits.shape[0], -1).sum(1) * 0.0
         objectives += [zero] * (most - len(objectives))
-    return objectives
+    return count, objectives
 
 
 class PerSampleGradients:
@@ -123,7 +135,7 @@ class PerSampleGradients:
             self._owners[module] = direct
             covered.update(direct.values())
         uncovered = [n for n in self.params if n not in covered]
-        if uncovered and self._engine_requested == "hooks":
+        if uncovered and (self._engine_requested == "hooks" or self.sharded):  # (sharded: no first-batch check)
             return f"parameter {uncovered[0]!r} is not owned by a leaf module"
         # With engine="auto" such parameters (unused, or used directly by a non-leaf module) are caught by the
         # first-batch check: their per-sample gradients would not add up to the batch gradient.
@@ -323,9 +335,10 @@ class PerSampleGradients:
             if reason is not None:
                 raise Unsupported(reason)
             self.verify_pending = False
-        count, objectives = make_objectives(outputs, inputs)
         if self.sharded:
-            objectives = in_step(list(objectives), outputs, inputs)
+            count, objectives = in_step(make_objectives, outputs, inputs)
+        else:
+            count, objectives = make_objectives(outputs, inputs)
         for objective in objectives:
             self.backward(objective if self.scale == 1.0 else objective * self.scale, retain_graph=True)
         return count if self.scale else 0

@@ -38,12 +38,11 @@ from collections.abc import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..distributed import as_shard_of, is_sharded, local_tensor, shard_like, whole_tensor
-from ..state_io import write_safetensors_streamed
-from ..utils import HfEwcError, atomic_path
+from ..distributed import as_shard_of, is_sharded, local_tensor, raise_together, shard_like, whole_tensor
+from ..state_io import save_tensors
+from ..utils import HfEwcError
 
 
 SI_STATE_NAME = "ewc_si_running.safetensors"
@@ -196,15 +195,11 @@ class SIAccumulator:
         tensors.update({f"start.{n}": as_shard_of(t, p) for n, t, p in zip(self.names, self.start, self.params)})
         metadata = {"steps": str(self.steps), "damping": repr(self.damping), "method": self.method}
         metadata["sos_alpha"] = repr(self.sos_alpha)
-        if not write:
-            for name in sorted(tensors):
-                whole_tensor(tensors[name])  # the gathers the writing process waits for
-            return
-        with atomic_path(os.path.join(directory, SI_STATE_NAME)) as tmp:
-            if self.sharded:
-                write_safetensors_streamed(tmp, tensors, metadata, whole_tensor)
-            else:
-                save_file(tensors, tmp, metadata=metadata)
+        path = os.path.join(directory, SI_STATE_NAME)
+        if not self.sharded:
+            save_tensors(path, tensors, metadata, write=write)
+        else:  # every process returns once the file is in place, or raises with the writer
+            raise_together(lambda: save_tensors(path, tensors, metadata, whole=whole_tensor, write=write))
 
     def load(self, directory: str | os.PathLike) -> bool:
         """Restore ω, θ_start and the step count from a checkpoint; ``False`` when it holds no SI state."""
