@@ -39,6 +39,8 @@ IMPORTANCE_CASES = {
         {"estimator": "exact", "options": {"max_backward_per_batch": 1200}},
     ),
     "gpt2_mas": (tiny_gpt2, lambda: lm_samples(13, pad_last=3), "mas", {}),
+    # sample i's labels are drawn with (seed, i), whichever process collects it
+    "gpt2_fisher_sampled": (tiny_gpt2, lambda: lm_samples(13, pad_last=3), "fisher", {"estimator": "sampled"}),
     "bert_cls_fisher_empirical": (tiny_bert_classifier, lambda: cls_samples(13), "fisher", {}),
     "bert_cls_signal": (tiny_bert_classifier, lambda: cls_samples(13), "signal", {}),
     # a DataLoader: whole batches go round-robin to the ranks, max_samples cuts the 4th batch short (11 = 3+3+3+2)
@@ -198,8 +200,8 @@ SHARDED_CASES = {  # case: (model, method, estimator, options)
     "gpt2_fisher_empirical": ("gpt2", "fisher", "empirical", {}),
     "gpt2_signal_output": ("gpt2", "signal", "empirical", {"bias": "output"}),
 }
-# which process draws a sample's labels, or which samples share a minibatch, changes these: compared with DDP
-BY_PROCESS = ("fisher_sampled", "fisher_batched")
+# which samples share a minibatch changes the batched Fisher: compared with DDP on the same processes
+BY_PROCESS = ("fisher_batched",)
 
 
 def model_on_processes(shard: bool, kind: str = "llama"):

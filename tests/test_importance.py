@@ -161,20 +161,25 @@ def test_exact_fisher_for_a_causal_lm_equals_the_brute_force_expectation():
 
 
 def test_sampled_fisher_matches_reference_with_the_same_draws():
+    """Sample i's labels are drawn by a generator seeded with (seed, i): the reference draws them so, and the
+    result does not depend on the batch size or the per-sample engine (nor, tested with 2 processes, on the number
+    of processes)."""
     model, samples = tiny_gpt2(), lm_samples(8, pad_last=2)
     seed, batch_size = 7, 4
     model.eval()
     names = [n for n, p in model.named_parameters()]
     params = [p for p in model.parameters()]
     expected = {n: torch.zeros_like(p) for n, p in zip(names, params)}
-    generator = torch.Generator().manual_seed(seed)
     count = 0
     for start in range(0, len(samples), batch_size):
         batch = default_data_collator(samples[start : start + batch_size])
         logits = model(**batch).logits[:, :-1]
         mask = batch["labels"][:, 1:] != -100
-        probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
-        draws = torch.multinomial(probs, 1, generator=generator).reshape(mask.shape)
+        probs = logits.detach().softmax(-1)
+        draws = torch.stack([
+            torch.multinomial(probs[n], 1, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + n))[:, 0]
+            for n in range(len(mask))
+        ])  # fmt: skip
         for n in range(len(mask)):
             ll = _over_positions(torch.log_softmax(logits[n], -1).gather(-1, draws[n][:, None]).squeeze(-1)[mask[n]])
             for name, g in zip(names, torch.autograd.grad(ll, params, retain_graph=True, allow_unused=True)):
@@ -190,6 +195,17 @@ def test_sampled_fisher_matches_reference_with_the_same_draws():
         model, samples, "fisher", estimator="sampled", batch_size=batch_size, seed=seed, show_progress=False
     )
     assert all(torch.equal(got[n], again[n]) for n in got)  # seeded: reproducible
+    for options in ({"batch_size": 3}, {"per_sample": "loop"}):
+        other = collect_importance(
+            model,
+            samples,
+            "fisher",
+            estimator="sampled",
+            seed=seed,
+            show_progress=False,
+            **{"batch_size": 4, **options},
+        )
+        assert_importances_close(other, got)
 
 
 def test_batched_fisher_is_the_squared_minibatch_gradient():

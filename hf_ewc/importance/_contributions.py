@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from ..distributed import whole_tensor
 from ..models import LINEAR_TYPES
 
 
@@ -171,3 +172,11 @@ def hooks_off(module: nn.Module) -> Iterator[None]:
     finally:
         for name, hooks in kept.items():
             setattr(module, name, hooks)
+
+
+def snapshot(module: nn.Module, owners: dict[nn.Module, dict[str, str]], sharded: bool) -> dict[str, Tensor] | None:
+    """Under FSDP2 a module's parameters are whole only during its forward (slices again, their storage freed, by the
+    backward): the generic (vmapped) path keeps a copy of the ones it differentiates (``owners[module]``)."""
+    if not sharded or isinstance(module, (*LINEAR_TYPES, nn.Embedding, nn.LayerNorm)):
+        return None
+    return {attr: whole_tensor(getattr(module, attr).detach()).clone() for attr in owners[module]}

@@ -58,7 +58,9 @@ class ImportanceMethod:
 
     Class attributes: ``name`` (the registry key), ``options`` (keyword options it takes), ``categorical`` (its
     batches need class labels: floating-point labels are refused), ``needs_data`` (False: `finalize` alone gives Ω).
-    ``self.recorded`` holds settings the method resolved itself (recorded in the EWC state's metadata).
+    ``self.recorded`` holds settings the method resolved itself (recorded in the EWC state's metadata);
+    ``self.sample_ids`` the global indices of the current batch's samples (the same on any number of processes:
+    per-sample random draws seeded by them do not depend on which process sees the sample).
     """
 
     name: ClassVar[str]
@@ -72,6 +74,7 @@ class ImportanceMethod:
         self.seed = seed
         self.sums: dict[str, Tensor] = {}
         self.recorded: dict[str, Any] = {}
+        self.sample_ids: list[int] | None = None
 
     def accumulate(self, inputs: dict[str, Any]) -> int:
         """Add one batch (already on the model's device) to ``self.sums``; return how many samples it counted."""
@@ -138,7 +141,7 @@ def run_collection(
         try:
             if is_sharded(params):
                 count = accumulate_in_step(collector, batches, model, device)
-            for batch in [] if is_sharded(params) else batches:
+            for batch, collector.sample_ids in [] if is_sharded(params) else batches:
                 count += collector.accumulate(prepare_inputs(batch, model, device, categorical=collector.categorical))
         finally:
             collector.close()
@@ -219,7 +222,8 @@ def iterate_batches(
     """Batches for this process: samples ``[0, min(len, max_samples))`` split round-robin across processes (sample
     ``i`` goes to rank ``i % world``), so every sample is seen exactly once; no padding duplicates.
 
-    Returns the iterator and the number of batches it will yield (``None`` when unknown).
+    Returns an iterator of ``(batch, global indices of its samples)`` and the number of batches it will yield
+    (``None`` when unknown).
     """
     if max_samples is not None and max_samples < 1:
         raise HfEwcError(f"max_samples must be >= 1 (or None for all samples), got {max_samples}.")
@@ -246,8 +250,9 @@ def iterate_batches(
 
     # Lazy, so that the DataLoader iterator (which draws a base seed from the global RNG) is created inside the
     # collection's forked RNG, not here.
-    def lazy() -> Iterator[dict[str, Any]]:
-        yield from loader
+    def lazy() -> Iterator[tuple[dict[str, Any], list[int]]]:
+        for k, batch in enumerate(loader):
+            yield batch, indices[k * batch_size : (k + 1) * batch_size]
 
     return lazy(), len(loader)
 
@@ -260,7 +265,9 @@ def require_mapping(item: Any, what: str) -> None:
         )
 
 
-def iterate_loader(loader: DataLoader, max_samples: int | None, world: int, rank: int) -> Iterator[dict[str, Any]]:
+def iterate_loader(
+    loader: DataLoader, max_samples: int | None, world: int, rank: int
+) -> Iterator[tuple[dict[str, Any], list[int]]]:
     seen = 0  # global count: every process walks the same loader, so all agree on it
     for index, batch in enumerate(loader):
         require_mapping(batch, "A DataLoader batch")
@@ -269,7 +276,7 @@ def iterate_loader(loader: DataLoader, max_samples: int | None, world: int, rank
             batch, size = slice_batch(batch, 0, max_samples - seen), max_samples - seen
         seen += size
         if index % world == rank and size > 0:
-            yield batch
+            yield batch, list(range(seen - size, seen))
         if max_samples is not None and seen >= max_samples:
             return
 
@@ -338,6 +345,7 @@ def accumulate_in_step(collector: ImportanceMethod, batches: Iterator, model: nn
         if batch is None:
             collector.pad(last)
         else:
+            batch, collector.sample_ids = batch
             last = prepare_inputs(batch, model, device, categorical=collector.categorical)
             count += collector.accumulate(last)
 

@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_, is_sharded, whole_tensor
-from ..models import LINEAR_TYPES
+from ..distributed import all_reduce_, is_sharded
 from ..utils import HfEwcError, logger
-from ._contributions import Record, Rows, Unsupported, contributions
+from ._contributions import Record, Rows, Unsupported, contributions, snapshot
 from ._loop import batch_size_of, slice_batch
 from ._targets import outputs_logits
 
@@ -76,6 +75,7 @@ class PerSampleGradients:
         self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         self.sharded = is_sharded(params)
         self.scale = 1.0  # 0 for a padding pass (`ImportanceMethod.pad`): gradients formed, nothing added
+        self.rows = slice(None)  # the rows of the batch the objectives being made are of (the loop: one sample)
         self._name_of = {id(p): n for n, p in params.items()}
         self._owners: dict[nn.Module, dict[str, str]] = {}  # leaf module -> {attribute: parameter name}
         self._engine_requested = engine
@@ -162,9 +162,11 @@ class PerSampleGradients:
                     a.expand(batch, *a.shape[1:]) if torch.is_tensor(a) and a.ndim > 0 and a.shape[0] == 1 else a
                     for a in args
                 )
-                self._records.append(Record(module, args, kwargs, output, self._snapshot(module)))
+                self._records.append(
+                    Record(module, args, kwargs, output, snapshot(module, self._owners, self.sharded))
+                )
                 return output
-            self._records.append(Record(module, args, kwargs, output, self._snapshot(module)))
+            self._records.append(Record(module, args, kwargs, output, snapshot(module, self._owners, self.sharded)))
             return None
 
         # Sharded: before FSDP2's own post-forward hook, which puts the slices back in place of the whole parameters
@@ -176,13 +178,6 @@ class PerSampleGradients:
             self._recording = False
             for h in handles:
                 h.remove()
-
-    def _snapshot(self, module: nn.Module) -> dict[str, Tensor] | None:
-        """Under FSDP2 a module's parameters are whole only during its forward (slices again, their storage freed, by
-        the backward): the generic (vmapped) path keeps a copy of the ones it differentiates."""
-        if not self.sharded or isinstance(module, (*LINEAR_TYPES, nn.Embedding, nn.LayerNorm)):
-            return None
-        return {attr: whole_tensor(getattr(module, attr).detach()).clone() for attr in self._owners[module]}
 
     # ---------------------------------------------------------------- accumulation
     def _accumulate(self, acc: Tensor, per_sample: Iterable[Tensor]) -> None:
@@ -350,7 +345,11 @@ class PerSampleGradients:
         for n in range(batch_size_of(inputs)):
             sample = slice_batch(inputs, n, n + 1)
             outputs = self._forward(sample)
-            valid, objectives = make_objectives(outputs, sample)
+            self.rows = slice(n, n + 1)
+            try:
+                valid, objectives = make_objectives(outputs, sample)
+            finally:
+                self.rows = slice(None)
             count += valid
             for objective in objectives:
                 grads = torch.autograd.grad(objective.sum(), tensors, retain_graph=True, allow_unused=True)

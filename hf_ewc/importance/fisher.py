@@ -17,7 +17,7 @@ Samples with no counted position are skipped and not counted. With ``g_n = ∇_�
 
 - ``empirical``: ``F = (1/N) Σ_n g_n²`` with the true labels y (Kutalev's `ewc-features`);
 - ``sampled``:   the same with ``y_{n,t} ~ p_θ(· | x_n)`` drawn once per position (an unbiased one-draw estimate of
-  ``exact``);
+  ``exact``), sample n's draws seeded by (seed, n), so they do not depend on the batch or the number of processes;
 - ``exact``:     ``F = (1/N) Σ_n E_{y ~ p_θ}[g_n²]``. Positions are conditionally independent given the inputs (teacher
   forcing), so ``E[g_n²] = (1/T_n) Σ_t Σ_c p(c | t) (∇ log p(c | t))²``: one backward per (position, class) pair.
   That is ``C`` backward passes per batch for a C-way classifier, but ``T·V`` for a language model — 8 000 backward
@@ -51,10 +51,19 @@ def _sample_log_likelihood(targets: Targets, labels: Tensor) -> Tensor:
     return targets.per_sample(logp)
 
 
-def _draw_labels(targets: Targets, generator: torch.Generator) -> Tensor:
+def _draw_labels(targets: Targets, generator: torch.Generator, seed: int | None, ids: list[int] | None) -> Tensor:
+    """One label per position from the model's distribution. With a ``seed`` and the samples' global indices
+    ``ids``, sample n's labels come from a generator seeded by (seed, n): the same draws whichever process, batch or
+    world size the sample falls in. Otherwise from ``generator``, in batch order."""
     probs = torch.softmax(targets.logits.detach().float(), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    if seed is None or ids is None or len(ids) != probs.shape[0]:
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    labels = []
+    for row, n in zip(probs, ids):
+        own = torch.Generator(probs.device).manual_seed((seed * 1_000_003 + n) % 2**63)
+        labels.append(torch.multinomial(row.reshape(-1, row.shape[-1]), 1, generator=own).reshape(row.shape[:-1]))
+    return torch.stack(labels)
 
 
 def _exact_objectives(targets: Targets):
@@ -149,7 +158,9 @@ class Fisher(ImportanceMethod):
         if self.estimator == "empirical":
             return targets.num_valid, [_sample_log_likelihood(targets, targets.labels)]
         if self.estimator == "sampled":
-            return targets.num_valid, [_sample_log_likelihood(targets, _draw_labels(targets, self.generator))]
+            ids = None if self.sample_ids is None else self.sample_ids[self.engine.rows]
+            labels = _draw_labels(targets, self.generator, self.seed, ids)
+            return targets.num_valid, [_sample_log_likelihood(targets, labels)]
         positions = int(targets.mask.any(0).sum())
         needed = positions * targets.logits.shape[-1]
         if needed > self.max_backward_per_batch:
