@@ -30,8 +30,11 @@ except ImportError:  # pragma: no cover - torch 2.3, or a build without torch.di
         DTensor, Partial, distribute_tensor = (), None, None  # isinstance(x, ()) is always False
 try:  # public since torch 2.6
     from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - an older torch: nothing to reshard
-    FSDPModule = None
+except ImportError:  # pragma: no cover - torch 2.4/2.5 keep it here; 2.3 has none (nothing to reshard)
+    try:
+        from torch.distributed._composable.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None
 
 
 def sharding_refusal(what: str) -> HfEwcError:

@@ -142,9 +142,10 @@ def write_safetensors_streamed(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in names:
-            data = whole(tensors[name]).detach().to("cpu").contiguous().reshape(-1)
+            data = whole(tensors[name])
             if gathered is not None:
                 gathered.add(name)
+            data = data.detach().to("cpu").contiguous().reshape(-1)
             f.write(memoryview(data.view(torch.uint8).numpy()))  # (no second copy of the bytes)
 
 

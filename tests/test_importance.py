@@ -161,9 +161,9 @@ def test_exact_fisher_for_a_causal_lm_equals_the_brute_force_expectation():
 
 
 def test_sampled_fisher_matches_reference_with_the_same_draws():
-    """Sample i's labels are drawn by a generator seeded with (seed, i): the reference draws them so, and the
-    result does not depend on the batch size or the per-sample engine (nor, tested with 2 processes, on the number
-    of processes)."""
+    """Sample i's k counted positions take the first k uniform numbers of a CPU generator seeded with (seed, i),
+    through the inverse of the cumulative distribution: the reference draws them so, and the result does not depend
+    on the batch size or the per-sample engine (nor, tested with 2 processes, on the number of processes)."""
     model, samples = tiny_gpt2(), lm_samples(8, pad_last=2)
     seed, batch_size = 7, 4
     model.eval()
@@ -176,10 +176,12 @@ def test_sampled_fisher_matches_reference_with_the_same_draws():
         logits = model(**batch).logits[:, :-1]
         mask = batch["labels"][:, 1:] != -100
         probs = logits.detach().softmax(-1)
-        draws = torch.stack([
-            torch.multinomial(probs[n], 1, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + n))[:, 0]
-            for n in range(len(mask))
-        ])  # fmt: skip
+        draws = torch.zeros(mask.shape, dtype=torch.long)
+        for n in range(len(mask)):
+            cdf = probs[n][mask[n]].double().cumsum(-1)
+            u = torch.rand(len(cdf), 1, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + n),
+                           dtype=torch.float64)  # fmt: skip
+            draws[n, mask[n]] = (cdf < u * cdf[:, -1:]).sum(-1)
         for n in range(len(mask)):
             ll = _over_positions(torch.log_softmax(logits[n], -1).gather(-1, draws[n][:, None]).squeeze(-1)[mask[n]])
             for name, g in zip(names, torch.autograd.grad(ll, params, retain_graph=True, allow_unused=True)):
@@ -206,6 +208,33 @@ def test_sampled_fisher_matches_reference_with_the_same_draws():
             **{"batch_size": 4, **options},
         )
         assert_importances_close(other, got)
+
+
+def test_sampled_fisher_does_not_depend_on_the_padding_of_a_batch():
+    """Sequences of 3 to 8 tokens padded on the left to the longest of their batch (position ids given, so the model
+    sees the same sequence whatever the padding): a sample's draws, taken over its counted positions only, are the
+    same in batches of 2 (little padding) as in one batch of all (up to 5 pads)."""
+    g = torch.Generator().manual_seed(3)
+    samples = [{"input_ids": torch.randint(1, 40, (int(n),), generator=g).tolist()} for n in [3, 8, 5, 4, 8, 6, 3]]
+
+    def left_padding(batch):
+        longest = max(len(s["input_ids"]) for s in batch)
+        rows = [(longest - len(s["input_ids"]), s["input_ids"]) for s in batch]
+        return {
+            "input_ids": torch.tensor([[0] * pad + ids for pad, ids in rows]),
+            "attention_mask": torch.tensor([[0] * pad + [1] * len(ids) for pad, ids in rows]),
+            "position_ids": torch.tensor([[0] * pad + list(range(len(ids))) for pad, ids in rows]),
+            "labels": torch.tensor([[-100] * (pad + 1) + ids[1:] for pad, ids in rows]),  # t0: predicted by none
+        }
+
+    model = tiny_llama()
+    got = {}
+    for size in (2, 7):
+        got[size] = collect_importance(
+            model, samples, "fisher", estimator="sampled", batch_size=size, data_collator=left_padding,
+            show_progress=False,
+        )  # fmt: skip
+    assert_importances_close(got[2], got[7])
 
 
 def test_batched_fisher_is_the_squared_minibatch_gradient():

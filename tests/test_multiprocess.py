@@ -189,13 +189,14 @@ def test_fsdp2_refusals_name_what_does_not_work_shard_by_shard(tmp_path):
 
 
 def test_fsdp2_collection_equals_one_process_and_states_cross_world_sizes(tmp_path):
-    """Every importance method on a tiny Llama sharded with `fully_shard` over 2 gloo processes: per-sample terms
-    squared (or |·|) before the reduce-scatter, so the importances equal one process on the same samples (≤ 1e-5),
-    the sampled Fisher included (sample i's labels drawn with (seed, i)); the batched Fisher, which depends on which
-    samples share a minibatch, equals DDP's on the same 2 processes. Rank 1 has a batch fewer and pads a pass to stay in step with FSDP's collectives. A state
-    consolidated on the sharded model holds 2·P/N per process (as DTensors), saves (gathered, streamed) to the file
-    one process writes, and a 1-process state loads onto the sharded model as slices and consolidates a second
-    domain as one process does."""
+    """Every importance method on a tiny Llama and a tiny GPT-2 sharded with `fully_shard` over 2 gloo processes
+    (sizes that do not split evenly): per-sample terms squared (or |·|) before the reduce-scatter, so the importances
+    equal one process on the same samples (≤ 1e-5), the sampled Fisher included (sample i's labels drawn with
+    (seed, i)); the batched Fisher, which depends on which samples share a minibatch, equals DDP's on the same 2
+    processes. Rank 1 has a batch fewer and pads a pass to stay in step with FSDP's collectives. A state consolidated
+    on the sharded model holds about 2·P/N per process (as DTensors), saves (gathered, streamed) to the file one
+    process writes, and a 1-process state loads onto the sharded model as slices and consolidates a second domain
+    as one process does."""
     two = tmp_path / "two"
     two.mkdir()
     one, info_one = collect_sharded(str(tmp_path), str(tmp_path / "whole_state"))

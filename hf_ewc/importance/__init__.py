@@ -104,9 +104,9 @@ def collect_importance(
     round-robin, summed with `accelerate.utils.reduce` and divided by the global count, so the result equals a
     1-process run on the same samples for the per-sample estimators (`empirical`, `sampled` — sample i's labels are
     drawn with (seed, i) —, `exact`, MAS, signal). `batched` depends on which samples share a minibatch, so it differs
-    by sampling noise. On an FSDP2-sharded model (DTensor parameters, `fully_shard`) the same holds: per-sample terms are formed
-    on each process before a reduce-scatter leaves it its slices (see `hf_ewc.importance._loop`); every process must
-    call this, and the per-sample engine is the hooks one.
+    by sampling noise. On an FSDP2-sharded model (DTensor parameters, `fully_shard`) the same holds: per-sample terms
+    are formed on each process before a reduce-scatter leaves it its slices (see `hf_ewc.importance._loop`); every
+    process must call this, and the per-sample engine is the hooks one.
     """
     seed = method_options.pop("seed", 0)
     show_progress = method_options.pop("show_progress", True)

@@ -218,7 +218,7 @@ def iterate_batches(
     data_collator: Callable | None,
     max_samples: int | None,
     state: PartialState,
-) -> tuple[Iterator[dict[str, Any]], int | None]:
+) -> tuple[Iterator[tuple[dict[str, Any], list[int]]], int | None]:
     """Batches for this process: samples ``[0, min(len, max_samples))`` split round-robin across processes (sample
     ``i`` goes to rank ``i % world``), so every sample is seen exactly once; no padding duplicates.
 

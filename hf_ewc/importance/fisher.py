@@ -52,18 +52,26 @@ def _sample_log_likelihood(targets: Targets, labels: Tensor) -> Tensor:
 
 
 def _draw_labels(targets: Targets, generator: torch.Generator, seed: int | None, ids: list[int] | None) -> Tensor:
-    """One label per position from the model's distribution. With a ``seed`` and the samples' global indices
-    ``ids``, sample n's labels come from a generator seeded by (seed, n): the same draws whichever process, batch or
-    world size the sample falls in. Otherwise from ``generator``, in batch order."""
+    """One label per counted position from the model's distribution (0 where nothing counts).
+
+    With a ``seed`` and the samples' global indices ``ids``, sample i's k counted positions take, in order, the k
+    uniform numbers of a CPU generator seeded by (seed, i), turned into labels by the inverse of the distribution's
+    cumulative sum (float64): the same labels whichever process, batch, padding or device the sample falls in.
+    Otherwise (``seed=None``) the draws come from ``generator``, in batch order."""
     probs = torch.softmax(targets.logits.detach().float(), dim=-1)
-    if seed is None or ids is None or len(ids) != probs.shape[0]:
+    if seed is None or ids is None:
         flat = probs.reshape(-1, probs.shape[-1])
         return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
-    labels = []
-    for row, n in zip(probs, ids):
-        own = torch.Generator(probs.device).manual_seed((seed * 1_000_003 + n) % 2**63)
-        labels.append(torch.multinomial(row.reshape(-1, row.shape[-1]), 1, generator=own).reshape(row.shape[:-1]))
-    return torch.stack(labels)
+    if len(ids) != probs.shape[0]:
+        raise HfEwcError(f"{len(ids)} sample indices for a batch of {probs.shape[0]} samples (an hf_ewc bug).")
+    labels = torch.zeros(probs.shape[:-1], dtype=torch.long, device=probs.device)
+    for n, i in enumerate(ids):
+        counted = targets.mask[n] > 0
+        cdf = probs[n][counted].double().cumsum(-1)
+        own = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63)
+        u = torch.rand(cdf.shape[0], 1, generator=own, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
+        labels[n, counted] = (cdf < u).sum(-1).clamp(max=cdf.shape[-1] - 1)
+    return labels
 
 
 def _exact_objectives(targets: Targets):
