@@ -2,7 +2,7 @@
 
     python examples/sequential_finetuning.py                       # SmolLM2-135M on three Hub datasets
     python examples/sequential_finetuning.py --tiny                # offline: a tiny Llama from config, shipped text
-    accelerate launch --num_processes 2 --cpu examples/sequential_finetuning.py --tiny   # the same on 2 processes
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/sequential_finetuning.py --tiny
 
 After each domain: `trainer.consolidate()` measures the importances, and the next trainer gets the returned state.
 The final model and its EWC state (`ewc_state.safetensors`) land in --output_dir: a "continual-ready" checkpoint that

@@ -1,7 +1,9 @@
 """Every script in examples/ runs in its --tiny (offline) mode, chained as a user would chain them: a sequence, its
-continuation from the checkpoint it left, pruning it; LoRA; TRL's SFTTrainer; and the sequence on 2 processes."""
+continuation from the checkpoint it left, pruning it; LoRA; TRL's SFTTrainer; and the sequence on 2 processes, under
+DDP and under FSDP2."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,19 @@ def test_the_sequence_on_two_processes(tmp_path):
     assert done.returncode == 0, failure(done)
     assert done.stdout.count("after man_pages: eval loss") == 1  # printed by the main process only
     assert len(EWCState.load(tmp_path / "sequential_ewc").domains) == 3
+
+
+@pytest.mark.multiprocess
+def test_the_fsdp2_sequence_on_two_processes(tmp_path):
+    """The model sharded by transformers as it loads; consolidation on the sharded model after each domain; each
+    process holds half the EWC state; `save_model` writes one whole state that this (single) process loads."""
+    done = launch(str(EXAMPLES / "fsdp2_sequence.py"), "--tiny", cwd=tmp_path)
+    assert done.returncode == 0, failure(done)
+    assert done.stdout.count("after man_pages: eval loss") == 1
+    held = re.search(r"EWC state held per process: ([\d,]+) bytes \(sharded, 2 process\(es\)\)", done.stdout)
+    assert held is not None, done.stdout
+    state = EWCState.load(tmp_path / "fsdp2_ewc")
+    assert [d["name"] for d in state.domains] == ["python_docs", "python_code", "man_pages"]
+    assert state.nbytes == 2 * int(held.group(1).replace(",", ""))
+    one = example("fsdp2_sequence.py", "--tiny", "--output_dir", "one", cwd=tmp_path)  # nothing to shard
+    assert "(whole, 1 process(es))" in one.stdout and EWCState.load(tmp_path / "one").nbytes == state.nbytes
