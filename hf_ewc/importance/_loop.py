@@ -11,11 +11,12 @@ A method is a class (see [`ImportanceMethod`]) built on the model's trainable pa
 5. calls ``method.finalize(sums, count)`` on the global sums (a mean, for most methods), and refuses non-finite or
    negative results.
 
-On an FSDP2-sharded model (DTensor parameters) every process forms whole-parameter sums of its own samples' per-sample
-terms (the square or absolute value of a gradient is taken before any exchange: squaring an averaged gradient would
-give (mean g)², not mean g²); step 4 then reduce-scatters each sum into the parameter's layout, one parameter at a
-time, so ``finalize`` works on this process's slices and the importances come back as DTensors laid out like their
-parameters. A method whose sums are not parameter-shaped (signal's per-feature sums) is all-reduced as before.
+On an FSDP2-sharded model (DTensor parameters) the per-sample engine forms, after each backward pass, each parameter's
+whole sum of this process's per-sample terms in turn (the square or absolute value of a gradient is taken before any
+exchange: squaring an averaged gradient would give (mean g)², not mean g²) and reduce-scatters it into the
+parameter's layout, so each process holds its slices and one parameter's whole size at a time; ``finalize`` works on
+the slices and the importances come back as DTensors laid out like their parameters. A method whose sums are not
+parameter-shaped (signal's per-feature sums) is all-reduced in step 4 as before.
 
 Reducing before finalizing lets a method reduce small per-feature sums (signal) instead of parameter-sized results and
 divide by the global count.
@@ -145,8 +146,9 @@ def run_collection(
                 count += collector.accumulate(prepare_inputs(batch, model, device, categorical=collector.categorical))
         finally:
             collector.close()
-    if is_sharded(params):
-        sums, count = reduce_to_shards(collector.sums, count, params)
+    if is_sharded(params):  # (the per-sample engine's sums are slices already summed over the processes)
+        engine = getattr(collector, "engine", None)
+        sums, count = reduce_to_shards(collector.sums, count, params, done=set(engine.sums) if engine else set())
     else:
         sums, count = reduce_across_processes(collector.sums, count, state)
     if count == 0:
@@ -350,15 +352,21 @@ def accumulate_in_step(collector: ImportanceMethod, batches: Iterator, model: nn
             count += collector.accumulate(last)
 
 
-def reduce_to_shards(sums: dict[str, Tensor], count: int, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
-    """Sharded model: each parameter-shaped whole sum reduce-scattered into this process's slice (freed as it goes),
-    any other sum all-reduced; the count summed."""
+def reduce_to_shards(
+    sums: dict[str, Tensor], count: int, params: dict[str, Tensor], done: set[str]
+) -> tuple[dict[str, Tensor], int]:
+    """Sharded model: the sums in ``done`` are kept (slices already summed over the processes), any other
+    parameter-shaped whole sum is reduce-scattered into this process's slice (freed as it goes), any other sum
+    all-reduced; the count summed."""
     reduced = {}
     for name in list(sums):
         full = sums.pop(name)
         like = params.get(name)
         shaped = like is not None and tuple(full.shape) == tuple(like.shape)
-        reduced[name] = reduce_scatter_like(full, like) if shaped else all_reduce_(full, "sum")
+        if name in done:
+            reduced[name] = full
+        else:
+            reduced[name] = reduce_scatter_like(full, like) if shaped else all_reduce_(full, "sum")
     return reduced, round(float(all_reduce_(torch.tensor([float(count)], dtype=torch.float64), "sum")))
 
 

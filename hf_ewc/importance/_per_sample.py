@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_, is_sharded
+from ..distributed import all_reduce_, is_sharded, local_tensor, reduce_scatter_like
 from ..utils import HfEwcError, logger
 from ._contributions import Record, Rows, Unsupported, contributions, snapshot
 from ._loop import batch_size_of, slice_batch
@@ -35,6 +35,17 @@ from ._targets import outputs_logits
 
 
 SCRATCH_ELEMENTS = 1 << 24  # 64 MB of float32
+
+
+def accumulate(acc: Tensor, per_sample: Iterable[Tensor], transform: str) -> None:
+    """``acc += Σ_n transform(g_n)``, one sample at a time: each slice streams once through memory into an
+    accumulator that stays in cache (3–10× faster on CPU than squaring the whole block and reducing it). The slices
+    are scratch and may be overwritten."""
+    for g in per_sample:
+        if transform == "square":
+            acc.addcmul_(g, g)
+        else:
+            acc.add_(g.abs_())
 
 
 def in_step(make_objectives: Callable, outputs: Any, inputs: dict[str, Any]) -> tuple[int, list[Tensor]]:
@@ -71,8 +82,9 @@ class PerSampleGradients:
         self.model = model
         self.params = params
         self.transform = transform
-        # whole-parameter sums on every process, sharded parameters included (the loop reduce-scatters them)
-        self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        # float32 sums laid out as the parameters are held: this process's slice of a sharded one (already summed
+        # over the processes: `backward` reduce-scatters each pass)
+        self.sums = {n: torch.zeros_like(local_tensor(p), dtype=torch.float32) for n, p in params.items()}
         self.sharded = is_sharded(params)
         self.scale = 1.0  # 0 for a padding pass (`ImportanceMethod.pad`): gradients formed, nothing added
         self.rows = slice(None)  # the rows of the batch the objectives being made are of (the loop: one sample)
@@ -180,16 +192,6 @@ class PerSampleGradients:
                 h.remove()
 
     # ---------------------------------------------------------------- accumulation
-    def _accumulate(self, acc: Tensor, per_sample: Iterable[Tensor]) -> None:
-        """``acc += Σ_n transform(g_n)``, one sample at a time: each slice streams once through memory into an
-        accumulator that stays in cache (3–10× faster on CPU than squaring the whole block and reducing it). The
-        slices are scratch and may be overwritten."""
-        for g in per_sample:
-            if self.transform == "square":
-                acc.addcmul_(g, g)
-            else:
-                acc.add_(g.abs_())
-
     @torch.no_grad()
     def _blocks(self, parts: list, batch: int, shape: torch.Size, device) -> Iterator[Tensor]:
         """The per-sample gradients of one parameter, summed over its uses, a chunk of samples at a time."""
@@ -226,19 +228,29 @@ class PerSampleGradients:
     def backward(self, objective: Tensor, *, retain_graph: bool = False) -> None:
         """Add ``Σ_n transform(∇ objective_n)`` for ``objective`` of shape ``[B]`` (one value per sample)."""
         batch = objective.shape[0]
-        for name, parts in self._per_parameter(objective, retain_graph).items():
-            acc = self.sums[name]
-            if self.transform == "batch_square":
-                total = sum(block.sum(0) for block in self._blocks(parts, batch, acc.shape, acc.device))
-                acc.addcmul_(total, total)
-                continue
-            if len(parts) == 1 and isinstance(parts[0], Rows):  # an untied embedding: stay sparse
-                rows = parts[0]
-                values = rows.values.square_() if self.transform == "square" else rows.values.abs_()
-                acc.index_add_(0, rows.keys % rows.num_rows, values)
-                continue
+        per_parameter = self._per_parameter(objective, retain_graph)
+        # Sharded: each parameter's whole sum over this pass, in turn (every parameter, in one order on every process),
+        # reduce-scattered into this process's slice: one parameter's whole size at a time, as FSDP's own gradients.
+        for name in self.params if self.sharded else per_parameter:
+            acc, param = self.sums[name], self.params[name]
+            whole = torch.zeros(param.shape, dtype=torch.float32, device=acc.device) if self.sharded else acc
+            if name in per_parameter:
+                self._add(whole, per_parameter[name], batch)
+            if self.sharded:
+                acc += reduce_scatter_like(whole, param)
+
+    def _add(self, acc: Tensor, parts: list, batch: int) -> None:
+        """``acc += Σ_n transform(g_n)`` over the samples of one parameter's ``parts`` (its uses)."""
+        if self.transform == "batch_square":
+            total = sum(block.sum(0) for block in self._blocks(parts, batch, acc.shape, acc.device))
+            acc.addcmul_(total, total)
+        elif len(parts) == 1 and isinstance(parts[0], Rows):  # an untied embedding: stay sparse
+            rows = parts[0]
+            values = rows.values.square_() if self.transform == "square" else rows.values.abs_()
+            acc.index_add_(0, rows.keys % rows.num_rows, values)
+        else:
             for block in self._blocks(parts, batch, acc.shape, acc.device):
-                self._accumulate(acc, block)
+                accumulate(acc, block, self.transform)
 
     def verify(self, outputs: Any, inputs: dict[str, Any]) -> str | None:
         """First batch of ``auto``: are the hooks' per-sample gradients right? Returns why not, or ``None``.
@@ -355,5 +367,5 @@ class PerSampleGradients:
                 grads = torch.autograd.grad(objective.sum(), tensors, retain_graph=True, allow_unused=True)
                 for name, grad in zip(names, grads):
                     if grad is not None:
-                        self._accumulate(self.sums[name], [grad.float()])
+                        accumulate(self.sums[name], [grad.float()], self.transform)
         return count
