@@ -17,22 +17,16 @@ import os
 from pathlib import Path
 
 from accelerate import PartialState
-from datasets import load_dataset
-from sequential_finetuning import HUB_DOMAINS, HUB_MODEL, TINY_DOMAINS, tiny_model_and_tokenizer  # (this folder)
+from sequential_finetuning import (  # (this folder)
+    HUB_MODEL,
+    load_domains,
+    tiny_model_and_tokenizer,
+    tokenized_splits,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 from transformers.distributed import DistributedConfig
 
 from hf_ewc import EWCConfig, EWCTrainer
-
-
-def load_domains(tiny: bool, max_samples: int) -> dict:
-    """The domains of sequential_finetuning.py: three Hub datasets, or the text shipped with hf-ewc."""
-    raw = {}
-    for name, (source, column) in (TINY_DOMAINS if tiny else HUB_DOMAINS).items():
-        data = load_dataset(**source).shuffle(seed=0)
-        data = data.select(range(min(max_samples, len(data)))).select_columns([column])
-        raw[name] = data.rename_column(column, "text") if column != "text" else data
-    return raw
 
 
 def main():
@@ -62,13 +56,7 @@ def main():
     sharding = {"distributed_config": DistributedConfig(fsdp_size=world)} if world > 1 else {}
     model = AutoModelForCausalLM.from_pretrained(source, **sharding)
 
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=max_length)
-
-    splits = {}
-    for name, data in raw.items():
-        tokenized = data.map(tokenize, batched=True, remove_columns=data.column_names)
-        splits[name] = tokenized.filter(lambda x: len(x["input_ids"]) > 1).train_test_split(test_size=0.1, seed=0)
+    splits = tokenized_splits(raw, tokenizer, max_length)  # the domains and splits of sequential_finetuning.py
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     ewc_state, trainer = None, None

@@ -44,6 +44,29 @@ def tiny_model_and_tokenizer(texts):
     return LlamaForCausalLM(config), tokenizer
 
 
+def load_domains(tiny: bool, max_samples: int) -> dict:
+    """``{domain: Dataset with a "text" column}``: the Hub datasets, or (tiny) the text shipped with hf-ewc."""
+    raw = {}
+    for name, (source, column) in (TINY_DOMAINS if tiny else HUB_DOMAINS).items():
+        data = load_dataset(**source).shuffle(seed=0)
+        data = data.select(range(min(max_samples, len(data)))).select_columns([column])
+        raw[name] = data.rename_column(column, "text") if column != "text" else data
+    return raw
+
+
+def tokenized_splits(raw: dict, tokenizer, max_length: int) -> dict:
+    """``{domain: {"train", "test"}}``: tokenized, examples of one token dropped, 10 % held out."""
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    splits = {}
+    for name, data in raw.items():
+        tokenized = data.map(tokenize, batched=True, remove_columns=data.column_names)
+        splits[name] = tokenized.filter(lambda x: len(x["input_ids"]) > 1).train_test_split(test_size=0.1, seed=0)
+    return splits
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="offline: a tiny model from config and shipped text")
@@ -55,11 +78,7 @@ def main():
     max_samples = args.max_samples or (96 if args.tiny else 2000)
     max_length = args.max_length or (64 if args.tiny else 512)
 
-    raw = {}
-    for name, (source, column) in (TINY_DOMAINS if args.tiny else HUB_DOMAINS).items():
-        data = load_dataset(**source).shuffle(seed=0)
-        data = data.select(range(min(max_samples, len(data)))).select_columns([column])
-        raw[name] = data.rename_column(column, "text") if column != "text" else data
+    raw = load_domains(args.tiny, max_samples)
     if args.tiny:
         model, tokenizer = tiny_model_and_tokenizer(t for data in raw.values() for t in data["text"])
     else:
@@ -67,13 +86,7 @@ def main():
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(HUB_MODEL)
 
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=max_length)
-
-    splits = {}
-    for name, data in raw.items():
-        tokenized = data.map(tokenize, batched=True, remove_columns=data.column_names)
-        splits[name] = tokenized.filter(lambda x: len(x["input_ids"]) > 1).train_test_split(test_size=0.1, seed=0)
+    splits = tokenized_splits(raw, tokenizer, max_length)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     state, trainer = None, None

@@ -43,7 +43,6 @@ from ..distributed import (
     check_world_size,
     is_sharded,
     raise_together,
-    reduce_scatter_like,
 )
 from ..state import check_importances
 from ..utils import HfEwcError
@@ -142,13 +141,15 @@ def run_collection(
         try:
             if is_sharded(params):
                 count = accumulate_in_step(collector, batches, model, device)
-            for batch, collector.sample_ids in [] if is_sharded(params) else batches:
-                count += collector.accumulate(prepare_inputs(batch, model, device, categorical=collector.categorical))
+            else:
+                for batch, collector.sample_ids in batches:
+                    inputs = prepare_inputs(batch, model, device, categorical=collector.categorical)
+                    count += collector.accumulate(inputs)
         finally:
             collector.close()
     if is_sharded(params):  # (the per-sample engine's sums are slices already summed over the processes)
         engine = getattr(collector, "engine", None)
-        sums, count = reduce_to_shards(collector.sums, count, params, done=set(engine.sums) if engine else set())
+        sums, count = reduce_to_shards(collector.sums, count, done=set(engine.sums) if engine else set())
     else:
         sums, count = reduce_across_processes(collector.sums, count, state)
     if count == 0:
@@ -331,18 +332,17 @@ def collection_mode(model: nn.Module, seed: int | None) -> Iterator[None]:
 def accumulate_in_step(collector: ImportanceMethod, batches: Iterator, model: nn.Module, device) -> int:
     """Sharded model: FSDP2 all-gathers parameters in every forward and backward, so every process must run as many
     passes as the others; a process out of batches repeats its last one, weighted 0 and not counted."""
-    count, last, first = 0, None, True
+    count, last = 0, None
     iterator = iter(batches)
     while True:
         batch = next(iterator, None)
-        if first:  # every process needs one batch to keep in step with
-            if float(all_reduce_(torch.tensor([float(batch is None)]), "max")):
-                raise HfEwcError(
-                    "A process got no sample to collect on: a sharded model needs at least one batch per process "
-                    "(more samples than processes, or a DataLoader with at least as many batches)."
-                )
-            first = False
-        if not float(all_reduce_(torch.tensor([float(batch is not None)]), "max")):
+        some, missing = all_reduce_(torch.tensor([float(batch is not None), float(batch is None)]), "max").tolist()
+        if last is None and missing:  # (first step) every process needs one batch to repeat
+            raise HfEwcError(
+                "A process got no sample to collect on: a sharded model needs at least one batch per process "
+                "(more samples than processes, or a DataLoader with at least as many batches)."
+            )
+        if not some:
             return count
         if batch is None:
             collector.pad(last)
@@ -352,21 +352,10 @@ def accumulate_in_step(collector: ImportanceMethod, batches: Iterator, model: nn
             count += collector.accumulate(last)
 
 
-def reduce_to_shards(
-    sums: dict[str, Tensor], count: int, params: dict[str, Tensor], done: set[str]
-) -> tuple[dict[str, Tensor], int]:
-    """Sharded model: the sums in ``done`` are kept (slices already summed over the processes), any other
-    parameter-shaped whole sum is reduce-scattered into this process's slice (freed as it goes), any other sum
-    all-reduced; the count summed."""
-    reduced = {}
-    for name in list(sums):
-        full = sums.pop(name)
-        like = params.get(name)
-        shaped = like is not None and tuple(full.shape) == tuple(like.shape)
-        if name in done:
-            reduced[name] = full
-        else:
-            reduced[name] = reduce_scatter_like(full, like) if shaped else all_reduce_(full, "sum")
+def reduce_to_shards(sums: dict[str, Tensor], count: int, done: set[str]) -> tuple[dict[str, Tensor], int]:
+    """Sharded model: the sums in ``done`` are kept (the per-sample engine's slices, summed over the processes
+    after every pass), any other (signal's per-feature sums) all-reduced; the count summed."""
+    reduced = {name: s if name in done else all_reduce_(s, "sum") for name, s in sums.items()}
     return reduced, round(float(all_reduce_(torch.tensor([float(count)], dtype=torch.float64), "sum")))
 
 
